@@ -1,0 +1,105 @@
+// swift-tools-version:5.10
+import PackageDescription
+
+/// Sluice: a log-structured write-back block cache served over NBD.
+///
+/// Dependencies point one way: `sluice` (CLI) → `NBDServer` → `SluiceVolume` ← `SluicePassthrough` → `SluiceIO`.
+/// The NBD layers know only the volume interface; volumes know nothing of NBD.
+let package = Package(
+    name: "Sluice",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "sluice", targets: ["SluiceCLI"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-atomics.git", from: "1.3.0"),
+    ],
+    targets: [
+        // System libraries: one module map and one shim header each, found through pkg-config.
+        .systemLibrary(name: "CLibURing", pkgConfig: "liburing", providers: [.apt(["liburing-dev"])]),
+        .systemLibrary(name: "CLibPmem", pkgConfig: "libpmem", providers: [.apt(["libpmem-dev"])]),
+        .systemLibrary(name: "CLibNBD", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
+        .systemLibrary(name: "CISAL", pkgConfig: "libisal", providers: [.apt(["libisal-dev"])]),
+
+        // The volume interface and the types shared by servers and volumes.
+        .target(
+            name: "SluiceVolume",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")]
+        ),
+        // io_uring-backed block I/O, driven from the caller's event loop.
+        .target(
+            name: "SluiceIO",
+            dependencies: [
+                "CLibURing",
+                "SluiceVolume",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+        // The first volume kind: every request goes straight to a backing file or block device.
+        .target(
+            name: "SluicePassthrough",
+            dependencies: [
+                "SluiceVolume",
+                "SluiceIO",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // NBD wire layouts, pure decoders and the handshake state machine. No I/O.
+        .target(
+            name: "NBDProtocol",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")]
+        ),
+        // The NBD server: SwiftNIO channel handlers mapping NBD commands onto the volume interface.
+        .target(
+            name: "NBDServer",
+            dependencies: [
+                "NBDProtocol",
+                "SluiceVolume",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Atomics", package: "swift-atomics"),
+            ]
+        ),
+        .executableTarget(
+            name: "SluiceCLI",
+            dependencies: [
+                "NBDServer",
+                "SluiceVolume",
+                "SluiceIO",
+                "SluicePassthrough",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+
+        .testTarget(
+            name: "NBDProtocolTests",
+            dependencies: ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]
+        ),
+        .testTarget(
+            name: "SluiceIOTests",
+            dependencies: [
+                "SluiceIO", "SluiceVolume", "SluicePassthrough",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
+            name: "NBDServerTests",
+            dependencies: [
+                "NBDServer", "NBDProtocol", "SluiceVolume", "SluicePassthrough", "SluiceIO", "CLibNBD",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+    ]
+)
