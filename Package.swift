@@ -43,6 +43,7 @@ let package = Package(
         .target(
             name: "SluicePassthrough",
             dependencies: [
+                "CLibURing",
                 "SluiceVolume",
                 "SluiceIO",
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -1,1 +1,4 @@
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
 #include <libpmem.h>

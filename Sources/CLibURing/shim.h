@@ -1,3 +1,6 @@
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
 #include <liburing.h>
 #include <fcntl.h>
 #include <linux/falloc.h>

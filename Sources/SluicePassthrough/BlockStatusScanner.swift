@@ -1,0 +1,87 @@
+import Glibc
+import SluiceVolume
+
+/// Describes the allocation of a regular file with `SEEK_DATA` and `SEEK_HOLE`.
+///
+/// The scan is a few `lseek` calls, which touch only metadata, so it runs inline on the caller's
+/// thread. Block devices and file systems without hole support report everything as data, which
+/// is always a correct answer.
+enum BlockStatusScanner {
+    /// `SEEK_DATA` and `SEEK_HOLE` from `<unistd.h>`, which Glibc's module hides without `_GNU_SOURCE`.
+    private static let seekData: Int32 = 3
+    private static let seekHole: Int32 = 4
+
+    static func extents(
+        fileDescriptor: Int32, isBlockDevice: Bool, offset: UInt64, lengthBytes: UInt32, maximumExtents: Int
+    ) -> [BlockStatusExtent] {
+        precondition(lengthBytes > 0 && maximumExtents > 0)
+        let end = offset + UInt64(lengthBytes)
+        if isBlockDevice {
+            return [BlockStatusExtent(lengthBytes: lengthBytes, flags: [])]
+        }
+        var extents: [BlockStatusExtent] = []
+        var position = offset
+        // Each pass emits one extent and advances by at least one byte, and extents are capped.
+        while position < end && extents.count < maximumExtents {
+            let dataStart = lseek(fileDescriptor, off_t(position), seekData)
+            if dataStart < 0 {
+                if errno == ENXIO {
+                    // No data from here to the end of the file.
+                    append(&extents, length: end - position, flags: [.hole, .zero])
+                } else {
+                    append(&extents, length: end - position, flags: [])
+                }
+                break
+            }
+            if UInt64(dataStart) > position {
+                let holeEnd = min(UInt64(dataStart), end)
+                append(&extents, length: holeEnd - position, flags: [.hole, .zero])
+                position = holeEnd
+                continue
+            }
+            let holeStart = lseek(fileDescriptor, off_t(position), seekHole)
+            let dataEnd = holeStart < 0 ? end : min(max(UInt64(holeStart), position + 1), end)
+            append(&extents, length: dataEnd - position, flags: [])
+            position = dataEnd
+        }
+        return roundedToSectors(extents, requestedBytes: UInt64(lengthBytes))
+    }
+
+    private static func append(_ extents: inout [BlockStatusExtent], length: UInt64, flags: BlockStatusFlags) {
+        if let last = extents.last, last.flags == flags {
+            extents[extents.count - 1].lengthBytes = last.lengthBytes + UInt32(length)
+        } else {
+            extents.append(BlockStatusExtent(lengthBytes: UInt32(length), flags: flags))
+        }
+    }
+
+    /// File systems report holes at their own granularity; clients are promised 512-byte multiples.
+    /// A boundary inside a sector moves so that the whole sector counts as data, which is always
+    /// a correct answer (data may read as zeros; a hole may not hold data).
+    private static func roundedToSectors(_ extents: [BlockStatusExtent], requestedBytes: UInt64) -> [BlockStatusExtent] {
+        let sectorBytes: UInt64 = 512
+        guard extents.contains(where: { UInt64($0.lengthBytes) % sectorBytes != 0 }) else { return extents }
+        var result: [BlockStatusExtent] = []
+        var start: UInt64 = 0
+        for (index, extent) in extents.enumerated() {
+            var end = start + UInt64(extent.lengthBytes)
+            if index == extents.count - 1 {
+                end = (end + sectorBytes - 1) / sectorBytes * sectorBytes
+            } else if extent.flags.isEmpty {
+                end = (end + sectorBytes - 1) / sectorBytes * sectorBytes
+            } else {
+                end = end / sectorBytes * sectorBytes
+            }
+            if end > start {
+                let length = UInt32(min(end - start, UInt64(UInt32.max) / sectorBytes * sectorBytes))
+                if let last = result.last, last.flags == extent.flags {
+                    result[result.count - 1].lengthBytes += length
+                } else {
+                    result.append(BlockStatusExtent(lengthBytes: length, flags: extent.flags))
+                }
+                start = end
+            }
+        }
+        return result.isEmpty ? [BlockStatusExtent(lengthBytes: UInt32(requestedBytes), flags: [])] : result
+    }
+}

@@ -1,0 +1,41 @@
+import Glibc
+import NIOCore
+import SluiceIO
+import SluiceVolume
+
+/// A volume that sends every request straight to a backing file or block device through io_uring.
+///
+/// Reads and writes go through the page cache, as with nbdkit's file plugin and qemu-nbd's
+/// write-back cache mode; force-unit-access writes use `RWF_DSYNC`, and flush is `fdatasync`,
+/// which covers every write that completed before it on any session.
+public final class PassthroughVolume: Volume, @unchecked Sendable {
+    /// The backing file.
+    public let file: BlockFile
+    public let sizeBytes: UInt64
+    public let capabilities: VolumeCapabilities
+    public let blockSizes: VolumeBlockSizes = .standard
+
+    /// Opens `path` as a passthrough volume.
+    public init(path: String, readOnly: Bool) throws {
+        let file = try BlockFile(path: path, readOnly: readOnly)
+        self.file = file
+        self.sizeBytes = file.sizeBytes
+        var capabilities: VolumeCapabilities = [
+            .flush, .fua, .trim, .writeZeroes, .fastZero, .cache, .blockStatus, .multipleConnections,
+        ]
+        if readOnly { capabilities.insert(.readOnly) }
+        self.capabilities = capabilities
+    }
+
+    public func openSession(on eventLoop: any EventLoop) throws -> any VolumeSession {
+        let driver = try IOUringDrivers.shared.driver(for: eventLoop)
+        return PassthroughSession(volume: self, driver: driver)
+    }
+
+    public func close() throws {
+        defer { file.close() }
+        if !file.isReadOnly {
+            try file.synchronize()
+        }
+    }
+}
