@@ -1,0 +1,423 @@
+import Logging
+import NBDProtocol
+import NIOCore
+import SluiceVolume
+
+/// Serves one NBD client: negotiation, then transmission, mapping each request onto the volume.
+///
+/// Everything runs on the connection's event loop. Requests are decoded and validated at the edge,
+/// submitted to the volume session in a batch per read burst, and answered in completion order
+/// (replies may overtake each other, as the protocol allows). Reading pauses while too many
+/// requests or bytes are in flight, which bounds the memory one client can make the server hold.
+final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    /// Asks a connection to finish its in-flight requests, refuse new ones and close.
+    struct DrainEvent {}
+
+    private enum Phase: Equatable {
+        case handshake
+        case transmission
+        /// The client sent `NBD_CMD_DISC` or the server is draining: close once nothing is in flight.
+        case closing
+        case closed
+    }
+
+    private struct InFlightRequest {
+        var cookie: UInt64 = 0
+        var command: NBDCommand = .read
+        var offset: UInt64 = 0
+        var lengthBytes: UInt32 = 0
+        var fastZero = false
+        var requestOne = false
+        var accountedBytes = 0
+        var isActive = false
+    }
+
+    private let exports: [NBDServerExport]
+    private let configuration: NBDServerConfiguration
+    private var logger: Logger
+    private var phase: Phase = .handshake
+    private var handshakeDecoder = NBDHandshakeDecoder()
+    private var handshakeMachine: NBDHandshakeStateMachine?
+    private var handshakeTimer: Scheduled<Void>?
+    private var requestDecoder: NBDRequestDecoder
+    private var negotiation: NBDNegotiation?
+    private var session: (any VolumeSession)?
+    private var context: ChannelHandlerContext?
+
+    private var inFlight: [InFlightRequest] = []
+    private var freeSlots: [UInt32] = []
+    private var inFlightCount = 0
+    private var inFlightBytes = 0
+    private var readPaused = false
+    private var hasUnflushedReplies = false
+    private var isDraining = false
+    private var structuredReplies = false
+
+    init(exports: [NBDServerExport], configuration: NBDServerConfiguration, logger: Logger) {
+        precondition(!exports.isEmpty)
+        self.exports = exports
+        self.configuration = configuration
+        self.logger = logger
+        self.requestDecoder = NBDRequestDecoder(maximumPayloadBytes: exports.map(\.volume.blockSizes.maximumPayloadBytes).max()!)
+        inFlight.reserveCapacity(configuration.inFlightRequestsMax)
+        freeSlots.reserveCapacity(configuration.inFlightRequestsMax)
+    }
+
+    // MARK: - Lifecycle
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        let machine = NBDHandshakeStateMachine(exports: exports.map(\.descriptor), allocator: context.channel.allocator)
+        handshakeMachine = machine
+        context.writeAndFlush(wrapOutboundOut(machine.greeting()), promise: nil)
+        let timeout = configuration.handshakeTimeout
+        handshakeTimer = context.eventLoop.scheduleTask(in: timeout) { [weak self] in
+            guard let self, case .handshake = self.phase else { return }
+            self.fail(context: context, reason: NBDProtocolError.handshakeTimedOut.description)
+        }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        handshakeTimer?.cancel()
+        phase = .closed
+        session?.close()
+        logger.debug("connection closed", metadata: ["in-flight": "\(inFlightCount)"])
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        logger.info("connection error, closing it", metadata: ["error": "\(error)"])
+        phase = .closed
+        context.close(promise: nil)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is DrainEvent {
+            isDraining = true
+            switch phase {
+            case .handshake:
+                phase = .closed
+                context.close(promise: nil)
+            case .transmission, .closing:
+                phase = .closing
+                closeIfIdle(context: context)
+            case .closed:
+                break
+            }
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    // MARK: - Inbound
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var buffer = unwrapInboundIn(data)
+        switch phase {
+        case .handshake:
+            negotiate(context: context, buffer: &buffer)
+            if case .transmission = phase, buffer.readableBytes > 0 {
+                transmit(context: context, buffer: &buffer)
+            }
+        case .transmission:
+            transmit(context: context, buffer: &buffer)
+        case .closing:
+            // After NBD_CMD_DISC the client must send nothing; while draining, whole requests
+            // are still answered (with ESHUTDOWN) so the client is not left waiting.
+            if isDraining { transmit(context: context, buffer: &buffer) }
+        case .closed:
+            break
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        session?.submitBatch()
+        flushIfNeeded(context: context)
+        context.fireChannelReadComplete()
+    }
+
+    private func negotiate(context: ChannelHandlerContext, buffer: inout ByteBuffer) {
+        do {
+            while case .handshake = phase, let message = try handshakeDecoder.next(from: &buffer) {
+                let action = handshakeMachine!.receive(message)
+                switch action {
+                case .send(let reply):
+                    if reply.readableBytes > 0 {
+                        context.writeAndFlush(wrapOutboundOut(reply), promise: nil)
+                    }
+                case .sendAndClose(let reply):
+                    phase = .closed
+                    context.writeAndFlush(wrapOutboundOut(reply)).whenComplete { _ in context.close(promise: nil) }
+                case .close(let reason):
+                    fail(context: context, reason: reason)
+                case .startTransmission(let reply, let negotiation):
+                    startTransmission(context: context, reply: reply, negotiation: negotiation)
+                }
+            }
+        } catch {
+            fail(context: context, reason: "\(error)")
+        }
+    }
+
+    private func startTransmission(context: ChannelHandlerContext, reply: ByteBuffer, negotiation: NBDNegotiation) {
+        handshakeTimer?.cancel()
+        handshakeMachine = nil
+        guard let export = exports.first(where: { $0.name == negotiation.export.name }) else {
+            preconditionFailure("negotiation chose an export the handler does not have")
+        }
+        do {
+            session = try export.volume.openSession(on: context.eventLoop)
+        } catch {
+            fail(context: context, reason: "cannot open the volume: \(error)")
+            return
+        }
+        self.negotiation = negotiation
+        self.structuredReplies = negotiation.structuredReplies
+        logger[metadataKey: "export"] = "\(export.name)"
+        logger.debug("transmission started", metadata: [
+            "structured-replies": "\(negotiation.structuredReplies)",
+            "flags": "0x\(String(negotiation.transmissionFlags.rawValue, radix: 16))",
+        ])
+        phase = .transmission
+        context.writeAndFlush(wrapOutboundOut(reply), promise: nil)
+    }
+
+    private func transmit(context: ChannelHandlerContext, buffer: inout ByteBuffer) {
+        do {
+            while let frame = try requestDecoder.next(from: &buffer, allocator: context.channel.allocator) {
+                switch frame {
+                case .request(let header, let payload):
+                    handle(header, payload: payload, context: context)
+                case .oversizedWrite(let header):
+                    refuse(header, error: .invalid,
+                           message: "WRITE of \(header.lengthBytes) bytes exceeds the maximum payload", context: context)
+                }
+                if case .closed = phase { return }
+                if case .closing = phase, !isDraining { return }
+            }
+        } catch {
+            fail(context: context, reason: "\(error)")
+        }
+    }
+
+    private func handle(_ header: NBDRequestHeader, payload: ByteBuffer?, context: ChannelHandlerContext) {
+        let validated = NBDRequestValidator.validate(header, negotiation: negotiation!)
+        let command: NBDRequestValidator.Command
+        switch validated {
+        case .failure(let refusal):
+            logger.debug("request refused", metadata: [
+                "command": "\(header.command)", "error": "\(refusal.error)", "reason": "\(refusal.message)",
+            ])
+            refuse(header, error: refusal.error, message: refusal.message, context: context)
+            return
+        case .success(let valid):
+            command = valid
+        }
+        if case .disconnect = command {
+            logger.debug("client disconnected (NBD_CMD_DISC)")
+            phase = .closing
+            closeIfIdle(context: context)
+            return
+        }
+        if isDraining {
+            refuse(header, error: .shutdown, message: "the server is shutting down", context: context)
+            return
+        }
+        let request: VolumeRequest
+        var accountedBytes = 0
+        switch command {
+        case .read(let offset, let length, _):
+            let prefix = structuredReplies ? NBDWireSize.structuredReadPrefix : NBDWireSize.simpleReplyHeader
+            var buffer = context.channel.allocator.buffer(capacity: prefix + Int(length))
+            buffer.moveWriterIndex(forwardBy: prefix)
+            request = .read(offset: offset, lengthBytes: length, buffer: buffer)
+            accountedBytes = Int(length)
+        case .write(let offset, _, let fua):
+            request = .write(offset: offset, data: payload!, fua: fua)
+            accountedBytes = payload!.readableBytes
+        case .flush:
+            request = .flush
+        case .trim(let offset, let length, let fua):
+            request = .trim(offset: offset, lengthBytes: length, fua: fua)
+        case .cache(let offset, let length):
+            request = .cache(offset: offset, lengthBytes: length)
+        case .writeZeroes(let offset, let length, let fua, let noHole, let fastZero):
+            var flags: WriteZeroesFlags = []
+            if fua { flags.insert(.fua) }
+            if noHole { flags.insert(.noHole) }
+            if fastZero { flags.insert(.fastOnly) }
+            request = .writeZeroes(offset: offset, lengthBytes: length, flags: flags)
+        case .blockStatus(let offset, let length, let requestOne):
+            request = .blockStatus(offset: offset, lengthBytes: length, maximumExtents: requestOne ? 1 : 1024)
+        case .disconnect:
+            preconditionFailure("handled above")
+        }
+        var entry = InFlightRequest()
+        entry.cookie = header.cookie
+        entry.command = header.command
+        entry.offset = header.offset
+        entry.lengthBytes = header.lengthBytes
+        entry.fastZero = header.flags.contains(.fastZero)
+        entry.requestOne = header.flags.contains(.requestOne)
+        entry.accountedBytes = accountedBytes
+        entry.isActive = true
+        let tag = beginRequest(entry)
+        session!.submit(request, tag: tag, sink: self)
+    }
+
+    // MARK: - Completions
+
+    func volumeRequestCompleted(tag: UInt32, reply: VolumeReply) {
+        precondition(Int(tag) < inFlight.count && inFlight[Int(tag)].isActive, "completion for an unknown request \(tag)")
+        let request = inFlight[Int(tag)]
+        inFlight[Int(tag)] = InFlightRequest()
+        freeSlots.append(tag)
+        inFlightCount -= 1
+        inFlightBytes -= request.accountedBytes
+        guard let context, phase != .closed else { return }
+        switch reply {
+        case .done:
+            var out = context.channel.allocator.buffer(capacity: NBDWireSize.simpleReplyHeader)
+            out.writeNBDSimpleReply(error: .none, cookie: request.cookie)
+            write(out, context: context)
+        case .data(var buffer):
+            let prefix = structuredReplies ? NBDWireSize.structuredReadPrefix : NBDWireSize.simpleReplyHeader
+            precondition(buffer.readableBytes == prefix + Int(request.lengthBytes), "a read returned the wrong length")
+            if structuredReplies {
+                if request.lengthBytes == 0 {
+                    var out = context.channel.allocator.buffer(capacity: NBDWireSize.structuredReplyHeader)
+                    out.writeNBDChunkDone(cookie: request.cookie)
+                    write(out, context: context)
+                    break
+                }
+                buffer.setNBDOffsetDataPrefix(
+                    cookie: request.cookie, offset: request.offset, dataBytes: Int(request.lengthBytes), at: buffer.readerIndex)
+            } else {
+                buffer.setNBDSimpleReply(error: .none, cookie: request.cookie, at: buffer.readerIndex)
+            }
+            write(buffer, context: context)
+        case .extents(let extents):
+            writeBlockStatus(extents, for: request, context: context)
+        case .failed(let error):
+            let code = NBDReplyMapping.error(for: error, command: request.command, fastZero: request.fastZero)
+            if case .io = error {
+                logger.warning("I/O error", metadata: ["command": "\(request.command)", "offset": "\(request.offset)",
+                                                       "length": "\(request.lengthBytes)", "error": "\(error)"])
+            }
+            writeError(code, message: NBDReplyMapping.message(for: error), cookie: request.cookie, context: context)
+        }
+        if readPaused && !shouldPauseReading {
+            readPaused = false
+            context.read()
+        }
+        if case .closing = phase {
+            closeIfIdle(context: context)
+        }
+    }
+
+    func volumeCompletionBurstEnded() {
+        guard let context else { return }
+        flushIfNeeded(context: context)
+    }
+
+    private func writeBlockStatus(_ extents: [BlockStatusExtent], for request: InFlightRequest, context: ChannelHandlerContext) {
+        var descriptors: [(lengthBytes: UInt32, flags: UInt32)] = []
+        descriptors.reserveCapacity(extents.count)
+        var covered: UInt64 = 0
+        for extent in extents where extent.lengthBytes > 0 {
+            // The first N-1 extents must stay inside the request; only the last may run past it,
+            // and with REQ_ONE not even that.
+            guard covered < UInt64(request.lengthBytes) else { break }
+            var length = extent.lengthBytes
+            if request.requestOne {
+                length = min(length, request.lengthBytes)
+            }
+            descriptors.append((length, extent.flags.rawValue))
+            covered += UInt64(length)
+            if request.requestOne { break }
+        }
+        guard !descriptors.isEmpty else {
+            writeError(.inputOutput, message: "the volume described no extents", cookie: request.cookie, context: context)
+            return
+        }
+        var out = context.channel.allocator.buffer(capacity: NBDWireSize.structuredReplyHeader + 4 + 8 * descriptors.count)
+        out.writeNBDChunkBlockStatus(cookie: request.cookie, contextID: NBDMetaContext.baseAllocationID, descriptors: descriptors)
+        write(out, context: context)
+    }
+
+    // MARK: - Replies
+
+    private func refuse(_ header: NBDRequestHeader, error: NBDError, message: String, context: ChannelHandlerContext) {
+        writeError(error, message: message, cookie: header.cookie, context: context)
+    }
+
+    private func writeError(_ error: NBDError, message: String, cookie: UInt64, context: ChannelHandlerContext) {
+        var out = context.channel.allocator.buffer(capacity: 64 + message.utf8.count)
+        if structuredReplies {
+            out.writeNBDChunkError(cookie: cookie, error: error, message: message)
+        } else {
+            out.writeNBDSimpleReply(error: error, cookie: cookie)
+        }
+        write(out, context: context)
+    }
+
+    private func write(_ buffer: ByteBuffer, context: ChannelHandlerContext) {
+        context.write(wrapOutboundOut(buffer), promise: nil)
+        hasUnflushedReplies = true
+    }
+
+    private func flushIfNeeded(context: ChannelHandlerContext) {
+        if hasUnflushedReplies {
+            hasUnflushedReplies = false
+            context.flush()
+        }
+    }
+
+    // MARK: - Flow control
+
+    private var shouldPauseReading: Bool {
+        inFlightCount >= configuration.inFlightRequestsMax
+            || (inFlightCount > 0 && inFlightBytes >= configuration.inFlightBytesMax)
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if shouldPauseReading {
+            readPaused = true
+        } else {
+            context.read()
+        }
+    }
+
+    private func beginRequest(_ entry: InFlightRequest) -> UInt32 {
+        inFlightCount += 1
+        inFlightBytes += entry.accountedBytes
+        if let free = freeSlots.popLast() {
+            inFlight[Int(free)] = entry
+            return free
+        }
+        inFlight.append(entry)
+        return UInt32(inFlight.count - 1)
+    }
+
+    private func closeIfIdle(context: ChannelHandlerContext) {
+        guard inFlightCount == 0, phase != .closed else { return }
+        phase = .closed
+        flushIfNeeded(context: context)
+        context.close(promise: nil)
+    }
+
+    private func fail(context: ChannelHandlerContext, reason: String) {
+        logger.info("closing connection", metadata: ["reason": "\(reason)"])
+        phase = .closed
+        context.close(promise: nil)
+    }
+}
+

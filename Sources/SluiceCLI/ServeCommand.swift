@@ -1,0 +1,225 @@
+import ArgumentParser
+import Foundation
+import Logging
+import NBDServer
+import NIOCore
+import NIOPosix
+import SluiceIO
+import SluicePassthrough
+import SluiceVolume
+
+/// `sluice serve`: export one or more backing files or block devices over NBD.
+struct ServeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Serve a file or block device over NBD.",
+        discussion: """
+            Every request goes straight to the backing file or block device (a passthrough \
+            volume), through io_uring. Clients connect over a Unix socket (--socket) or TCP \
+            (--listen); with neither, Sluice listens on 127.0.0.1:10809.
+
+            Examples:
+              sluice serve --backing disk.img --socket /tmp/sluice.sock
+                  then: nbdinfo 'nbd+unix:///?socket=/tmp/sluice.sock'
+              sluice serve --backing disk.img --listen 127.0.0.1:10809
+                  then: nbdinfo nbd://127.0.0.1
+              sluice serve --export a --backing a.img --export b --backing b.img --socket /tmp/s.sock
+                  then: nbdinfo 'nbd+unix:///b?socket=/tmp/s.sock'
+
+            SIGINT or SIGTERM stops accepting clients, finishes the requests in flight, \
+            flushes the backing store and exits 0.
+            """
+    )
+
+    @Option(name: .long, help: ArgumentHelp("A backing file or block device to serve. Repeat to serve several exports.", valueName: "path"))
+    var backing: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("Listen on this Unix socket.", valueName: "path"))
+    var socket: String?
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Listen on TCP at this address (default 127.0.0.1:10809 when no --socket is given). Use 0.0.0.0 only on a trusted network: NBD has no authentication.",
+        valueName: "host:port"))
+    var listen: String?
+
+    @Option(name: .long, help: ArgumentHelp(
+        "The export name of the matching --backing (in order). The first export also answers to the empty name.",
+        valueName: "name"))
+    var export: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp("A description clients can read (nbdinfo shows it).", valueName: "text"))
+    var description: String = ""
+
+    @Flag(name: .long, help: "Serve read-only: writes, trims and write-zeroes fail with EPERM.")
+    var readOnly = false
+
+    @Option(name: .long, help: ArgumentHelp("Log level: trace, debug, info, notice, warning, error or critical.", valueName: "level"))
+    var logLevel: String = "info"
+
+    @Option(name: .long, help: ArgumentHelp("Event-loop threads (default: one per core).", valueName: "count"))
+    var threads: Int?
+
+    func validate() throws {
+        guard !backing.isEmpty else {
+            throw ValidationError("give the file or block device to serve with --backing PATH")
+        }
+        if backing.count > 1 && export.count != backing.count {
+            throw ValidationError("with several --backing paths, name each one with an --export NAME, in the same order")
+        }
+        if export.count > backing.count {
+            throw ValidationError("there are more --export names than --backing paths")
+        }
+        if Set(export).count != export.count {
+            throw ValidationError("export names must be unique")
+        }
+        if Logger.Level(rawValue: logLevel) == nil {
+            throw ValidationError("unknown log level '\(logLevel)'")
+        }
+        if let listen {
+            _ = try ListenAddress(listen)
+        }
+        if let threads, threads < 1 || threads > 256 {
+            throw ValidationError("--threads must be between 1 and 256")
+        }
+    }
+
+    func run() throws {
+        let level = Logger.Level(rawValue: logLevel)!
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "sluice")
+
+        var exports: [NBDServerExport] = []
+        var volumes: [any Volume] = []
+        for (index, path) in backing.enumerated() {
+            let volume: PassthroughVolume
+            do {
+                volume = try PassthroughVolume(path: path, readOnly: readOnly)
+            } catch {
+                logger.critical("\(error)")
+                throw ExitCode(1)
+            }
+            if volume.file.ignoredTailBytes > 0 {
+                logger.warning("the last \(volume.file.ignoredTailBytes) bytes of \(path) do not fill a 512-byte sector and are not served")
+            }
+            let name = index < export.count ? export[index] : ""
+            exports.append(NBDServerExport(name: name, description: description, volume: volume, readOnly: readOnly))
+            volumes.append(volume)
+        }
+
+        var configuration = NBDServerConfiguration()
+        if let socket {
+            configuration.unixSocketPath = URL(fileURLWithPath: socket).path
+        }
+        if let listen {
+            let address = try ListenAddress(listen)
+            configuration.tcpHost = address.host
+            configuration.tcpPort = address.port
+        } else if socket == nil {
+            configuration.tcpHost = "127.0.0.1"
+            configuration.tcpPort = 10809
+        }
+
+        // Signals are caught from here on, so one that arrives while starting still stops cleanly.
+        let stop = StopSignal()
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: threads ?? System.coreCount)
+        let server = NBDServer(exports: exports, configuration: configuration, group: group, logger: logger)
+        do {
+            try server.start()
+        } catch {
+            logger.critical("cannot listen: \(error)")
+            try? group.syncShutdownGracefully()
+            throw ExitCode(1)
+        }
+        printWelcome(exports: exports, configuration: configuration, server: server)
+
+        stop.wait()
+        logger.info("shutting down: finishing requests in flight")
+        server.shutdown()
+        var failed = false
+        for volume in volumes {
+            do {
+                try volume.close()
+            } catch {
+                logger.error("could not flush the backing store: \(error)")
+                failed = true
+            }
+        }
+        try? IOUringDrivers.shared.stopAll(in: group)
+        try? group.syncShutdownGracefully()
+        logger.info("stopped")
+        if failed { throw ExitCode(1) }
+    }
+
+    private func printWelcome(exports: [NBDServerExport], configuration: NBDServerConfiguration, server: NBDServer) {
+        var lines: [String] = []
+        for export in exports {
+            let size = export.volume.sizeBytes
+            let encodedName = export.name.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? export.name
+            if let path = configuration.unixSocketPath {
+                lines.append("export '\(export.name)' (\(size) bytes): nbd+unix:///\(encodedName)?socket=\(path)")
+            }
+            if let host = configuration.tcpHost {
+                let shownHost = host.contains(":") ? "[\(host)]" : host
+                lines.append("export '\(export.name)' (\(size) bytes): nbd://\(shownHost):\(configuration.tcpPort)/\(encodedName)")
+            }
+        }
+        if let path = configuration.unixSocketPath {
+            lines.append("try: nbdinfo 'nbd+unix:///?socket=\(path)'")
+        } else if let host = configuration.tcpHost {
+            lines.append("try: nbdinfo nbd://\(host):\(configuration.tcpPort)")
+        }
+        FileHandle.standardError.write((lines.joined(separator: "\n") + "\n").data(using: .utf8)!)
+    }
+}
+
+/// A `host:port` given to `--listen`.
+struct ListenAddress {
+    var host: String
+    var port: Int
+
+    init(_ text: String) throws {
+        // "[::1]:10809", "127.0.0.1:10809", "localhost:10809", or just a host.
+        var host = text
+        var port = 10809
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]") else { throw ValidationError("bad --listen address '\(text)'") }
+            host = String(text[text.index(after: text.startIndex)..<close])
+            let rest = text[text.index(after: close)...]
+            if rest.hasPrefix(":") {
+                guard let value = Int(rest.dropFirst()) else { throw ValidationError("bad port in --listen '\(text)'") }
+                port = value
+            }
+        } else if let colon = text.lastIndex(of: ":") {
+            host = String(text[..<colon])
+            guard let value = Int(text[text.index(after: colon)...]) else { throw ValidationError("bad port in --listen '\(text)'") }
+            port = value
+        }
+        guard (0...65535).contains(port), !host.isEmpty else { throw ValidationError("bad --listen address '\(text)'") }
+        self.host = host
+        self.port = port
+    }
+}
+
+/// Blocks until SIGINT or SIGTERM arrives.
+final class StopSignal {
+    private let semaphore = DispatchSemaphore(value: 0)
+    private var sources: [DispatchSourceSignal] = []
+
+    init() {
+        for signalNumber in [SIGINT, SIGTERM] {
+            signal(signalNumber, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())
+            source.setEventHandler { [semaphore] in semaphore.signal() }
+            source.resume()
+            sources.append(source)
+        }
+    }
+
+    func wait() {
+        semaphore.wait()
+    }
+}
