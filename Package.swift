@@ -5,6 +5,12 @@ import PackageDescription
 ///
 /// Dependencies point one way: `sluice` (CLI) → `NBDServer` → `SluiceVolume` ← `SluicePassthrough` → `SluiceIO`.
 /// The NBD layers know only the volume interface; volumes know nothing of NBD.
+/// Release builds drop the runtime exclusivity checks on the hot path (they cost several percent
+/// of CPU per request); debug builds, and therefore every test run, keep them on.
+let hotPathSettings: [SwiftSetting] = [
+    .unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release)),
+]
+
 let package = Package(
     name: "Sluice",
     platforms: [.macOS(.v13)],
@@ -27,7 +33,8 @@ let package = Package(
         // The volume interface and the types shared by servers and volumes.
         .target(
             name: "SluiceVolume",
-            dependencies: [.product(name: "NIOCore", package: "swift-nio")]
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: hotPathSettings
         ),
         // io_uring-backed block I/O, driven from the caller's event loop.
         .target(
@@ -37,7 +44,8 @@ let package = Package(
                 "SluiceVolume",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
-            ]
+            ],
+            swiftSettings: hotPathSettings
         ),
         // The first volume kind: every request goes straight to a backing file or block device.
         .target(
@@ -48,12 +56,14 @@ let package = Package(
                 "SluiceIO",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
-            ]
+            ],
+            swiftSettings: hotPathSettings
         ),
         // NBD wire layouts, pure decoders and the handshake state machine. No I/O.
         .target(
             name: "NBDProtocol",
-            dependencies: [.product(name: "NIOCore", package: "swift-nio")]
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: hotPathSettings
         ),
         // The NBD server: SwiftNIO channel handlers mapping NBD commands onto the volume interface.
         .target(
@@ -65,7 +75,8 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Atomics", package: "swift-atomics"),
-            ]
+            ],
+            swiftSettings: hotPathSettings
         ),
         .executableTarget(
             name: "SluiceCLI",

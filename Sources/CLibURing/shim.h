@@ -7,3 +7,4 @@
 #include <linux/fs.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/vfs.h>

@@ -13,6 +13,7 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
     private let volume: PassthroughVolume
     private let driver: IOUringDriver
     private let fileDescriptor: Int32
+    private let policy: InlineIOPolicy
     private var pending: [PendingRequest] = []
     private var freePending: [UInt32] = []
     private var needsSubmit = false
@@ -52,6 +53,7 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
         self.volume = volume
         self.driver = driver
         self.fileDescriptor = volume.file.fileDescriptor
+        self.policy = volume.inlinePolicy
         pending.reserveCapacity(64)
         freePending.reserveCapacity(64)
     }
@@ -76,6 +78,16 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
                 return
             }
             buffer.reserveCapacity(minimumWritableBytes: Int(length))
+            if policy.inlineReads {
+                let result = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) { bytes in
+                    let status = InlineIO.read(
+                        fileDescriptor: fileDescriptor, bytes: UnsafeMutableRawBufferPointer(rebasing: bytes[0..<Int(length)]),
+                        offset: offset)
+                    return status == 0 ? Int(length) : 0
+                }
+                sink.volumeRequestCompleted(tag: tag, reply: result == Int(length) ? .data(buffer) : .failed(.io(errno: EIO)))
+                return
+            }
             let index = beginRequest(tag: tag, sink: sink)
             enqueue(IOOperation(kind: .read, fileDescriptor: fileDescriptor, offset: offset, lengthBytes: length,
                                 buffer: buffer, context: UInt64(index)))
@@ -84,11 +96,23 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
                 sink.volumeRequestCompleted(tag: tag, reply: .done)
                 return
             }
+            if fua ? policy.inlineDurableOperations : policy.inlinePlainWrites {
+                let status = data.withUnsafeReadableBytes {
+                    InlineIO.write(fileDescriptor: fileDescriptor, bytes: $0, offset: offset)
+                }
+                sink.volumeRequestCompleted(tag: tag, reply: status == 0 ? .done : .failed(VolumeError(errno: status)))
+                return
+            }
             let index = beginRequest(tag: tag, sink: sink)
             enqueue(IOOperation(kind: .write, fileDescriptor: fileDescriptor, offset: offset,
                                 lengthBytes: UInt32(data.readableBytes), buffer: data,
                                 readWriteFlags: fua ? Int32(RWF_DSYNC) : 0, context: UInt64(index)))
         case .flush:
+            if policy.inlineDurableOperations {
+                let status = fdatasync(fileDescriptor) == 0 ? 0 : errno
+                sink.volumeRequestCompleted(tag: tag, reply: status == 0 ? .done : .failed(VolumeError(errno: status)))
+                return
+            }
             let index = beginRequest(tag: tag, sink: sink)
             enqueue(IOOperation(kind: .syncData, fileDescriptor: fileDescriptor, context: UInt64(index)))
         case .trim(let offset, let length, let fua):

@@ -14,11 +14,14 @@ public final class PassthroughVolume: Volume, @unchecked Sendable {
     public let sizeBytes: UInt64
     public let capabilities: VolumeCapabilities
     public let blockSizes: VolumeBlockSizes = .standard
+    /// Which operations run inline rather than through io_uring, from the backing's file system.
+    let inlinePolicy: InlineIOPolicy
 
     /// Opens `path` as a passthrough volume.
     public init(path: String, readOnly: Bool) throws {
         let file = try BlockFile(path: path, readOnly: readOnly)
         self.file = file
+        self.inlinePolicy = InlineIOPolicy.probe(fileDescriptor: file.fileDescriptor, isBlockDevice: file.isBlockDevice)
         self.sizeBytes = file.sizeBytes
         var capabilities: VolumeCapabilities = [
             .flush, .fua, .trim, .writeZeroes, .fastZero, .cache, .blockStatus, .multipleConnections,
