@@ -54,6 +54,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
     private var inFlightBytes = 0
     private var readPaused = false
     private var hasUnflushedReplies = false
+    /// Small replies (headers, errors, block status) gathered until the next flush, so a burst of
+    /// completions costs one buffer and one write. Reused once the socket has taken its bytes.
+    private var replyBuffer: ByteBuffer
     private var isDraining = false
     private var structuredReplies = false
 
@@ -62,6 +65,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
         self.exports = exports
         self.configuration = configuration
         self.logger = logger
+        self.replyBuffer = ByteBufferAllocator().buffer(capacity: 4096)
         self.requestDecoder = NBDRequestDecoder(maximumPayloadBytes: exports.map(\.volume.blockSizes.maximumPayloadBytes).max()!)
         inFlight.reserveCapacity(configuration.inFlightRequestsMax)
         freeSlots.reserveCapacity(configuration.inFlightRequestsMax)
@@ -285,17 +289,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
         guard let context, phase != .closed else { return }
         switch reply {
         case .done:
-            var out = context.channel.allocator.buffer(capacity: NBDWireSize.simpleReplyHeader)
-            out.writeNBDSimpleReply(error: .none, cookie: request.cookie)
-            write(out, context: context)
+            replyBuffer.writeNBDSimpleReply(error: .none, cookie: request.cookie)
+            hasUnflushedReplies = true
         case .data(var buffer):
             let prefix = structuredReplies ? NBDWireSize.structuredReadPrefix : NBDWireSize.simpleReplyHeader
             precondition(buffer.readableBytes == prefix + Int(request.lengthBytes), "a read returned the wrong length")
             if structuredReplies {
                 if request.lengthBytes == 0 {
-                    var out = context.channel.allocator.buffer(capacity: NBDWireSize.structuredReplyHeader)
-                    out.writeNBDChunkDone(cookie: request.cookie)
-                    write(out, context: context)
+                    replyBuffer.writeNBDChunkDone(cookie: request.cookie)
+                    hasUnflushedReplies = true
                     break
                 }
                 buffer.setNBDOffsetDataPrefix(
@@ -348,9 +350,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
             writeError(.inputOutput, message: "the volume described no extents", cookie: request.cookie, context: context)
             return
         }
-        var out = context.channel.allocator.buffer(capacity: NBDWireSize.structuredReplyHeader + 4 + 8 * descriptors.count)
-        out.writeNBDChunkBlockStatus(cookie: request.cookie, contextID: NBDMetaContext.baseAllocationID, descriptors: descriptors)
-        write(out, context: context)
+        replyBuffer.writeNBDChunkBlockStatus(cookie: request.cookie, contextID: NBDMetaContext.baseAllocationID, descriptors: descriptors)
+        hasUnflushedReplies = true
     }
 
     // MARK: - Replies
@@ -360,13 +361,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
     }
 
     private func writeError(_ error: NBDError, message: String, cookie: UInt64, context: ChannelHandlerContext) {
-        var out = context.channel.allocator.buffer(capacity: 64 + message.utf8.count)
         if structuredReplies {
-            out.writeNBDChunkError(cookie: cookie, error: error, message: message)
+            replyBuffer.writeNBDChunkError(cookie: cookie, error: error, message: message)
         } else {
-            out.writeNBDSimpleReply(error: error, cookie: cookie)
+            replyBuffer.writeNBDSimpleReply(error: error, cookie: cookie)
         }
-        write(out, context: context)
+        hasUnflushedReplies = true
     }
 
     private func write(_ buffer: ByteBuffer, context: ChannelHandlerContext) {
@@ -375,8 +375,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
     }
 
     private func flushIfNeeded(context: ChannelHandlerContext) {
-        if hasUnflushedReplies {
-            hasUnflushedReplies = false
+        guard hasUnflushedReplies else { return }
+        hasUnflushedReplies = false
+        if replyBuffer.readableBytes > 0 {
+            context.write(wrapOutboundOut(replyBuffer), promise: nil)
+            context.flush()
+            // Once the socket has taken the bytes the channel lets go of the buffer and clearing
+            // keeps its storage; if the socket was full, clearing gives this handler a fresh one.
+            replyBuffer.clear()
+        } else {
             context.flush()
         }
     }

@@ -1,0 +1,44 @@
+# Sluice: the two set-up commands are `make run` and `make test`.
+SHELL := /bin/bash
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Build: liburing, libpmem, libnbd, ISA-L. Tests and bench: the NBD clients and peer servers.
+PACKAGES := pkg-config liburing-dev libpmem-dev libnbd-dev libisal-dev \
+	libnbd-bin nbdkit qemu-utils fio nbd-server python3-libnbd
+
+VAR := $(CURDIR)/var
+SOCKET := $(VAR)/sluice.sock
+
+.PHONY: run test bench deps build release clean
+
+## Install the Debian packages that are missing.
+deps:
+	@missing=$$(for p in $(PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+build: deps
+	swift build
+
+release: deps
+	swift build -c release --product sluice
+
+## Serve the embedded default: a 1 GiB backing file under var/, on var/sluice.sock.
+run: release
+	@mkdir -p $(VAR)
+	@[ -e $(VAR)/disk.img ] || truncate -s 1G $(VAR)/disk.img
+	.build/release/sluice serve --backing $(VAR)/disk.img --socket $(SOCKET) --description "Sluice default export"
+
+## Run the whole test suite.
+test: deps
+	swift build --build-tests
+	swift test --skip-build
+
+## Benchmark Sluice against nbdkit and qemu-nbd, side by side (not a test: no timing assertions).
+bench: release
+	python3 bench/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf .build var
