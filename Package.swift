@@ -78,6 +78,8 @@ let package = Package(
             ],
             swiftSettings: hotPathSettings
         ),
+        // A small libnbd client for tests and load generators.
+        .target(name: "NBDClient", dependencies: ["CLibNBD"]),
         .executableTarget(
             name: "SluiceCLI",
             dependencies: [
@@ -107,7 +109,7 @@ let package = Package(
         .testTarget(
             name: "NBDServerTests",
             dependencies: [
-                "NBDServer", "NBDProtocol", "SluiceVolume", "SluicePassthrough", "SluiceIO", "CLibNBD",
+                "NBDServer", "NBDProtocol", "SluiceVolume", "SluicePassthrough", "SluiceIO", "NBDClient",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

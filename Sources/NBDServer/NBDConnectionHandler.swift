@@ -245,8 +245,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
             request = .read(offset: offset, lengthBytes: length, buffer: buffer)
             accountedBytes = Int(length)
         case .write(let offset, _, let fua):
-            request = .write(offset: offset, data: payload!, fua: fua)
-            accountedBytes = payload!.readableBytes
+            // A zero-length write has no payload on the wire.
+            let data = payload ?? ByteBuffer()
+            request = .write(offset: offset, data: data, fua: fua)
+            accountedBytes = data.readableBytes
         case .flush:
             request = .flush
         case .trim(let offset, let length, let fua):
