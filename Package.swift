@@ -101,7 +101,7 @@ let package = Package(
         .testTarget(
             name: "SluiceIOTests",
             dependencies: [
-                "SluiceIO", "SluiceVolume", "SluicePassthrough",
+                "SluiceIO", "SluiceVolume", "SluicePassthrough", "CLibURing",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
