@@ -1,10 +1,17 @@
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
-#include <liburing.h>
+// System headers first, with the same feature macros as Swift's Glibc module, so that types
+// such as fd_set have one definition across every C module a Swift file imports. liburing.h
+// defines _GNU_SOURCE for itself, which by then no longer changes those types.
+#include <sys/types.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <signal.h>
+#include <stdint.h>
 #include <fcntl.h>
+#include <sys/ioctl.h>
+#include <sys/eventfd.h>
+#include <sys/vfs.h>
+#include <liburing.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
-#include <sys/eventfd.h>
-#include <sys/ioctl.h>
-#include <sys/vfs.h>
