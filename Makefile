@@ -34,7 +34,7 @@ run: release
 ## Run the whole test suite.
 test: deps
 	swift build --build-tests
-	swift test --skip-build
+	swift test --skip-build --disable-swift-testing
 
 ## Benchmark Sluice against nbdkit and qemu-nbd, side by side (not a test: no timing assertions).
 bench: release
