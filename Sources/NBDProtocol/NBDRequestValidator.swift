@@ -23,8 +23,13 @@ public enum NBDRequestValidator {
 
     /// Validates `header` against what negotiation agreed on.
     public static func validate(_ header: NBDRequestHeader, negotiation: NBDNegotiation) -> Result<Command, Refusal> {
-        let export = negotiation.export
-        let flags = negotiation.transmissionFlags
+        validate(header, limits: NBDRequestLimits(negotiation: negotiation))
+    }
+
+    /// Validates `header` against limits taken from the negotiation once, so the per-request path
+    /// copies no strings and touches no reference counts.
+    public static func validate(_ header: NBDRequestHeader, limits export: NBDRequestLimits) -> Result<Command, Refusal> {
+        let flags = export.transmissionFlags
         let readOnly = flags.contains(.readOnly)
         let offset = header.offset
         let length = header.lengthBytes
@@ -108,7 +113,7 @@ public enum NBDRequestValidator {
             guard aligned else { return refuse(.invalid, "CACHE not aligned to \(minimum) bytes") }
             return .success(.cache(offset: offset, lengthBytes: length))
         case .blockStatus:
-            guard negotiation.blockStatusSelected else {
+            guard export.blockStatusSelected else {
                 return refuse(.invalid, "BLOCK_STATUS needs base:allocation selected with NBD_OPT_SET_META_CONTEXT")
             }
             guard length > 0 else { return refuse(.invalid, "BLOCK_STATUS of length 0") }
@@ -118,5 +123,22 @@ public enum NBDRequestValidator {
         default:
             preconditionFailure("command \(header.command) passed the flag check but has no validation")
         }
+    }
+}
+
+/// What request validation needs from a negotiation: plain numbers and flags, cheap to copy.
+public struct NBDRequestLimits: Hashable, Sendable {
+    public var sizeBytes: UInt64
+    public var transmissionFlags: NBDTransmissionFlags
+    public var minimumBlockBytes: UInt32
+    public var maximumPayloadBytes: UInt32
+    public var blockStatusSelected: Bool
+
+    public init(negotiation: NBDNegotiation) {
+        sizeBytes = negotiation.export.sizeBytes
+        transmissionFlags = negotiation.transmissionFlags
+        minimumBlockBytes = negotiation.export.minimumBlockBytes
+        maximumPayloadBytes = negotiation.export.maximumPayloadBytes
+        blockStatusSelected = negotiation.blockStatusSelected
     }
 }

@@ -9,9 +9,11 @@ import SluiceVolume
 /// submitted to the volume session in a batch per read burst, and answered in completion order
 /// (replies may overtake each other, as the protocol allows). Reading pauses while too many
 /// requests or bytes are in flight, which bounds the memory one client can make the server hold.
-final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
+///
+/// The handler is inbound-only, so the event loop's per-read `read()` call and every write pass
+/// straight to the socket without visiting it; pausing turns the channel's auto-read off instead.
+final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
     typealias InboundIn = ByteBuffer
-    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     /// Asks a connection to finish its in-flight requests, refuse new ones and close.
@@ -45,6 +47,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
     private var handshakeTimer: Scheduled<Void>?
     private var requestDecoder: NBDRequestDecoder
     private var negotiation: NBDNegotiation?
+    private var limits: NBDRequestLimits?
     private var session: (any VolumeSession)?
     private var context: ChannelHandlerContext?
 
@@ -82,8 +85,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
         handshakeMachine = machine
         context.writeAndFlush(wrapOutboundOut(machine.greeting()), promise: nil)
         let timeout = configuration.handshakeTimeout
-        handshakeTimer = context.eventLoop.scheduleTask(in: timeout) { [weak self] in
-            guard let self, case .handshake = self.phase else { return }
+        // A strong capture: the timer is cancelled when negotiation ends or the channel closes, which
+        // breaks the cycle. A weak capture would give the handler a side table and make every
+        // retain and release of it on the request path take the slow route.
+        handshakeTimer = context.eventLoop.scheduleTask(in: timeout) {
+            guard case .handshake = self.phase else { return }
             self.fail(context: context, reason: NBDProtocolError.handshakeTimedOut.description)
         }
         context.fireChannelActive()
@@ -91,6 +97,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
 
     func channelInactive(context: ChannelHandlerContext) {
         handshakeTimer?.cancel()
+        handshakeTimer = nil
         phase = .closed
         session?.close()
         logger.debug("connection closed", metadata: ["in-flight": "\(inFlightCount)"])
@@ -173,6 +180,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
 
     private func startTransmission(context: ChannelHandlerContext, reply: ByteBuffer, negotiation: NBDNegotiation) {
         handshakeTimer?.cancel()
+        handshakeTimer = nil
         handshakeMachine = nil
         guard let export = exports.first(where: { $0.name == negotiation.export.name }) else {
             preconditionFailure("negotiation chose an export the handler does not have")
@@ -184,6 +192,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
             return
         }
         self.negotiation = negotiation
+        self.limits = NBDRequestLimits(negotiation: negotiation)
         self.structuredReplies = negotiation.structuredReplies
         logger[metadataKey: "export"] = "\(export.name)"
         logger.debug("transmission started", metadata: [
@@ -213,7 +222,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
     }
 
     private func handle(_ header: NBDRequestHeader, payload: ByteBuffer?, context: ChannelHandlerContext) {
-        let validated = NBDRequestValidator.validate(header, negotiation: negotiation!)
+        let validated = NBDRequestValidator.validate(header, limits: limits!)
         let command: NBDRequestValidator.Command
         switch validated {
         case .failure(let refusal):
@@ -276,6 +285,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
         entry.accountedBytes = accountedBytes
         entry.isActive = true
         let tag = beginRequest(entry)
+        pauseReadingIfNeeded(context: context)
         session!.submit(request, tag: tag, sink: self)
     }
 
@@ -318,10 +328,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
             }
             writeError(code, message: NBDReplyMapping.message(for: error), cookie: request.cookie, context: context)
         }
-        if readPaused && !shouldPauseReading {
-            readPaused = false
-            context.read()
-        }
+        resumeReadingIfPossible(context: context)
         if case .closing = phase {
             closeIfIdle(context: context)
         }
@@ -380,8 +387,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
         guard hasUnflushedReplies else { return }
         hasUnflushedReplies = false
         if replyBuffer.readableBytes > 0 {
-            context.write(wrapOutboundOut(replyBuffer), promise: nil)
-            context.flush()
+            context.writeAndFlush(wrapOutboundOut(replyBuffer), promise: nil)
             // Once the socket has taken the bytes the channel lets go of the buffer and clearing
             // keeps its storage; if the socket was full, clearing gives this handler a fresh one.
             replyBuffer.clear()
@@ -397,12 +403,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler, VolumeCompletionSink {
             || (inFlightCount > 0 && inFlightBytes >= configuration.inFlightBytesMax)
     }
 
-    func read(context: ChannelHandlerContext) {
-        if shouldPauseReading {
-            readPaused = true
-        } else {
-            context.read()
-        }
+    /// Stops reading from the client once a new request crosses a limit.
+    private func pauseReadingIfNeeded(context: ChannelHandlerContext) {
+        guard !readPaused, shouldPauseReading else { return }
+        readPaused = true
+        try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: false)
+    }
+
+    private func resumeReadingIfPossible(context: ChannelHandlerContext) {
+        guard readPaused, !shouldPauseReading else { return }
+        readPaused = false
+        try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
     }
 
     private func beginRequest(_ entry: InFlightRequest) -> UInt32 {

@@ -2,6 +2,7 @@ import Foundation
 import NBDClient
 import NBDProtocol
 import NBDServer
+import NIOCore
 import XCTest
 
 /// The real server on a Unix socket, driven by libnbd (a real, independent client), on both a
@@ -145,6 +146,29 @@ final class NBDServerTests: XCTestCase {
             }
             try client.waitForAll(cookies)
             XCTAssertEqual(readBack, blocks, "\(medium)")
+        }
+    }
+
+    func testReadingPausesAtTheInFlightLimitsAndResumes() throws {
+        // Tiny limits make the server stop reading after a few requests and resume as they complete.
+        let configuration = NBDServerConfiguration(inFlightRequestsMax: 3, inFlightBytesMax: 64 * 1024)
+        for medium in TestServer.Medium.allCases {
+            let server = try TestServer(medium: medium, configuration: configuration)
+            defer { server.stop() }
+            let client = try NBDClient(uri: server.uri())
+            let blocks = (0..<200).map { pattern(seed: UInt64(500 + $0), count: 32768) }
+            var cookies: [Int64] = []
+            for (index, block) in blocks.enumerated() {
+                try block.withUnsafeBytes { cookies.append(try client.startWrite($0, offset: UInt64(index) * 32768, flags: index % 7 == 0 ? NBDFlag.fua : 0)) }
+            }
+            try client.waitForAll(cookies)
+            var readBack = [[UInt8]](repeating: [UInt8](repeating: 0, count: 32768), count: blocks.count)
+            cookies = []
+            for index in 0..<blocks.count {
+                try readBack[index].withUnsafeMutableBytes { cookies.append(try client.startRead($0, offset: UInt64(index) * 32768)) }
+            }
+            try client.waitForAll(cookies)
+            XCTAssertTrue(zip(readBack, blocks).allSatisfy { sameBytes($0, $1) }, "\(medium)")
         }
     }
 
@@ -292,6 +316,47 @@ final class NBDServerTests: XCTestCase {
         XCTAssertEqual(try XCTUnwrap(raw.receiveSimpleReply()).error, 22, "unknown commands get EINVAL")
         try raw.sendRequest(.disconnect, cookie: 16, offset: 0, length: 0)
         XCTAssertTrue(try raw.waitForClose())
+    }
+
+    func testStructuredReadsAreOneChunkAndErrorsCarryMessages() throws {
+        let server = try TestServer()
+        defer { server.stop() }
+        let raw = try RawNBDConnection(socketPath: server.socketPath)
+        _ = try raw.negotiate(structuredReplies: true)
+        let data = pattern(seed: 31, count: 65536)
+        try raw.sendRequest(.write, cookie: 1, offset: 65536, length: 65536, payload: data)
+        let written = try XCTUnwrap(raw.receiveSimpleReply())
+        XCTAssertEqual(written.error, 0)
+        // With DF (and without) a read is exactly one OFFSET_DATA chunk, flagged DONE.
+        for flags in [NBDCommandFlags.doNotFragment, []] {
+            try raw.sendRequest(.read, cookie: 2, offset: 65536, length: 65536, flags: flags)
+            let chunk = try XCTUnwrap(raw.receiveChunk())
+            XCTAssertEqual(chunk.cookie, 2)
+            XCTAssertEqual(chunk.type, NBDReplyChunkType.offsetData.rawValue)
+            XCTAssertEqual(chunk.flags, NBDReplyChunkFlags.done.rawValue)
+            XCTAssertEqual(ByteBuffer(bytes: chunk.payload.prefix(8)).getInteger(at: 0, as: UInt64.self), 65536)
+            XCTAssertEqual(Array(chunk.payload.dropFirst(8)), data)
+        }
+        // A read past the end: one ERROR chunk with EINVAL and a message.
+        try raw.sendRequest(.read, cookie: 3, offset: 64 << 20, length: 512)
+        let error = try XCTUnwrap(raw.receiveChunk())
+        XCTAssertEqual(error.type, NBDReplyChunkType.error.rawValue)
+        XCTAssertEqual(error.flags, NBDReplyChunkFlags.done.rawValue)
+        let payload = ByteBuffer(bytes: error.payload)
+        XCTAssertEqual(payload.getInteger(at: 0, as: UInt32.self), 22)
+        let messageLength = Int(payload.getInteger(at: 4, as: UInt16.self)!)
+        XCTAssertGreaterThan(messageLength, 0)
+        XCTAssertEqual(error.payload.count, 6 + messageLength)
+        // A zero-length read is a single NONE chunk.
+        try raw.sendRequest(.read, cookie: 4, offset: 0, length: 0)
+        let none = try XCTUnwrap(raw.receiveChunk())
+        XCTAssertEqual(none.type, NBDReplyChunkType.none.rawValue)
+        XCTAssertEqual(none.flags, NBDReplyChunkFlags.done.rawValue)
+        // BLOCK_STATUS without a selected context is refused with EINVAL.
+        try raw.sendRequest(.blockStatus, cookie: 5, offset: 0, length: 4096)
+        let refused = try XCTUnwrap(raw.receiveChunk())
+        XCTAssertEqual(refused.type, NBDReplyChunkType.error.rawValue)
+        XCTAssertEqual(ByteBuffer(bytes: refused.payload).getInteger(at: 0, as: UInt32.self), 22)
     }
 
     func testShutdownFinishesRequestsInFlight() throws {

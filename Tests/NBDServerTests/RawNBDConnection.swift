@@ -81,12 +81,22 @@ final class RawNBDConnection {
         return false
     }
 
-    /// Negotiates with NBD_OPT_GO for `export` (no structured replies) and returns the export size.
-    func negotiate(export: String = "") throws -> UInt64 {
+    /// Negotiates with NBD_OPT_GO for `export` and returns the export size. With `structuredReplies`
+    /// the client first asks for structured replies and waits for the acknowledgement.
+    func negotiate(export: String = "", structuredReplies: Bool = false) throws -> UInt64 {
         guard let greeting = try receive(18) else { throw POSIXError(.ECONNRESET) }
         precondition(Array(greeting[0..<8]) == Array("NBDMAGIC".utf8))
         var buffer = ByteBufferAllocator().buffer(capacity: 64)
         buffer.writeInteger(UInt32(3))
+        if structuredReplies {
+            buffer.writeInteger(NBDMagic.option)
+            buffer.writeInteger(NBDOptionCode.structuredReply.rawValue)
+            buffer.writeInteger(UInt32(0))
+            try send(buffer)
+            buffer.clear()
+            guard let reply = try receive(20), ByteBuffer(bytes: reply).getInteger(at: 12, as: UInt32.self) == NBDOptionReplyType.ack.rawValue
+            else { throw POSIXError(.EPROTO) }
+        }
         buffer.writeInteger(NBDMagic.option)
         buffer.writeInteger(NBDOptionCode.go.rawValue)
         buffer.writeInteger(UInt32(4 + export.utf8.count + 2))
@@ -116,6 +126,18 @@ final class RawNBDConnection {
         buffer.writeNBDRequestHeader(NBDRequestHeader(flags: flags, command: command, cookie: cookie, offset: offset, lengthBytes: length))
         buffer.writeBytes(payload)
         try send(buffer)
+    }
+
+    /// Reads one structured reply chunk: its flags, type, cookie and payload.
+    func receiveChunk() throws -> (flags: UInt16, type: UInt16, cookie: UInt64, payload: [UInt8])? {
+        guard let header = try receive(20) else { return nil }
+        let buffer = ByteBuffer(bytes: header)
+        precondition(buffer.getInteger(at: 0, as: UInt32.self) == NBDMagic.structuredReply, "not a structured reply chunk")
+        let length = Int(buffer.getInteger(at: 16, as: UInt32.self)!)
+        let payload = length > 0 ? try receive(length) : []
+        guard let payload else { return nil }
+        return (buffer.getInteger(at: 4, as: UInt16.self)!, buffer.getInteger(at: 6, as: UInt16.self)!,
+                buffer.getInteger(at: 8, as: UInt64.self)!, payload)
     }
 
     /// Reads a simple reply: (error, cookie), then `dataBytes` of data for a successful read.
