@@ -184,7 +184,7 @@ def main():
                         help="where backing files and sockets go (default /dev/shm/sluice-bench; use a local-disk folder to include media cost)")
     parser.add_argument("--size", default="1G", help="backing size (default 1G)")
     parser.add_argument("--runtime", type=int, default=5, help="seconds per workload (default 5)")
-    parser.add_argument("--rounds", type=int, default=1, help="rounds; each result is the median over rounds (default 1)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; each result is the median over rounds (default 3)")
     parser.add_argument("--servers", default="sluice,nbdkit-file,nbdkit-memory,qemu-nbd")
     parser.add_argument("--workloads", default=None, help="comma-separated workload name substrings")
     parser.add_argument("--sluice", default=os.path.join(ROOT, ".build", "release", "sluice"))
@@ -209,29 +209,36 @@ def main():
         wanted = [w.strip() for w in args.workloads.split(",")]
         workloads = [w for w in WORKLOADS if any(x in w[0] for x in wanted)]
 
+    # Every server runs for the whole benchmark, each on its own file, and every workload runs on
+    # every server back to back (in a rotating order) before the next workload starts, so drift in
+    # this shared machine's speed hits all servers alike. Each device is written in full first,
+    # so writes measure the steady state and reads find data.
+    servers = [factories[name]() for name in server_names]
     samples = {}
-    for round_index in range(args.rounds):
-        for name in server_names:
-            server = factories[name]()
-            log(f"round {round_index + 1}/{args.rounds}: {name}")
+    try:
+        for server in servers:
+            log(f"starting {server.name}")
             server.start()
-            try:
-                for workload, fio_arguments in workloads:
-                    if "randread" in workload:
-                        prefill(server.uri, size_bytes)
+            prefill(server.uri, size_bytes)
+        for round_index in range(args.rounds):
+            for workload, fio_arguments in workloads:
+                rotation = round_index % len(servers)
+                for server in servers[rotation:] + servers[:rotation]:
                     result = run_fio(server.uri, fio_arguments, args.runtime, size_bytes)
-                    samples.setdefault((name, workload), []).append(result)
-                    log(f"  {workload}: {result['iops']:,.0f} IOPS, p99 {result['p99_us']:,.1f} µs")
-            finally:
-                server.stop()
+                    samples.setdefault((server.name, workload), []).append(result)
+                    log(f"round {round_index + 1}/{args.rounds} {workload} {server.name}: "
+                        f"{result['iops']:,.0f} IOPS, p99 {result['p99_us']:,.1f} µs")
+    finally:
+        for server in servers:
+            server.stop()
 
     results = {}
     for key, runs in samples.items():
         results[key] = {field: statistics.median(run[field] for run in runs) for field in runs[0]}
 
     table = format_table(server_names, [w for w, _ in workloads], results, "nbdkit-file", "sluice")
-    print(f"\nBackings on {args.directory}, {args.size}, fio nbd engine over Unix sockets, "
-          f"{args.runtime} s per workload, median of {args.rounds} round(s).\n")
+    print(f"\nBackings on {args.directory}, {args.size} each, written in full first; fio nbd engine over Unix "
+          f"sockets; {args.runtime} s per workload; median of {args.rounds} interleaved round(s).\n")
     print(table)
 
     results_directory = os.path.join(ROOT, "bench", "results")

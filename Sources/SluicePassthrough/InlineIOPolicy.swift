@@ -46,35 +46,32 @@ struct InlineIOPolicy: Sendable, Equatable {
 enum InlineIO {
     /// Writes all of `bytes` at `offset`; returns 0 or an errno.
     static func write(fileDescriptor: Int32, bytes: UnsafeRawBufferPointer, offset: UInt64) -> Int32 {
-        var done = 0
-        var attempts = 0
-        while done < bytes.count {
-            let written = pwrite(fileDescriptor, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
-            if written > 0 {
-                done += written
-            } else if written < 0 && errno == EINTR {
-                attempts += 1
-                if attempts > 1000 { return EINTR }
-            } else {
-                return written == 0 ? EIO : errno
-            }
+        transferAll(count: bytes.count) { done in
+            pwrite(fileDescriptor, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
         }
-        return 0
     }
 
     /// Reads exactly `bytes.count` bytes at `offset`; returns 0 or an errno (EIO at end of file).
     static func read(fileDescriptor: Int32, bytes: UnsafeMutableRawBufferPointer, offset: UInt64) -> Int32 {
+        transferAll(count: bytes.count) { done in
+            pread(fileDescriptor, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
+        }
+    }
+
+    /// Calls `step(bytesDoneSoFar)` until `count` bytes are done. A step that moves nothing is end of
+    /// file (EIO); interruptions are retried a bounded number of times.
+    private static func transferAll(count: Int, _ step: (Int) -> Int) -> Int32 {
         var done = 0
-        var attempts = 0
-        while done < bytes.count {
-            let count = pread(fileDescriptor, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
-            if count > 0 {
-                done += count
-            } else if count < 0 && errno == EINTR {
-                attempts += 1
-                if attempts > 1000 { return EINTR }
+        var interruptions = 0
+        while done < count {
+            let moved = step(done)
+            if moved > 0 {
+                done += moved
+            } else if moved < 0 && errno == EINTR {
+                interruptions += 1
+                if interruptions > 1000 { return EINTR }
             } else {
-                return count == 0 ? EIO : errno
+                return moved == 0 ? EIO : errno
             }
         }
         return 0
