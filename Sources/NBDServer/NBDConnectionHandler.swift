@@ -62,6 +62,9 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
     private var replyBuffer: ByteBuffer
     private var isDraining = false
     private var structuredReplies = false
+    /// Bytes of a header or an option that arrived without the rest of it. The decoders leave an
+    /// incomplete unit in the buffer they are given; it waits here for the next read.
+    private var leftover: ByteBuffer?
 
     init(exports: [NBDServerExport], configuration: NBDServerConfiguration, logger: Logger) {
         precondition(!exports.isEmpty)
@@ -132,6 +135,20 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
+        if var pending = leftover {
+            // Rare: only when a read ended inside a header or an option. The copy is one read.
+            leftover = nil
+            pending.writeBuffer(&buffer)
+            buffer = pending
+        }
+        defer {
+            if buffer.readableBytes > 0, phase != .closed {
+                // Keep a compact copy rather than a slice, so the channel can reuse its read buffer.
+                var kept = context.channel.allocator.buffer(capacity: buffer.readableBytes)
+                kept.writeBuffer(&buffer)
+                leftover = kept
+            }
+        }
         switch phase {
         case .handshake:
             negotiate(context: context, buffer: &buffer)

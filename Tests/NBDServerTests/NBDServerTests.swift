@@ -318,6 +318,29 @@ final class NBDServerTests: XCTestCase {
         XCTAssertTrue(try raw.waitForClose())
     }
 
+    func testMessagesSplitAtEveryByteBoundary() throws {
+        // Every message arrives one byte at a time, so every read ends inside a header, an option
+        // or a payload: nothing may be lost between reads.
+        let server = try TestServer()
+        defer { server.stop() }
+        let raw = try RawNBDConnection(socketPath: server.socketPath)
+        raw.sendsOneByteAtATime = true
+        XCTAssertEqual(try raw.negotiate(), 64 << 20)
+        let data = pattern(seed: 41, count: 1024)
+        try raw.sendRequest(.write, cookie: 1, offset: 4096, length: 1024, payload: data)
+        try raw.sendRequest(.read, cookie: 2, offset: 4096, length: 1024)
+        try raw.sendRequest(.flush, cookie: 3, offset: 0, length: 0)
+        let written = try XCTUnwrap(raw.receiveSimpleReply())
+        XCTAssertEqual(written.cookie, 1)
+        XCTAssertEqual(written.error, 0)
+        let read = try XCTUnwrap(raw.receiveSimpleReply(dataBytes: 1024))
+        XCTAssertEqual(read.cookie, 2)
+        XCTAssertEqual(read.data, data)
+        let flushed = try XCTUnwrap(raw.receiveSimpleReply())
+        XCTAssertEqual(flushed.cookie, 3)
+        XCTAssertEqual(flushed.error, 0)
+    }
+
     func testStructuredReadsAreOneChunkAndErrorsCarryMessages() throws {
         let server = try TestServer()
         defer { server.stop() }

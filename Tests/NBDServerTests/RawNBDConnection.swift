@@ -7,6 +7,8 @@ import NIOCore
 final class RawNBDConnection {
     private let socketDescriptor: Int32
     private(set) var isClosed = false
+    /// Send every byte separately, with a pause after each, so the server sees one-byte reads.
+    var sendsOneByteAtATime = false
 
     init(socketPath: String) throws {
         socketDescriptor = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
@@ -36,6 +38,14 @@ final class RawNBDConnection {
     }
 
     func send(_ bytes: [UInt8]) throws {
+        if sendsOneByteAtATime {
+            for byte in bytes {
+                let count = withUnsafeBytes(of: byte) { Glibc.send(socketDescriptor, $0.baseAddress, 1, Int32(MSG_NOSIGNAL)) }
+                guard count == 1 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EPIPE) }
+                usleep(200)
+            }
+            return
+        }
         var sent = 0
         while sent < bytes.count {
             let count = bytes[sent...].withUnsafeBytes { Glibc.send(socketDescriptor, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
