@@ -56,8 +56,14 @@ let package = Package(
                 "SluiceIO",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Atomics", package: "swift-atomics"),
             ],
             swiftSettings: hotPathSettings
+        ),
+        // The on-media format of a cache device: superblock, records, segment headers, CRC-32C.
+        .target(
+            name: "SluiceFormat",
+            dependencies: ["CISAL"]
         ),
         // NBD wire layouts, pure decoders and the handshake state machine. No I/O.
         .target(
@@ -97,6 +103,10 @@ let package = Package(
         .testTarget(
             name: "NBDProtocolTests",
             dependencies: ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]
+        ),
+        .testTarget(
+            name: "SluiceFormatTests",
+            dependencies: ["SluiceFormat"]
         ),
         .testTarget(
             name: "SluiceIOTests",

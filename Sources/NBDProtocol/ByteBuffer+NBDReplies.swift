@@ -26,7 +26,7 @@ extension ByteBuffer {
     @discardableResult
     public mutating func writeNBDOptionError(option: NBDOptionCode, type: NBDOptionReplyType, message: String) -> Int {
         precondition(type.isError)
-        let text = Array(message.utf8.prefix(NBDWireSize.stringMaximum))
+        let text = utf8Prefix(message)
         return writeNBDOptionReplyHeader(option: option, type: type, payloadBytes: text.count) + writeBytes(text)
     }
 
@@ -49,7 +49,7 @@ extension ByteBuffer {
     @discardableResult
     public mutating func writeNBDInfoString(option: NBDOptionCode, type: NBDInfoType, value: String) -> Int {
         precondition(type == .name || type == .description)
-        let text = Array(value.utf8.prefix(NBDWireSize.stringMaximum))
+        let text = utf8Prefix(value)
         return writeNBDOptionReplyHeader(option: option, type: .info, payloadBytes: 2 + text.count)
             + writeInteger(type.rawValue) + writeBytes(text)
     }
@@ -126,7 +126,7 @@ extension ByteBuffer {
     @discardableResult
     public mutating func writeNBDChunkError(cookie: UInt64, error: NBDError, message: String) -> Int {
         precondition(error != .none)
-        let text = Array(message.utf8.prefix(NBDWireSize.stringMaximum))
+        let text = utf8Prefix(message)
         return writeNBDChunkHeader(flags: .done, type: .error, cookie: cookie, payloadBytes: 6 + text.count)
             + writeInteger(error.rawValue) + writeInteger(UInt16(text.count)) + writeBytes(text)
     }
@@ -145,4 +145,16 @@ extension ByteBuffer {
         }
         return written
     }
+}
+
+/// The UTF-8 bytes of `text`, cut to the protocol's 4096-byte string limit on a character boundary
+/// so the result is still valid UTF-8.
+func utf8Prefix(_ text: String, maximumBytes: Int = NBDWireSize.stringMaximum) -> [UInt8] {
+    var bytes = Array(text.utf8)
+    guard bytes.count > maximumBytes else { return bytes }
+    var end = maximumBytes
+    // Step back over continuation bytes (10xxxxxx) to the start of the cut character.
+    while end > 0 && bytes[end] & 0xC0 == 0x80 { end -= 1 }
+    bytes.removeSubrange(end...)
+    return bytes
 }

@@ -38,6 +38,9 @@ public enum NBDRequestValidator {
             .failure(Refusal(error: error, message: message))
         }
 
+        // DISC never gets a reply, so it is never refused, whatever its flags, offset or length.
+        if header.command == .disconnect { return .success(.disconnect) }
+
         // Flags allowed per command. FUA is accepted on every command, as the spec requires.
         var allowed: NBDCommandFlags = flags.contains(.sendFUA) ? [.fua] : []
         switch header.command {

@@ -60,6 +60,11 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
     /// Small replies (headers, errors, block status) gathered until the next flush, so a burst of
     /// completions costs one buffer and one write. Reused once the socket has taken its bytes.
     private var replyBuffer: ByteBuffer
+    /// The buffer handed to the channel by the last flush; reused (without allocating) once the
+    /// channel has written it, which it normally has by the time the next flush comes.
+    private var spareReplyBuffer: ByteBuffer
+    /// A task is scheduled to decode requests that arrived while reading was paused.
+    private var leftoverTaskScheduled = false
     private var isDraining = false
     private var structuredReplies = false
     /// Bytes of a header or an option that arrived without the rest of it. The decoders leave an
@@ -72,6 +77,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
         self.configuration = configuration
         self.logger = logger
         self.replyBuffer = ByteBufferAllocator().buffer(capacity: 4096)
+        self.spareReplyBuffer = ByteBufferAllocator().buffer(capacity: 4096)
         self.requestDecoder = NBDRequestDecoder(maximumPayloadBytes: exports.map(\.volume.blockSizes.maximumPayloadBytes).max()!)
         inFlight.reserveCapacity(configuration.inFlightRequestsMax)
         freeSlots.reserveCapacity(configuration.inFlightRequestsMax)
@@ -81,6 +87,11 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        // The context holds the handler; letting go of it here breaks the cycle.
+        self.context = nil
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -142,7 +153,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
             buffer = pending
         }
         defer {
-            if buffer.readableBytes > 0, phase != .closed {
+            if buffer.readableBytes > 0, phase != .closed, !(phase == .closing && !isDraining) {
                 // Keep a compact copy rather than a slice, so the channel can reuse its read buffer.
                 var kept = context.channel.allocator.buffer(capacity: buffer.readableBytes)
                 kept.writeBuffer(&buffer)
@@ -222,7 +233,10 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
 
     private func transmit(context: ChannelHandlerContext, buffer: inout ByteBuffer) {
         do {
-            while let frame = try requestDecoder.next(from: &buffer, allocator: context.channel.allocator) {
+            // Decoding stops at the limits, not just reading: a single read can hold thousands of
+            // request headers, and each READ would allocate its buffer. What is left waits in
+            // `leftover` until completions make room.
+            while !readPaused, let frame = try requestDecoder.next(from: &buffer, allocator: context.channel.allocator) {
                 switch frame {
                 case .request(let header, let payload):
                     handle(header, payload: payload, context: context)
@@ -401,15 +415,24 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
     }
 
     private func flushIfNeeded(context: ChannelHandlerContext) {
-        guard hasUnflushedReplies else { return }
-        hasUnflushedReplies = false
-        if replyBuffer.readableBytes > 0 {
-            context.writeAndFlush(wrapOutboundOut(replyBuffer), promise: nil)
-            // Once the socket has taken the bytes the channel lets go of the buffer and clearing
-            // keeps its storage; if the socket was full, clearing gives this handler a fresh one.
-            replyBuffer.clear()
-        } else {
-            context.flush()
+        // A flush can re-enter this handler (writability changes, completions), which may queue
+        // more replies; the loop flushes those too. It is bounded by the replies that can be queued.
+        var rounds = 0
+        while hasUnflushedReplies {
+            hasUnflushedReplies = false
+            rounds += 1
+            precondition(rounds < 1_000_000, "reply flushing does not settle")
+            if replyBuffer.readableBytes > 0 {
+                // Hand the gathered replies over and gather new ones in the other buffer, so nothing
+                // queued during the flush is lost. The buffer coming back is normally unique again
+                // (the socket took its bytes), so clearing it keeps its storage.
+                let out = replyBuffer
+                swap(&replyBuffer, &spareReplyBuffer)
+                replyBuffer.clear()
+                context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+            } else {
+                context.flush()
+            }
         }
     }
 
@@ -418,6 +441,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
     private var shouldPauseReading: Bool {
         inFlightCount >= configuration.inFlightRequestsMax
             || (inFlightCount > 0 && inFlightBytes >= configuration.inFlightBytesMax)
+            || !(context?.channel.isWritable ?? true)
     }
 
     /// Stops reading from the client once a new request crosses a limit.
@@ -430,7 +454,42 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
     private func resumeReadingIfPossible(context: ChannelHandlerContext) {
         guard readPaused, !shouldPauseReading else { return }
         readPaused = false
-        try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
+        if leftover != nil {
+            // Requests that arrived while paused are decoded before reading more, in a task of
+            // their own: this may be called from deep inside a flush or a completion.
+            guard !leftoverTaskScheduled else { return }
+            leftoverTaskScheduled = true
+            context.eventLoop.execute {
+                self.leftoverTaskScheduled = false
+                self.decodeLeftover(context: context)
+            }
+        } else {
+            try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
+        }
+    }
+
+    private func decodeLeftover(context: ChannelHandlerContext) {
+        guard !readPaused, phase == .transmission || (phase == .closing && isDraining), var pending = leftover else { return }
+        leftover = nil
+        transmit(context: context, buffer: &pending)
+        if pending.readableBytes > 0, phase != .closed {
+            leftover = pending
+        }
+        session?.submitBatch()
+        flushIfNeeded(context: context)
+        if !readPaused, phase != .closed {
+            try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
+        }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        // A client that does not read its replies must not make the server queue them forever.
+        if context.channel.isWritable {
+            resumeReadingIfPossible(context: context)
+        } else {
+            pauseReadingIfNeeded(context: context)
+        }
+        context.fireChannelWritabilityChanged()
     }
 
     private func beginRequest(_ entry: InFlightRequest) -> UInt32 {
@@ -447,8 +506,13 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
     private func closeIfIdle(context: ChannelHandlerContext) {
         guard inFlightCount == 0, phase != .closed else { return }
         phase = .closed
+        leftover = nil
         flushIfNeeded(context: context)
-        context.close(promise: nil)
+        // Closing fails writes still queued in the channel; an empty write after the last reply
+        // completes only once every reply before it is on the wire, so close from there.
+        context.writeAndFlush(wrapOutboundOut(ByteBuffer())).whenComplete { _ in
+            context.close(promise: nil)
+        }
     }
 
     private func fail(context: ChannelHandlerContext, reason: String) {

@@ -86,6 +86,11 @@ public final class NBDServer: Sendable {
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(ChannelOptions.recvAllocator,
                                 value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 * 1024, maximum: 1024 * 1024))
+            // Replies may queue up to 32 MiB (one maximum read) by default before the connection stops
+            // reading; NIO's 64 KiB default would pause every burst of a few 4 KiB reads.
+            .childChannelOption(ChannelOptions.writeBufferWaterMark,
+                                value: ChannelOptions.Types.WriteBufferWaterMark(
+                                    low: configuration.replyQueueBytesMax / 2, high: configuration.replyQueueBytesMax))
             .childChannelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture {
                     let id = connectionCounter.withLockedValue { counter -> UInt64 in

@@ -18,7 +18,10 @@ public final class IOUring {
     private var isReaping = false
     private var needsAnotherReapPass = false
     private var isClosed = false
-    /// The eventfd the kernel signals when an operation completes asynchronously.
+    /// Called when the kernel refuses submissions for lack of resources and nothing can be reaped to
+    /// make room: the owner retries ``submit()`` a little later instead of spinning.
+    public var retrySubmissionLater: (() -> Void)?
+    /// The eventfd the kernel signals when an operation completes.
     public let eventFileDescriptor: Int32
 
     /// The number of operations queued or submitted and not yet completed.
@@ -61,9 +64,10 @@ public final class IOUring {
             ring.deallocate()
             throw IOUringError.setupFailed(errno: code)
         }
-        // Only asynchronous completions signal the eventfd: completions that happen inline during
-        // submission are reaped right after submitting, without waking the event loop again.
-        let registered = io_uring_register_eventfd_async(ring, eventFileDescriptor)
+        // Every completion signals the eventfd. (The "async only" registration would miss buffered
+        // reads that finish through task work on this thread rather than in an io-wq worker, and a
+        // client waiting on such a read would wait until something else woke the loop.)
+        let registered = io_uring_register_eventfd(ring, eventFileDescriptor)
         guard registered == 0 else {
             close(eventFileDescriptor)
             io_uring_queue_exit(ring)
@@ -86,13 +90,17 @@ public final class IOUring {
         ring.deallocate()
     }
 
-    /// Releases the kernel ring. The eventfd belongs to whoever registered it with the event loop.
-    public func shutdown() {
-        precondition(operationsInFlight == 0, "io_uring shut down with \(operationsInFlight) operations in flight")
+    /// Releases the kernel ring, unless operations are still in flight: then the kernel may still
+    /// write into their buffers, so the ring is left alone (it is freed with the process).
+    /// The eventfd belongs to whoever registered it with the event loop.
+    @discardableResult
+    public func shutdown() -> Bool {
+        guard operationsInFlight == 0 else { return false }
+        defer { isClosed = true }
         if !isClosed {
-            isClosed = true
             io_uring_queue_exit(ring)
         }
+        return true
     }
 
     /// Queues `operation`; its completion goes to `handler`. Call ``submit()`` to start it.
@@ -109,7 +117,11 @@ public final class IOUring {
         case .read:
             precondition(buffer != nil, "an io_uring read needs a buffer")
             precondition(buffer!.writableBytes >= Int(operation.lengthBytes), "an io_uring read buffer is too small")
-            basePointer = buffer!.withUnsafeMutableWritableBytes { $0.baseAddress }
+            // The "very unsafe" view skips copy-on-write: callers may still hold references to the
+            // buffer for a moment, and copying a read buffer of up to 32 MiB to make it unique would
+            // cost more than the read. Nothing else writes to it while the kernel fills it.
+            let writerIndex = buffer!.writerIndex
+            basePointer = buffer!.withVeryUnsafeMutableBytes { $0.baseAddress! + writerIndex }
         case .write:
             precondition(buffer != nil, "an io_uring write needs a buffer")
             precondition(buffer!.readableBytes >= Int(operation.lengthBytes), "an io_uring write buffer is too small")
@@ -147,13 +159,19 @@ public final class IOUring {
                 unsubmittedCount = max(0, unsubmittedCount - Int(submitted))
             } else if submitted == 0 {
                 unsubmittedCount = 0
-            } else if submitted == -EINTR || submitted == -EAGAIN || submitted == -EBUSY {
-                // The kernel is short of resources or the completion queue is full: make room by
-                // delivering completions, then try again.
+            } else if submitted == -EINTR {
+                continue
+            } else if submitted == -EAGAIN || submitted == -EBUSY {
+                // The kernel is short of resources or the completion queue is full. Delivering
+                // completions makes room; if there are none, try again later rather than spin.
                 attempts += 1
-                precondition(attempts < Self.reapPassesMax, "io_uring_submit keeps failing: \(submitted)")
-                reapOnce()
+                if reapOnce() == 0 || attempts > 64 {
+                    retrySubmissionLater?()
+                    return
+                }
             } else {
+                // The ring itself is broken (for example -EBADF after teardown): nothing queued can
+                // ever complete, which would lose replies silently. Stop loudly.
                 preconditionFailure("io_uring_submit failed: \(submitted)")
             }
         }
@@ -247,12 +265,16 @@ public final class IOUring {
     }
 
     private func nextSubmissionEntry() -> UnsafeMutablePointer<io_uring_sqe> {
-        if let entry = io_uring_get_sqe(ring) { return entry }
-        submitToKernel()
-        guard let entry = io_uring_get_sqe(ring) else {
-            preconditionFailure("io_uring submission queue stays full after submit")
+        // The submission queue holds only entries not yet handed to the kernel; handing them over
+        // frees it. Under memory pressure that can take a few attempts.
+        for _ in 0..<1000 {
+            if let entry = io_uring_get_sqe(ring) { return entry }
+            submitToKernel()
+            if let entry = io_uring_get_sqe(ring) { return entry }
+            reapOnce()
+            usleep(100)
         }
-        return entry
+        preconditionFailure("io_uring submission queue stays full")
     }
 
     private func prepare(slotIndex index: UInt32) {

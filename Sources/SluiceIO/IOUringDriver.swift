@@ -25,6 +25,9 @@ public final class IOUringDriver {
         eventLoop.preconditionInEventLoop()
         let ring = try IOUring(entries: entries)
         let driver = IOUringDriver(ring: ring, eventLoop: eventLoop)
+        ring.retrySubmissionLater = { [unowned ring] in
+            eventLoop.scheduleTask(in: .milliseconds(1)) { ring.submit() }
+        }
         let handler = EventFileHandler(ring: ring)
         // The pipe bootstrap takes ownership of the eventfd and closes it with the channel.
         NIOPipeBootstrap(group: eventLoop)
@@ -50,7 +53,7 @@ public final class IOUringDriver {
         eventLoop.flatSubmit {
             self.ring.reapCompletions()
             let closed = self.eventChannel?.close() ?? self.eventLoop.makeSucceededVoidFuture()
-            return closed.map { self.ring.shutdown() }
+            return closed.map { _ = self.ring.shutdown() }
         }
     }
 }

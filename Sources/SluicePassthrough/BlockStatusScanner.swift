@@ -57,30 +57,34 @@ enum BlockStatusScanner {
 
     /// File systems report holes at their own granularity; clients are promised 512-byte multiples.
     /// A boundary inside a sector moves so that the whole sector counts as data, which is always
-    /// a correct answer (data may read as zeros; a hole may not hold data).
-    private static func roundedToSectors(_ extents: [BlockStatusExtent], requestedBytes: UInt64) -> [BlockStatusExtent] {
+    /// a correct answer (data may read as zeros; a hole may not hold data). Boundaries are computed
+    /// from the true offsets, so an extent dropped by rounding never shifts the ones after it.
+    static func roundedToSectors(_ extents: [BlockStatusExtent], requestedBytes: UInt64) -> [BlockStatusExtent] {
         let sectorBytes: UInt64 = 512
         guard extents.contains(where: { UInt64($0.lengthBytes) % sectorBytes != 0 }) else { return extents }
         var result: [BlockStatusExtent] = []
-        var start: UInt64 = 0
-        for (index, extent) in extents.enumerated() {
-            var end = start + UInt64(extent.lengthBytes)
-            if index == extents.count - 1 {
-                end = (end + sectorBytes - 1) / sectorBytes * sectorBytes
-            } else if extent.flags.isEmpty {
-                end = (end + sectorBytes - 1) / sectorBytes * sectorBytes
+        var trueEnd: UInt64 = 0
+        var emittedEnd: UInt64 = 0
+        for extent in extents {
+            trueEnd += UInt64(extent.lengthBytes)
+            // The extents may stop short of the request (when capped): never stretch the last one
+            // over bytes that were not looked at.
+            let target: UInt64
+            if extent.flags.isEmpty {
+                target = (trueEnd + sectorBytes - 1) / sectorBytes * sectorBytes
             } else {
-                end = end / sectorBytes * sectorBytes
+                target = trueEnd / sectorBytes * sectorBytes
             }
-            if end > start {
-                let length = UInt32(min(end - start, UInt64(UInt32.max) / sectorBytes * sectorBytes))
-                if let last = result.last, last.flags == extent.flags {
-                    result[result.count - 1].lengthBytes += length
-                } else {
-                    result.append(BlockStatusExtent(lengthBytes: length, flags: extent.flags))
-                }
-                start = end
+            guard target > emittedEnd else { continue }
+            let length = UInt32(target - emittedEnd)
+            // Data may absorb a neighbouring partial hole, never the other way round.
+            let flags: BlockStatusFlags = extent.flags
+            if let last = result.last, last.flags == flags {
+                result[result.count - 1].lengthBytes += length
+            } else {
+                result.append(BlockStatusExtent(lengthBytes: length, flags: flags))
             }
+            emittedEnd = target
         }
         return result.isEmpty ? [BlockStatusExtent(lengthBytes: UInt32(requestedBytes), flags: [])] : result
     }

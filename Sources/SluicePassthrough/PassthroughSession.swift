@@ -314,6 +314,7 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
 
     private func beginRequest(tag: UInt32, sink: any VolumeCompletionSink) -> UInt32 {
         requestsInFlight += 1
+        volume.requestsInFlight.wrappingIncrement(ordering: .relaxed)
         let request = PendingRequest(tag: tag, sink: sink)
         if let free = freePending.popLast() {
             pending[Int(free)] = request
@@ -328,6 +329,7 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
         pending[Int(index)] = PendingRequest()
         freePending.append(index)
         requestsInFlight -= 1
+        volume.requestsInFlight.wrappingDecrement(ordering: .releasing)
         let sink = request.sink!
         if !sinksInBurst.contains(where: { $0 === sink }) {
             sinksInBurst.append(sink)

@@ -1,3 +1,4 @@
+import Atomics
 import Glibc
 import NIOCore
 import SluiceIO
@@ -16,6 +17,8 @@ public final class PassthroughVolume: Volume, @unchecked Sendable {
     public let blockSizes: VolumeBlockSizes = .standard
     /// Which operations run inline rather than through io_uring, from the backing's file system.
     let inlinePolicy: InlineIOPolicy
+    /// Requests in flight on every session: the descriptor stays open until they are done.
+    let requestsInFlight = ManagedAtomic<Int>(0)
 
     /// Opens `path` as a passthrough volume.
     public init(path: String, readOnly: Bool) throws {
@@ -35,10 +38,35 @@ public final class PassthroughVolume: Volume, @unchecked Sendable {
         return PassthroughSession(volume: self, driver: driver)
     }
 
+    /// Waits for requests still in flight (a connection closed by force at shutdown may leave some
+    /// in the kernel), syncs and closes the file. If they never finish, the file is left open:
+    /// closing it under the kernel's feet could send their data to whatever file reuses the number.
     public func close() throws {
+        var waitedMilliseconds = 0
+        while requestsInFlight.load(ordering: .acquiring) > 0 {
+            guard waitedMilliseconds < Self.closeWaitMillisecondsMax else {
+                throw PassthroughVolumeError.requestsStillInFlight(path: file.path, count: requestsInFlight.load(ordering: .acquiring))
+            }
+            usleep(1000)
+            waitedMilliseconds += 1
+        }
         defer { file.close() }
         if !file.isReadOnly {
             try file.synchronize()
+        }
+    }
+
+    private static let closeWaitMillisecondsMax = 60_000
+}
+
+/// Why a passthrough volume could not close.
+public enum PassthroughVolumeError: Error, CustomStringConvertible {
+    case requestsStillInFlight(path: String, count: Int)
+
+    public var description: String {
+        switch self {
+        case .requestsStillInFlight(let path, let count):
+            return "\(count) requests on \(path) did not finish within a minute; the file is left open and was not synced"
         }
     }
 }

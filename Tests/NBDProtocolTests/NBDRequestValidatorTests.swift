@@ -67,6 +67,7 @@ final class NBDRequestValidatorTests: XCTestCase {
         XCTAssertEqual(check(.flush, length: 0), .none)
         XCTAssertEqual(check(.flush, offset: 512, length: 0), .invalid)
         XCTAssertEqual(check(.disconnect, length: 0), .none)
+        XCTAssertEqual(check(.disconnect, offset: 7, length: 9, flags: [.noHole, .requestOne]), .none, "DISC is never refused")
         // BLOCK_STATUS needs a selected context and a length.
         XCTAssertEqual(check(.blockStatus, negotiation: negotiation(blockStatus: false)), .invalid)
         XCTAssertEqual(check(.blockStatus, length: 0), .invalid)

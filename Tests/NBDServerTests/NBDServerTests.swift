@@ -151,7 +151,7 @@ final class NBDServerTests: XCTestCase {
 
     func testReadingPausesAtTheInFlightLimitsAndResumes() throws {
         // Tiny limits make the server stop reading after a few requests and resume as they complete.
-        let configuration = NBDServerConfiguration(inFlightRequestsMax: 3, inFlightBytesMax: 64 * 1024)
+        let configuration = NBDServerConfiguration(inFlightRequestsMax: 3, inFlightBytesMax: 64 * 1024, replyQueueBytesMax: 8 * 1024)
         for medium in TestServer.Medium.allCases {
             let server = try TestServer(medium: medium, configuration: configuration)
             defer { server.stop() }
@@ -289,6 +289,15 @@ final class NBDServerTests: XCTestCase {
         XCTAssertEqual(try good.read(length: 4096, offset: 4096), data)
     }
 
+    func testDisconnectWithFlagsIsNeverAnswered() throws {
+        let server = try TestServer()
+        defer { server.stop() }
+        let raw = try RawNBDConnection(socketPath: server.socketPath)
+        _ = try raw.negotiate()
+        try raw.sendRequest(.disconnect, cookie: 1, offset: 99, length: 7, flags: [.noHole, .doNotFragment])
+        XCTAssertTrue(try raw.waitForClose(), "DISC closes the connection without a reply")
+    }
+
     func testRawProtocolOversizedWriteAndZeroLengthKeepTheStreamInStep() throws {
         let server = try TestServer()
         defer { server.stop() }
@@ -339,6 +348,71 @@ final class NBDServerTests: XCTestCase {
         let flushed = try XCTUnwrap(raw.receiveSimpleReply())
         XCTAssertEqual(flushed.cookie, 3)
         XCTAssertEqual(flushed.error, 0)
+    }
+
+    func testRepliesQueuedBeforeDisconnectAllArriveAtASlowReader() throws {
+        let server = try TestServer()
+        defer { server.stop() }
+        let raw = try RawNBDConnection(socketPath: server.socketPath)
+        _ = try raw.negotiate()
+        let data = tiledPattern(seed: 51, count: 8 << 20)
+        try raw.sendRequest(.write, cookie: 1, offset: 0, length: UInt32(data.count), payload: data)
+        XCTAssertEqual(try XCTUnwrap(raw.receiveSimpleReply()).error, 0)
+        // Four 8 MiB reads and a disconnect, sent together; the replies are read only afterwards.
+        for cookie in 2...5 {
+            try raw.sendRequest(.read, cookie: UInt64(cookie), offset: 0, length: UInt32(data.count))
+        }
+        try raw.sendRequest(.disconnect, cookie: 6, offset: 0, length: 0)
+        usleep(300_000)
+        var cookies: [UInt64] = []
+        for _ in 2...5 {
+            let reply = try XCTUnwrap(raw.receiveSimpleReply(dataBytes: data.count), "a reply queued before the disconnect was lost")
+            XCTAssertTrue(sameBytes(reply.data, data))
+            cookies.append(reply.cookie)
+        }
+        XCTAssertEqual(cookies.sorted(), [2, 3, 4, 5])
+        XCTAssertTrue(try raw.waitForClose(), "the server closes after the last reply")
+    }
+
+    func testAClientThatNeverReadsCannotMakeTheServerHoldUnboundedMemory() throws {
+        let server = try TestServer()
+        defer { server.stop() }
+        let before = residentBytes()
+        let raw = try RawNBDConnection(socketPath: server.socketPath)
+        _ = try raw.negotiate()
+        // 4000 reads of 32 MiB each (125 GiB of replies) in 112 KB of headers, never read back.
+        var headers = ByteBufferAllocator().buffer(capacity: 4000 * 28)
+        for cookie in 0..<4000 {
+            headers.writeNBDRequestHeader(NBDRequestHeader(flags: [], command: .read, cookie: UInt64(cookie), offset: 0, lengthBytes: 32 << 20))
+        }
+        raw.sendsWithoutBlocking = true
+        try raw.send(headers)
+        usleep(1_000_000)
+        let grown = residentBytes() - before
+        XCTAssertLessThan(grown, 512 << 20, "the server buffered \(grown >> 20) MiB for a client that does not read")
+        // Other clients are still served.
+        let client = try NBDClient(uri: server.uri())
+        XCTAssertEqual(try client.read(length: 4096, offset: 0).count, 4096)
+    }
+
+    func testAReadThatMissesThePageCacheCompletesOnItsOwn() throws {
+        // On the local disk reads go through io_uring; a read that misses the page cache completes
+        // later, and the event loop must be woken for it with nothing else happening.
+        let server = try TestServer(medium: .disk)
+        defer { server.stop() }
+        let client = try NBDClient(uri: server.uri())
+        let data = tiledPattern(seed: 61, count: 4 << 20)
+        try client.write(data, offset: 0)
+        try client.flush()
+        let descriptor = open(server.paths[0], O_RDONLY)
+        XCTAssertGreaterThanOrEqual(descriptor, 0)
+        XCTAssertEqual(fdatasync(descriptor), 0)
+        XCTAssertEqual(posix_fadvise(descriptor, 0, 0, POSIX_FADV_DONTNEED), 0)
+        close(descriptor)
+        let started = Date()
+        let back = try client.read(length: 4 << 20, offset: 0)
+        XCTAssertTrue(sameBytes(back, data))
+        XCTAssertLessThan(Date().timeIntervalSince(started), 20, "the read only completed when something else woke the loop")
     }
 
     func testStructuredReadsAreOneChunkAndErrorsCarryMessages() throws {

@@ -9,6 +9,9 @@ final class RawNBDConnection {
     private(set) var isClosed = false
     /// Send every byte separately, with a pause after each, so the server sees one-byte reads.
     var sendsOneByteAtATime = false
+    /// Give up on sending (without error) once the socket stops taking bytes for a second, for
+    /// tests of a server that stops reading.
+    var sendsWithoutBlocking = false
 
     init(socketPath: String) throws {
         socketDescriptor = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
@@ -47,8 +50,16 @@ final class RawNBDConnection {
             return
         }
         var sent = 0
+        var stalls = 0
         while sent < bytes.count {
-            let count = bytes[sent...].withUnsafeBytes { Glibc.send(socketDescriptor, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            let flags = Int32(MSG_NOSIGNAL) | (sendsWithoutBlocking ? Int32(MSG_DONTWAIT) : 0)
+            let count = bytes[sent...].withUnsafeBytes { Glibc.send(socketDescriptor, $0.baseAddress, $0.count, flags) }
+            if count < 0 && sendsWithoutBlocking && errno == EAGAIN {
+                stalls += 1
+                if stalls > 100 { return }
+                usleep(10_000)
+                continue
+            }
             guard count > 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EPIPE) }
             sent += count
         }

@@ -126,3 +126,12 @@ func tiledPattern(seed: UInt64, count: Int) -> [UInt8] {
 func sameBytes(_ left: [UInt8], _ right: [UInt8]) -> Bool {
     left.count == right.count && left.withUnsafeBytes { a in right.withUnsafeBytes { b in memcmp(a.baseAddress!, b.baseAddress!, a.count) == 0 } }
 }
+
+/// This process's resident memory in bytes (the in-process server's included).
+func residentBytes() -> Int {
+    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+        let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
+        let kilobytes = Int(line.split(separator: " ").dropFirst().first ?? "")
+    else { return 0 }
+    return kilobytes * 1024
+}

@@ -1,7 +1,7 @@
 import Glibc
 import NIOCore
 import NIOPosix
-import SluicePassthrough
+@testable import SluicePassthrough
 import SluiceVolume
 import XCTest
 
@@ -130,5 +130,28 @@ final class PassthroughVolumeTests: XCTestCase {
         FileManager.default.createFile(atPath: tiny, contents: Data(count: 100))
         defer { unlink(tiny) }
         XCTAssertThrowsError(try PassthroughVolume(path: tiny, readOnly: false))
+    }
+}
+
+/// Rounding allocation extents to whole sectors never calls data a hole.
+final class BlockStatusRoundingTests: XCTestCase {
+    private func extents(_ pairs: [(UInt32, BlockStatusFlags)]) -> [BlockStatusExtent] {
+        pairs.map { BlockStatusExtent(lengthBytes: $0.0, flags: $0.1) }
+    }
+
+    func testPartialSectorsCountAsData() {
+        let hole: BlockStatusFlags = [.hole, .zero]
+        // hole [0,100), data [100,612), hole [612,1024): every sector touched by data is data.
+        let rounded = BlockStatusScanner.roundedToSectors(extents([(100, hole), (512, []), (412, hole)]), requestedBytes: 1024)
+        XCTAssertEqual(rounded, extents([(1024, [])]))
+        // hole [0,1000), data [1000,1100), hole [1100,4096)
+        let middle = BlockStatusScanner.roundedToSectors(extents([(1000, hole), (100, []), (2996, hole)]), requestedBytes: 4096)
+        XCTAssertEqual(middle, extents([(512, hole), (1024, []), (2560, hole)]))
+        // Aligned extents are untouched.
+        let aligned = extents([(512, hole), (4096, []), (512, hole)])
+        XCTAssertEqual(BlockStatusScanner.roundedToSectors(aligned, requestedBytes: 5120), aligned)
+        // Extents that stop short of the request are not stretched over unseen bytes.
+        let short = BlockStatusScanner.roundedToSectors(extents([(700, []), (300, hole)]), requestedBytes: 8192)
+        XCTAssertEqual(short, extents([(1024, [])]))
     }
 }

@@ -1,0 +1,102 @@
+import XCTest
+
+@testable import SluiceFormat
+
+final class SluiceFormatTests: XCTestCase {
+    private let uuid: [UInt8] = (0..<16).map { UInt8($0 * 17) }
+
+    func testCRC32CIsTheStandardOneAndChains() {
+        XCTAssertEqual(CRC32C.checksum(Array("123456789".utf8)), 0xE306_9283)
+        XCTAssertEqual(CRC32C.checksum([]), 0)
+        let whole = CRC32C.checksum(Array("hello, world".utf8))
+        let chained = CRC32C.checksum(Array(", world".utf8), continuing: CRC32C.checksum(Array("hello".utf8)))
+        XCTAssertEqual(whole, chained)
+    }
+
+    func testGeometry() throws {
+        let geometry = try CacheGeometry(segmentBytes: 1 << 20, deviceBytes: 64 << 20)
+        XCTAssertEqual(geometry.headerBlocks, 1)
+        XCTAssertEqual(geometry.dataBlocksPerSegment, 255)
+        XCTAssertEqual(geometry.firstSegmentOffset, 1 << 20)
+        XCTAssertEqual(geometry.segmentCount, 63)
+        XCTAssertEqual(geometry.slot(ofSegment: 1), 0)
+        XCTAssertEqual(geometry.slot(ofSegment: 64), 0, "the ring wraps")
+        XCTAssertEqual(geometry.offset(ofDataBlock: 0, inSlot: 1), (2 << 20) + 4096)
+        let big = try CacheGeometry(segmentBytes: 4 << 20, deviceBytes: 64 << 20)
+        XCTAssertEqual(big.headerBlocks, 3, "1022 entries of 8 bytes and the fixed part do not fit in two blocks")
+        XCTAssertEqual(big.dataBlocksPerSegment, 1021)
+        XCTAssertThrowsError(try CacheGeometry(segmentBytes: 3 << 20, deviceBytes: 64 << 20))
+        XCTAssertThrowsError(try CacheGeometry(segmentBytes: 1 << 20, deviceBytes: 2 << 20)) { error in
+            guard case FormatError.deviceTooSmall = error else { return XCTFail("\(error)") }
+        }
+    }
+
+    func testSuperblockHeaderRoundTripsAndRejectsDamage() throws {
+        let geometry = try CacheGeometry(segmentBytes: 1 << 20, deviceBytes: 64 << 20)
+        let header = SuperblockHeader(uuid: uuid, geometry: geometry, mode: .volatile, backingSizeBytes: 1 << 30,
+                                      backingIdentity: "file:/var/lib/disk.img", createdSeconds: 1_800_000_000)
+        var bytes = header.encoded()
+        XCTAssertEqual(bytes.count, 4096)
+        XCTAssertEqual(try bytes.withUnsafeBytes { try SuperblockHeader(decoding: $0) }, header)
+        XCTAssertEqual(try CacheGeometry(header: header), geometry)
+        bytes[100] ^= 1
+        XCTAssertThrowsError(try bytes.withUnsafeBytes { try SuperblockHeader(decoding: $0) }) { error in
+            guard case FormatError.corruptSuperblock = error else { return XCTFail("\(error)") }
+        }
+        let zeros = [UInt8](repeating: 0, count: 4096)
+        XCTAssertThrowsError(try zeros.withUnsafeBytes { try SuperblockHeader(decoding: $0) }) { error in
+            XCTAssertEqual(error as? FormatError, .notFormatted)
+        }
+        var future = header.encoded()
+        future[8] = 9
+        XCTAssertThrowsError(try future.withUnsafeBytes { try SuperblockHeader(decoding: $0) }) { error in
+            XCTAssertEqual(error as? FormatError, .unsupportedVersion(found: 9, supported: 1))
+        }
+    }
+
+    func testRecordsAlternateAndATornSlotKeepsTheOtherOne() {
+        let first = SuperblockRecord(sequence: 1, lastWrittenBackSegmentID: 10, lastFlushedSegmentID: 20, cleanShutdown: false)
+        let second = SuperblockRecord(sequence: 2, lastWrittenBackSegmentID: 15, lastFlushedSegmentID: 25, cleanShutdown: true)
+        XCTAssertNotEqual(first.slotOffset, second.slotOffset)
+        let a = first.encoded()
+        var b = second.encoded()
+        let current = a.withUnsafeBytes { slotA in b.withUnsafeBytes { SuperblockRecord.current(slotA: slotA, slotB: $0) } }
+        XCTAssertEqual(current, second)
+        b[20] ^= 0x40  // torn or damaged
+        let fallback = a.withUnsafeBytes { slotA in b.withUnsafeBytes { SuperblockRecord.current(slotA: slotA, slotB: $0) } }
+        XCTAssertEqual(fallback, first)
+        let empty = [UInt8](repeating: 0, count: 4096)
+        XCTAssertNil(empty.withUnsafeBytes { slotA in empty.withUnsafeBytes { SuperblockRecord.current(slotA: slotA, slotB: $0) } })
+    }
+
+    func testSegmentHeaderSealsHeaderAndData() throws {
+        let geometry = try CacheGeometry(segmentBytes: 1 << 20, deviceBytes: 64 << 20)
+        let entries = [SegmentHeader.Entry(blockNumber: 7, sectorMask: 0xFF), SegmentHeader.Entry(blockNumber: 1 << 40, sectorMask: 0x03)]
+        let header = SegmentHeader(segmentID: 42, cacheUUID: uuid, isPartial: true, entries: entries)
+        var segment = [UInt8](repeating: 0, count: 1 << 20)
+        for index in 4096..<(4096 + 2 * 4096) { segment[index] = UInt8(truncatingIfNeeded: index * 7) }
+        segment.withUnsafeMutableBytes { raw in
+            let data = UnsafeRawBufferPointer(rebasing: raw[4096...])
+            header.encode(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<4096]), data: data, geometry: geometry)
+        }
+        XCTAssertEqual(try segment.withUnsafeBytes { try SegmentHeader(verifying: $0, geometry: geometry, cacheUUID: uuid) }, header)
+        // Data beyond the entries is not covered: a partial segment's unused blocks may hold anything.
+        segment[4096 * 10] ^= 1
+        XCTAssertNoThrow(try segment.withUnsafeBytes { try SegmentHeader(verifying: $0, geometry: geometry, cacheUUID: uuid) })
+        // Damage to a covered data block is caught.
+        segment[4096 + 5] ^= 1
+        XCTAssertThrowsError(try segment.withUnsafeBytes { try SegmentHeader(verifying: $0, geometry: geometry, cacheUUID: uuid) }) { error in
+            XCTAssertEqual(error as? SegmentHeader.Invalid, .checksumMismatch)
+        }
+        segment[4096 + 5] ^= 1
+        // Another cache's segment is foreign, whatever its checksum says.
+        let otherUUID = [UInt8](repeating: 9, count: 16)
+        XCTAssertThrowsError(try segment.withUnsafeBytes { try SegmentHeader(verifying: $0, geometry: geometry, cacheUUID: otherUUID) }) { error in
+            XCTAssertEqual(error as? SegmentHeader.Invalid, .foreign)
+        }
+        let blank = [UInt8](repeating: 0, count: 4096)
+        XCTAssertThrowsError(try blank.withUnsafeBytes { try SegmentHeader(decodingHeader: $0, geometry: geometry, cacheUUID: uuid) }) { error in
+            XCTAssertEqual(error as? SegmentHeader.Invalid, .noHeader)
+        }
+    }
+}
