@@ -65,6 +65,12 @@ let package = Package(
             name: "SluiceFormat",
             dependencies: ["CISAL"]
         ),
+        // The write-back cache engine: index, buffers, segment log, writeback (being built).
+        .target(
+            name: "SluiceCache",
+            dependencies: ["SluiceFormat", "SluiceVolume"],
+            swiftSettings: hotPathSettings
+        ),
         // NBD wire layouts, pure decoders and the handshake state machine. No I/O.
         .target(
             name: "NBDProtocol",
@@ -103,6 +109,10 @@ let package = Package(
         .testTarget(
             name: "NBDProtocolTests",
             dependencies: ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]
+        ),
+        .testTarget(
+            name: "SluiceCacheTests",
+            dependencies: ["SluiceCache"]
         ),
         .testTarget(
             name: "SluiceFormatTests",
