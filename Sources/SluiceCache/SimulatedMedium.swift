@@ -1,0 +1,112 @@
+/// An in-memory medium for tests that behaves like a disk with a volatile write cache.
+///
+/// A completed write is visible to reads at once but is durable only after a sync. At a simulated
+/// power failure (``powerFail(seed:)``) each write made since the last sync survives or is lost,
+/// chosen by a seeded generator, and a write that survives may be torn at a 512-byte sector
+/// boundary, as real devices may tear them. Any failing seed replays exactly. Faults can be
+/// injected: the next writes or syncs fail with EIO.
+public final class SimulatedMedium: BlockMedium {
+    public let sizeBytes: UInt64
+    /// What would be on the medium after a power failure right now, ignoring unsynced writes.
+    public private(set) var durable: [UInt8]
+    /// What reads see: durable contents plus every completed write.
+    public private(set) var visible: [UInt8]
+    private var unsynced: [(offset: Int, bytes: [UInt8])] = []
+    private var isPoweredOff = false
+
+    /// Failures to inject: the next this many writes (or syncs) fail with EIO.
+    public var failNextWrites = 0
+    public var failNextSyncs = 0
+
+    /// Counters, for tests that check what the engine did to the medium.
+    public private(set) var writeCount = 0
+    public private(set) var bytesWritten = 0
+    public private(set) var syncCount = 0
+
+    public init(sizeBytes: Int) {
+        precondition(sizeBytes > 0)
+        self.sizeBytes = UInt64(sizeBytes)
+        durable = [UInt8](repeating: 0, count: sizeBytes)
+        visible = durable
+    }
+
+    /// A medium whose durable contents are `bytes` (for example what survived a power failure).
+    public init(durableBytes bytes: [UInt8]) {
+        sizeBytes = UInt64(bytes.count)
+        durable = bytes
+        visible = bytes
+    }
+
+    public func read(offset: UInt64, count: Int, completion: @escaping (Result<[UInt8], MediumError>) -> Void) {
+        guard !isPoweredOff else { return completion(.failure(.poweredOff)) }
+        guard let range = range(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
+        completion(.success(Array(visible[range])))
+    }
+
+    public func write(offset: UInt64, bytes: [UInt8], completion: @escaping (Result<Void, MediumError>) -> Void) {
+        guard !isPoweredOff else { return completion(.failure(.poweredOff)) }
+        guard let range = range(offset: offset, count: bytes.count) else { return completion(.failure(.outOfRange)) }
+        if failNextWrites > 0 {
+            failNextWrites -= 1
+            return completion(.failure(.inputOutput(errno: 5)))
+        }
+        visible.replaceSubrange(range, with: bytes)
+        unsynced.append((range.lowerBound, bytes))
+        writeCount += 1
+        bytesWritten += bytes.count
+        completion(.success(()))
+    }
+
+    public func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
+        guard !isPoweredOff else { return completion(.failure(.poweredOff)) }
+        if failNextSyncs > 0 {
+            failNextSyncs -= 1
+            return completion(.failure(.inputOutput(errno: 5)))
+        }
+        durable = visible
+        unsynced.removeAll()
+        syncCount += 1
+        completion(.success(()))
+    }
+
+    /// Cuts the power: every unsynced write survives whole, is lost, or survives torn at a sector
+    /// boundary, decided by `seed`. Returns what the medium holds afterwards; the medium itself
+    /// answers nothing more.
+    @discardableResult
+    public func powerFail(seed: UInt64) -> [UInt8] {
+        var state = seed
+        func random() -> UInt64 {
+            state &+= 0x9E37_79B9_7F4A_7C15
+            var z = state
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return z ^ (z >> 31)
+        }
+        var survivor = durable
+        // Writes land in order; a device may reorder, so each write decides on its own.
+        for write in unsynced {
+            switch random() % 3 {
+            case 0:
+                continue
+            case 1:
+                survivor.replaceSubrange(write.offset..<(write.offset + write.bytes.count), with: write.bytes)
+            default:
+                let sectors = (write.bytes.count + 511) / 512
+                let kept = Int(random() % UInt64(sectors + 1)) * 512
+                let length = min(kept, write.bytes.count)
+                survivor.replaceSubrange(write.offset..<(write.offset + length), with: write.bytes[0..<length])
+            }
+        }
+        isPoweredOff = true
+        unsynced.removeAll()
+        durable = survivor
+        visible = survivor
+        return survivor
+    }
+
+    private func range(offset: UInt64, count: Int) -> Range<Int>? {
+        let (end, overflow) = offset.addingReportingOverflow(UInt64(count))
+        guard count >= 0, !overflow, end <= sizeBytes else { return nil }
+        return Int(offset)..<Int(end)
+    }
+}
