@@ -71,6 +71,12 @@ let package = Package(
             dependencies: ["SluiceFormat", "SluiceVolume"],
             swiftSettings: hotPathSettings
         ),
+        // recover_cache: finds the log a crash left behind and rebuilds the cache state from it.
+        .target(
+            name: "RecoverCache",
+            dependencies: ["SluiceFormat"],
+            path: "Recovery/RecoverCache"
+        ),
         // NBD wire layouts, pure decoders and the handshake state machine. No I/O.
         .target(
             name: "NBDProtocol",
@@ -113,6 +119,10 @@ let package = Package(
         .testTarget(
             name: "SluiceCacheTests",
             dependencies: ["SluiceCache"]
+        ),
+        .testTarget(
+            name: "RecoverCacheTests",
+            dependencies: ["RecoverCache", "SluiceFormat"]
         ),
         .testTarget(
             name: "SluiceFormatTests",
