@@ -1,0 +1,96 @@
+import SluiceFormat
+
+/// Formats a cache device and opens a formatted one, refusing anything that is not exactly the
+/// cache the caller expects: unformatted, another format version, damaged, truncated, or bound to
+/// another backing store or mode. Nothing is ever formatted implicitly.
+public enum CacheSuperblock {
+    /// What a cache device holds when it is opened.
+    public struct Opened: Equatable, Sendable {
+        public var header: SuperblockHeader
+        public var geometry: CacheGeometry
+        public var record: SuperblockRecord
+    }
+
+    /// What the caller expects to find.
+    public struct Expectation: Sendable {
+        public var backingIdentity: String
+        public var backingSizeBytes: UInt64
+        public var mode: SuperblockHeader.Mode
+
+        public init(backingIdentity: String, backingSizeBytes: UInt64, mode: SuperblockHeader.Mode) {
+            self.backingIdentity = backingIdentity
+            self.backingSizeBytes = backingSizeBytes
+            self.mode = mode
+        }
+    }
+
+    /// Writes a new superblock (header and a first record) for `expectation` and syncs it. Old
+    /// segments on the device carry the previous cache's UUID and are never read as this cache's.
+    public static func format(
+        _ medium: any BlockMedium, segmentBytes: Int, expectation: Expectation, uuid: [UInt8], nowSeconds: UInt64,
+        completion: @escaping (Result<Opened, Error>) -> Void
+    ) {
+        let geometry: CacheGeometry
+        do {
+            geometry = try CacheGeometry(segmentBytes: segmentBytes, deviceBytes: medium.sizeBytes)
+        } catch {
+            return completion(.failure(error))
+        }
+        let header = SuperblockHeader(uuid: uuid, geometry: geometry, mode: expectation.mode,
+                                      backingSizeBytes: expectation.backingSizeBytes,
+                                      backingIdentity: expectation.backingIdentity, createdSeconds: nowSeconds)
+        // Both record slots are written, the second one newer, so no stale record of an earlier
+        // format can ever win.
+        let first = SuperblockRecord(sequence: 1, lastWrittenBackSegmentID: 0, lastFlushedSegmentID: 0, cleanShutdown: true)
+        let second = SuperblockRecord(sequence: 2, lastWrittenBackSegmentID: 0, lastFlushedSegmentID: 0, cleanShutdown: true)
+        medium.write(offset: 0, bytes: header.encoded() + first.encodedForSlot(at: first.slotOffset, pairedWith: second)) { written in
+            if case .failure(let error) = written { return completion(.failure(error)) }
+            medium.synchronize { synced in
+                switch synced {
+                case .failure(let error): completion(.failure(error))
+                case .success: completion(.success(Opened(header: header, geometry: geometry, record: second)))
+                }
+            }
+        }
+    }
+
+    /// Reads and checks the superblock.
+    public static func open(_ medium: any BlockMedium, expectation: Expectation, completion: @escaping (Result<Opened, Error>) -> Void) {
+        guard medium.sizeBytes >= UInt64(3 * CacheGeometry.blockBytes) else {
+            return completion(.failure(FormatError.notFormatted))
+        }
+        medium.read(offset: 0, count: 3 * CacheGeometry.blockBytes) { result in
+            completion(Result {
+                let bytes = try result.get()
+                let header = try bytes.withUnsafeBytes { try SuperblockHeader(decoding: UnsafeRawBufferPointer(rebasing: $0[0..<4096])) }
+                let geometry = try CacheGeometry(header: header)
+                guard geometry.deviceBytesNeeded <= medium.sizeBytes else {
+                    throw FormatError.truncated(deviceBytes: medium.sizeBytes, neededBytes: geometry.deviceBytesNeeded)
+                }
+                guard header.backingIdentity == expectation.backingIdentity else {
+                    throw FormatError.wrongBacking(expected: header.backingIdentity, found: expectation.backingIdentity)
+                }
+                guard header.backingSizeBytes == expectation.backingSizeBytes else {
+                    throw FormatError.backingSizeChanged(expected: header.backingSizeBytes, found: expectation.backingSizeBytes)
+                }
+                guard header.mode == expectation.mode else {
+                    throw FormatError.wrongMode(recorded: "\(header.mode)", requested: "\(expectation.mode)")
+                }
+                let record = bytes.withUnsafeBytes {
+                    SuperblockRecord.current(slotA: UnsafeRawBufferPointer(rebasing: $0[4096..<8192]),
+                                             slotB: UnsafeRawBufferPointer(rebasing: $0[8192..<12288]))
+                }
+                guard let record else { throw FormatError.noValidRecord }
+                return Opened(header: header, geometry: geometry, record: record)
+            })
+        }
+    }
+}
+
+extension SuperblockRecord {
+    /// The two record slots (8 KiB) with `self` in its slot and `other` in the other one.
+    func encodedForSlot(at offset: UInt64, pairedWith other: SuperblockRecord) -> [UInt8] {
+        precondition(offset != other.slotOffset, "two records for the same slot")
+        return offset == Self.slotOffsets[0] ? encoded() + other.encoded() : other.encoded() + encoded()
+    }
+}

@@ -1,0 +1,93 @@
+import SluiceFormat
+import XCTest
+
+@testable import SluiceCache
+
+final class CacheSuperblockTests: XCTestCase {
+    private let expectation = CacheSuperblock.Expectation(backingIdentity: "file:/srv/disk.img", backingSizeBytes: 1 << 30, mode: .volatile)
+    private let uuid: [UInt8] = (0..<16).map { UInt8($0) }
+
+    private func format(_ medium: SimulatedMedium) throws -> CacheSuperblock.Opened {
+        var result: Result<CacheSuperblock.Opened, Error>?
+        CacheSuperblock.format(medium, segmentBytes: 1 << 20, expectation: expectation, uuid: uuid, nowSeconds: 1) { result = $0 }
+        return try XCTUnwrap(result).get()
+    }
+
+    private func open(_ medium: SimulatedMedium, _ expectation: CacheSuperblock.Expectation? = nil) -> Result<CacheSuperblock.Opened, Error> {
+        var result: Result<CacheSuperblock.Opened, Error>?
+        CacheSuperblock.open(medium, expectation: expectation ?? self.expectation) { result = $0 }
+        return result!
+    }
+
+    private func refusal(_ result: Result<CacheSuperblock.Opened, Error>) -> FormatError? {
+        if case .failure(let error) = result { return error as? FormatError }
+        return nil
+    }
+
+    func testFormatThenOpenSurvivesAPowerFailureAfterFormat() throws {
+        let medium = SimulatedMedium(sizeBytes: 16 << 20)
+        let formatted = try format(medium)
+        XCTAssertEqual(formatted.geometry.segmentCount, 15)
+        // The format was synced: a power failure right after it keeps it.
+        let survivor = SimulatedMedium(durableBytes: medium.powerFail(seed: 7))
+        let opened = try open(survivor).get()
+        XCTAssertEqual(opened, formatted)
+        XCTAssertTrue(opened.record.cleanShutdown)
+        XCTAssertEqual(opened.record.lastWrittenBackSegmentID, 0)
+    }
+
+    func testEveryWrongCacheIsRefusedWithItsReason() throws {
+        XCTAssertEqual(refusal(open(SimulatedMedium(sizeBytes: 16 << 20))), .notFormatted)
+        XCTAssertEqual(refusal(open(SimulatedMedium(sizeBytes: 4096))), .notFormatted)
+
+        let medium = SimulatedMedium(sizeBytes: 16 << 20)
+        _ = try format(medium)
+        var other = expectation
+        other.backingIdentity = "file:/srv/other.img"
+        XCTAssertEqual(refusal(open(medium, other)), .wrongBacking(expected: "file:/srv/disk.img", found: "file:/srv/other.img"))
+        other = expectation
+        other.backingSizeBytes = 2 << 30
+        XCTAssertEqual(refusal(open(medium, other)), .backingSizeChanged(expected: 1 << 30, found: 2 << 30))
+        other = expectation
+        other.mode = .pmem
+        XCTAssertEqual(refusal(open(medium, other)), .wrongMode(recorded: "volatile", requested: "pmem"))
+
+        // Truncated: the same superblock on a smaller device.
+        let truncated = SimulatedMedium(durableBytes: Array(medium.visible[0..<(8 << 20)]))
+        XCTAssertEqual(refusal(open(truncated)), .truncated(deviceBytes: 8 << 20, neededBytes: 16 << 20))
+
+        // A damaged header, and damaged record slots.
+        var damaged = medium.visible
+        damaged[200] ^= 1
+        guard case .corruptSuperblock = refusal(open(SimulatedMedium(durableBytes: damaged))) else { return XCTFail("a damaged header must be refused") }
+        var noRecord = medium.visible
+        noRecord[4096 + 10] ^= 1
+        noRecord[8192 + 10] ^= 1
+        XCTAssertEqual(refusal(open(SimulatedMedium(durableBytes: noRecord))), .noValidRecord)
+        // One damaged slot: the other one is used. Record 2 (the newer) is in slot A at 4 KiB.
+        var oneSlot = medium.visible
+        oneSlot[4096 + 10] ^= 1
+        XCTAssertEqual(try open(SimulatedMedium(durableBytes: oneSlot)).get().record.sequence, 1)
+        XCTAssertEqual(try open(medium).get().record.sequence, 2)
+    }
+
+    func testAFormatThatWasNotSyncedMayVanishButNeverHalfExists() throws {
+        // The sync itself fails: format reports it, and what a power failure leaves either opens
+        // as the new cache or is refused as not formatted / damaged, never opened as something else.
+        for seed in 0..<50 as Range<UInt64> {
+            let medium = SimulatedMedium(sizeBytes: 16 << 20)
+            medium.failNextSyncs = 1
+            var result: Result<CacheSuperblock.Opened, Error>?
+            CacheSuperblock.format(medium, segmentBytes: 1 << 20, expectation: expectation, uuid: uuid, nowSeconds: 1) { result = $0 }
+            XCTAssertThrowsError(try XCTUnwrap(result).get())
+            let after = open(SimulatedMedium(durableBytes: medium.powerFail(seed: seed)))
+            switch after {
+            case .success(let opened): XCTAssertEqual(opened.header.uuid, uuid)
+            case .failure(let error):
+                let formatError = error as? FormatError
+                XCTAssertTrue(formatError == .notFormatted || formatError == .noValidRecord || { if case .corruptSuperblock = formatError { return true }; return false }(),
+                              "seed \(seed): \(error)")
+            }
+        }
+    }
+}
