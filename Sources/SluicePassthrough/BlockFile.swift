@@ -42,7 +42,10 @@ public final class BlockFile: @unchecked Sendable {
         if isBlockDevice { flags |= O_EXCL }
         let descriptor = open(path, flags)
         guard descriptor >= 0 else {
-            throw BlockFileError.cannotOpen(path: path, errno: errno)
+            let code = errno
+            // O_EXCL on a block device fails with EBUSY while it is mounted or held by another.
+            if isBlockDevice && code == EBUSY { throw BlockFileError.inUse(path: path) }
+            throw BlockFileError.cannotOpen(path: path, errno: code)
         }
         if !isBlockDevice {
             if flock(descriptor, (readOnly ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0 {
@@ -115,7 +118,7 @@ public enum BlockFileError: Error, CustomStringConvertible, Equatable {
         case .notAFileOrBlockDevice(let path):
             return "\(path) is neither a regular file nor a block device"
         case .inUse(let path):
-            return "\(path) is already open for writing by another process (it holds the file's lock); stop that process first"
+            return "\(path) is already in use by another process (another server holding its lock, a mount, or an exclusive opener); stop that first"
         case .tooSmall(let path, let size):
             return "\(path) holds \(size) bytes, less than one 512-byte sector; make it larger (for example: truncate -s 1G \(path))"
         case .syncFailed(let path, let code):

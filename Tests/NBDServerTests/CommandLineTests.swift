@@ -95,7 +95,7 @@ final class CommandLineTests: XCTestCase {
         try waitForSocket(socket, process: first)
         let (second, secondErrors) = try start(["serve", "--backing", image, "--socket", socket + "2"])
         XCTAssertEqual(finish(second), 1)
-        XCTAssertTrue(String(decoding: secondErrors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).contains("already open"))
+        XCTAssertTrue(String(decoding: secondErrors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).contains("already in use"))
         // And a second server on the same socket is refused too.
         let otherImage = directory + "/other.img"
         FileManager.default.createFile(atPath: otherImage, contents: Data(count: 4096))
@@ -104,6 +104,51 @@ final class CommandLineTests: XCTestCase {
         XCTAssertTrue(String(decoding: thirdErrors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).contains("already listening"))
         kill(first.processIdentifier, SIGTERM)
         XCTAssertEqual(finish(first), 0)
+    }
+
+    func testServesABlockDevice() throws {
+        // A loop device is a real block device: its size comes from BLKGETSIZE64, it is opened
+        // O_EXCL, and trim and zeroing go to the block layer.
+        let (directory, image, socket) = try makeBacking(sizeBytes: 32 << 20)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let losetup = Process()
+        losetup.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        losetup.arguments = ["losetup", "--find", "--show", image]
+        let output = Pipe()
+        losetup.standardOutput = output
+        try losetup.run()
+        losetup.waitUntilExit()
+        let device = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        XCTAssertEqual(losetup.terminationStatus, 0, "losetup could not attach a loop device (this test needs root and /dev/loop*)")
+        guard losetup.terminationStatus == 0, device.hasPrefix("/dev/loop") else { return }
+        defer {
+            let detach = Process()
+            detach.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            detach.arguments = ["losetup", "--detach", device]
+            try? detach.run()
+            detach.waitUntilExit()
+        }
+        let (process, _) = try start(["serve", "--backing", device, "--socket", socket, "--log-level", "warning"])
+        try waitForSocket(socket, process: process)
+        let client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
+        XCTAssertEqual(client.sizeBytes, 32 << 20)
+        let data = pattern(seed: 71, count: 1 << 20)
+        try client.write(data, offset: 4 << 20, flags: NBDFlag.fua)
+        try client.flush()
+        XCTAssertEqual(try client.read(length: 1 << 20, offset: 4 << 20), data)
+        try client.zero(length: 65536, offset: 4 << 20)
+        XCTAssertEqual(try client.read(length: 65536, offset: 4 << 20), [UInt8](repeating: 0, count: 65536))
+        try client.trim(length: 65536, offset: 8 << 20)
+        // A second server cannot open the device while the first holds it exclusively.
+        let (second, secondErrors) = try start(["serve", "--backing", device, "--socket", socket + "2"])
+        XCTAssertEqual(finish(second), 1)
+        XCTAssertTrue(String(decoding: secondErrors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).contains("already in use"))
+        kill(process.processIdentifier, SIGTERM)
+        XCTAssertEqual(finish(process), 0)
+        // The data reached the device, and through it the file behind the loop device.
+        let contents = try Data(contentsOf: URL(fileURLWithPath: image))
+        XCTAssertEqual(Array(contents[((4 << 20) + 65536)..<(5 << 20)]), Array(data[65536...]))
     }
 
     func testHelpExplainsServe() throws {
