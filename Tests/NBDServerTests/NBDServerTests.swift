@@ -289,6 +289,20 @@ final class NBDServerTests: XCTestCase {
         XCTAssertEqual(try good.read(length: 4096, offset: 4096), data)
     }
 
+    func testAClientThatNeverNegotiatesIsDisconnected() throws {
+        var configuration = NBDServerConfiguration()
+        configuration.handshakeTimeout = .milliseconds(300)
+        let server = try TestServer(configuration: configuration)
+        defer { server.stop() }
+        let silent = try RawNBDConnection(socketPath: server.socketPath)
+        XCTAssertNotNil(try silent.receive(18), "the greeting comes first")
+        XCTAssertTrue(try silent.waitForClose(), "a client that never sends its flags is dropped")
+        // One that negotiates in time is not.
+        let client = try NBDClient(uri: server.uri())
+        usleep(500_000)
+        XCTAssertEqual(try client.read(length: 512, offset: 0).count, 512)
+    }
+
     func testDisconnectWithFlagsIsNeverAnswered() throws {
         let server = try TestServer()
         defer { server.stop() }
