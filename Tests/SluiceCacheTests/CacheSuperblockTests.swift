@@ -91,3 +91,27 @@ final class CacheSuperblockTests: XCTestCase {
         }
     }
 }
+
+/// The same superblock logic on a real file.
+final class FileMediumTests: XCTestCase {
+    func testFormatAndOpenAFile() throws {
+        let path = "/var/tmp/sluice-file-medium-\(getpid()).img"
+        FileManager.default.createFile(atPath: path, contents: nil)
+        defer { unlink(path) }
+        let handle = try XCTUnwrap(FileHandle(forWritingAtPath: path))
+        try handle.truncate(atOffset: 8 << 20)
+        try handle.close()
+        let expectation = CacheSuperblock.Expectation(backingIdentity: "file:/x", backingSizeBytes: 1 << 20, mode: .volatile)
+        var formatted: Result<CacheSuperblock.Opened, Error>?
+        CacheSuperblock.format(try FileMedium(path: path), segmentBytes: 1 << 20, expectation: expectation,
+                               uuid: [UInt8](repeating: 3, count: 16), nowSeconds: 5) { formatted = $0 }
+        let created = try XCTUnwrap(formatted).get()
+        var opened: Result<CacheSuperblock.Opened, Error>?
+        CacheSuperblock.open(try FileMedium(path: path), expectation: expectation) { opened = $0 }
+        XCTAssertEqual(try XCTUnwrap(opened).get(), created)
+        var outOfRange: Result<[UInt8], MediumError>?
+        try FileMedium(path: path).read(offset: (8 << 20) - 10, count: 20) { outOfRange = $0 }
+        XCTAssertThrowsError(try XCTUnwrap(outOfRange).get())
+        XCTAssertThrowsError(try FileMedium(path: "/var/tmp/missing-\(getpid())"))
+    }
+}
