@@ -56,6 +56,9 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
     private var inFlightCount = 0
     private var inFlightBytes = 0
     private var readPaused = false
+    /// Mirrors the channel's writability, kept from writability events so the per-request check is
+    /// a plain load.
+    private var channelIsWritable = true
     private var hasUnflushedReplies = false
     /// Small replies (headers, errors, block status) gathered until the next flush, so a burst of
     /// completions costs one buffer and one write. Reused once the socket has taken its bytes.
@@ -441,7 +444,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
     private var shouldPauseReading: Bool {
         inFlightCount >= configuration.inFlightRequestsMax
             || (inFlightCount > 0 && inFlightBytes >= configuration.inFlightBytesMax)
-            || !(context?.channel.isWritable ?? true)
+            || !channelIsWritable
     }
 
     /// Stops reading from the client once a new request crosses a limit.
@@ -484,7 +487,8 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         // A client that does not read its replies must not make the server queue them forever.
-        if context.channel.isWritable {
+        channelIsWritable = context.channel.isWritable
+        if channelIsWritable {
             resumeReadingIfPossible(context: context)
         } else {
             pauseReadingIfNeeded(context: context)
