@@ -68,7 +68,7 @@ let package = Package(
         // The write-back cache engine: index, buffers, segment log, writeback (being built).
         .target(
             name: "SluiceCache",
-            dependencies: ["SluiceFormat", "SluiceVolume"],
+            dependencies: ["SluiceFormat", "SluiceVolume", "RecoverCache"],
             swiftSettings: hotPathSettings
         ),
         // recover_cache: finds the log a crash left behind and rebuilds the cache state from it.
@@ -118,7 +118,7 @@ let package = Package(
         ),
         .testTarget(
             name: "SluiceCacheTests",
-            dependencies: ["SluiceCache"]
+            dependencies: ["SluiceCache", "SluiceFormat", "RecoverCache"]
         ),
         .testTarget(
             name: "RecoverCacheTests",
