@@ -116,14 +116,14 @@ final class ExternalClientTests: XCTestCase {
         defer { server.stop() }
         let deep = try run([
             "fio", "--name=deep", "--ioengine=nbd", "--uri=\(server.uri())", "--rw=randwrite", "--bs=4k",
-            "--iodepth=32", "--size=32M", "--verify=crc32c", "--verify_fatal=1", "--output-format=json",
+            "--iodepth=32", "--size=32M", "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0", "--output-format=json",
         ], timeoutSeconds: 300)
         requireSuccess(deep, "fio iodepth 32 with verify")
         XCTAssertTrue(deep.standardOutput.contains("\"error\" : 0"), deep.standardOutput)
         let wide = try run([
             "fio", "--name=wide", "--ioengine=nbd", "--uri=\(server.uri())", "--rw=randwrite", "--bs=4k",
             "--iodepth=8", "--numjobs=4", "--size=16M", "--offset_increment=16M", "--verify=crc32c",
-            "--verify_fatal=1", "--group_reporting", "--output-format=json",
+            "--verify_fatal=1", "--verify_state_save=0", "--group_reporting", "--output-format=json",
         ], timeoutSeconds: 300)
         requireSuccess(wide, "fio numjobs 4 with verify")
         XCTAssertTrue(wide.standardOutput.contains("\"error\" : 0"), wide.standardOutput)
