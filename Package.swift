@@ -68,7 +68,7 @@ let package = Package(
         // The write-back cache engine: index, buffers, segment log, writeback (being built).
         .target(
             name: "SluiceCache",
-            dependencies: ["SluiceFormat", "SluiceVolume", "RecoverCache"],
+            dependencies: ["SluiceFormat", "SluiceVolume", "SluiceIO", "RecoverCache"],
             swiftSettings: hotPathSettings
         ),
         // recover_cache: finds the log a crash left behind and rebuilds the cache state from it.

@@ -1,5 +1,6 @@
 import CLibURing
 import Glibc
+import SluiceIO
 import SluiceVolume
 
 /// An open backing file or block device.
@@ -22,9 +23,6 @@ public final class BlockFile: @unchecked Sendable {
     public let isReadOnly: Bool
 
     private var isClosed = false
-
-    /// `BLKGETSIZE64` from `<linux/fs.h>`, which Swift cannot import because it is a function-like macro.
-    private static let blockGetSize64: UInt = 0x8008_1272
 
     /// Opens `path` for serving.
     public init(path: String, readOnly: Bool) throws {
@@ -59,7 +57,7 @@ public final class BlockFile: @unchecked Sendable {
         }
         var rawSize: UInt64 = 0
         if isBlockDevice {
-            guard ioctl(descriptor, Self.blockGetSize64, &rawSize) == 0 else {
+            guard ioctl(descriptor, BlockingIO.blockDeviceSizeRequest, &rawSize) == 0 else {
                 let code = errno
                 Glibc.close(descriptor)
                 throw BlockFileError.cannotOpen(path: path, errno: code)

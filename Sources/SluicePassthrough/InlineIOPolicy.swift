@@ -41,39 +41,3 @@ struct InlineIOPolicy: Sendable, Equatable {
         return InlineIOPolicy(isMemoryBacked: memoryFileSystemMagics.contains(magic))
     }
 }
-
-/// Plain blocking transfers used by the inline paths; they finish short transfers and retry EINTR.
-enum InlineIO {
-    /// Writes all of `bytes` at `offset`; returns 0 or an errno.
-    static func write(fileDescriptor: Int32, bytes: UnsafeRawBufferPointer, offset: UInt64) -> Int32 {
-        transferAll(count: bytes.count) { done in
-            pwrite(fileDescriptor, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
-        }
-    }
-
-    /// Reads exactly `bytes.count` bytes at `offset`; returns 0 or an errno (EIO at end of file).
-    static func read(fileDescriptor: Int32, bytes: UnsafeMutableRawBufferPointer, offset: UInt64) -> Int32 {
-        transferAll(count: bytes.count) { done in
-            pread(fileDescriptor, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
-        }
-    }
-
-    /// Calls `step(bytesDoneSoFar)` until `count` bytes are done. A step that moves nothing is end of
-    /// file (EIO); interruptions are retried a bounded number of times.
-    private static func transferAll(count: Int, _ step: (Int) -> Int) -> Int32 {
-        var done = 0
-        var interruptions = 0
-        while done < count {
-            let moved = step(done)
-            if moved > 0 {
-                done += moved
-            } else if moved < 0 && errno == EINTR {
-                interruptions += 1
-                if interruptions > 1000 { return EINTR }
-            } else {
-                return moved == 0 ? EIO : errno
-            }
-        }
-        return 0
-    }
-}

@@ -80,7 +80,7 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
             buffer.reserveCapacity(minimumWritableBytes: Int(length))
             if policy.inlineReads {
                 let result = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) { bytes in
-                    let status = InlineIO.read(
+                    let status = BlockingIO.read(
                         fileDescriptor: fileDescriptor, bytes: UnsafeMutableRawBufferPointer(rebasing: bytes[0..<Int(length)]),
                         offset: offset)
                     return status == 0 ? Int(length) : 0
@@ -98,7 +98,7 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
             }
             if fua ? policy.inlineDurableOperations : policy.inlinePlainWrites {
                 let status = data.withUnsafeReadableBytes {
-                    InlineIO.write(fileDescriptor: fileDescriptor, bytes: $0, offset: offset)
+                    BlockingIO.write(fileDescriptor: fileDescriptor, bytes: $0, offset: offset)
                 }
                 sink.volumeRequestCompleted(tag: tag, reply: status == 0 ? .done : .failed(VolumeError(errno: status)))
                 return
