@@ -46,7 +46,6 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
     private var handshakeMachine: NBDHandshakeStateMachine?
     private var handshakeTimer: Scheduled<Void>?
     private var requestDecoder: NBDRequestDecoder
-    private var negotiation: NBDNegotiation?
     private var limits: NBDRequestLimits?
     private var session: (any VolumeSession)?
     private var context: ChannelHandlerContext?
@@ -222,7 +221,6 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
             fail(context: context, reason: "cannot open the volume: \(error)")
             return
         }
-        self.negotiation = negotiation
         self.limits = NBDRequestLimits(negotiation: negotiation)
         self.structuredReplies = negotiation.structuredReplies
         logger[metadataKey: "export"] = "\(export.name)"
