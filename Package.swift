@@ -68,7 +68,13 @@ let package = Package(
         // The write-back cache engine: index, buffers, segment log, writeback (being built).
         .target(
             name: "SluiceCache",
-            dependencies: ["SluiceFormat", "SluiceVolume", "SluiceIO", "RecoverCache"],
+            dependencies: [
+                "SluiceFormat", "SluiceVolume", "SluiceIO", "RecoverCache", "CLibURing", "CLibNBD",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Atomics", package: "swift-atomics"),
+            ],
             swiftSettings: hotPathSettings
         ),
         // recover_cache: finds the log a crash left behind and rebuilds the cache state from it.

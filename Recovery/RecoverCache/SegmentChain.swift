@@ -34,8 +34,12 @@ public struct SegmentChain: Equatable, Sendable {
 
     /// Walks the ring from the segment after `lastWrittenBackSegmentID`. `readSegment` returns the
     /// bytes of a ring slot (its header blocks and data blocks); it is called at most once per slot.
+    ///
+    /// Segments up to `trustedThroughID` (the last flushed id of a clean shutdown) are accepted
+    /// from their headers alone: `readSegment` may return just the header blocks for them, and only
+    /// the headers' ids are checked. Every later segment must verify in full.
     public static func scan(
-        geometry: CacheGeometry, cacheUUID: [UInt8], lastWrittenBackSegmentID: UInt64,
+        geometry: CacheGeometry, cacheUUID: [UInt8], lastWrittenBackSegmentID: UInt64, trustedThroughID: UInt64 = 0,
         readSegment: (Int) throws -> [UInt8]
     ) rethrows -> SegmentChain {
         var segments: [SegmentHeader] = []
@@ -60,7 +64,11 @@ public struct SegmentChain: Equatable, Sendable {
                     return SegmentChain(segments: segments, end: .idJump(slot: slot, expectedID: expected, foundID: unverified.segmentID),
                                         lastWrittenBackSegmentID: lastWrittenBackSegmentID)
                 }
-                header = try bytes.withUnsafeBytes { try SegmentHeader(verifying: $0, geometry: geometry, cacheUUID: cacheUUID) }
+                if expected <= trustedThroughID {
+                    header = unverified
+                } else {
+                    header = try bytes.withUnsafeBytes { try SegmentHeader(verifying: $0, geometry: geometry, cacheUUID: cacheUUID) }
+                }
             } catch let invalid as SegmentHeader.Invalid {
                 let end: End
                 switch invalid {

@@ -15,3 +15,10 @@
 #include <liburing.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+
+/// fallocate(2) without _GNU_SOURCE (which would clash with other modules' view of the headers).
+static inline int sluice_fallocate(int fd, int mode, off_t offset, off_t length) {
+    return (int)syscall(SYS_fallocate, fd, mode, offset, length);
+}

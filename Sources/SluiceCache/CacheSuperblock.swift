@@ -59,7 +59,7 @@ public enum CacheSuperblock {
         guard medium.sizeBytes >= UInt64(3 * CacheGeometry.blockBytes) else {
             return completion(.failure(FormatError.notFormatted))
         }
-        medium.read(offset: 0, count: 3 * CacheGeometry.blockBytes) { result in
+        medium.readBytes(offset: 0, count: 3 * CacheGeometry.blockBytes) { result in
             completion(Result {
                 let bytes = try result.get()
                 let header = try bytes.withUnsafeBytes { try SuperblockHeader(decoding: UnsafeRawBufferPointer(rebasing: $0[0..<4096])) }

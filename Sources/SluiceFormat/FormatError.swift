@@ -11,6 +11,7 @@ public enum FormatError: Error, Equatable, CustomStringConvertible {
     case wrongBacking(expected: String, found: String)
     case backingSizeChanged(expected: UInt64, found: UInt64)
     case wrongMode(recorded: String, requested: String)
+    case logShorterThanRecorded(lastFlushedID: UInt64, foundID: UInt64)
 
     public var description: String {
         switch self {
@@ -34,6 +35,8 @@ public enum FormatError: Error, Equatable, CustomStringConvertible {
             return "the backing store was \(expected) bytes when the cache was formatted and is \(found) bytes now; give the right --backing, or drain the cache and format it again"
         case .wrongMode(let recorded, let requested):
             return "the cache was formatted for \(recorded) mode, but \(requested) mode was asked for; switch modes with the mode-switch command, or serve in \(recorded) mode"
+        case .logShorterThanRecorded(let flushed, let found):
+            return "the cache was shut down cleanly with segments up to \(flushed), but the log ends at \(found): the device was changed or damaged since; check it with `sluice-recover check`"
         }
     }
 }

@@ -18,6 +18,9 @@
 /// | 40 | 4 | CRC-32C over header and data |
 /// | 44 | 20 | reserved, zero |
 /// | 64 | 8 × n | per block: LBA in 4 KiB blocks (bits 8...63) and dirty sector mask (bits 0...7) |
+///
+/// An entry whose sector mask is zero is a *discard marker*: the block was trimmed or zeroed after
+/// the copies in earlier segments were written, and replay forgets them. Its data block is unused.
 public struct SegmentHeader: Hashable, Sendable {
     public static let magic: [UInt8] = Array("SLSEG".utf8) + [0x00, 0x00, 0x01]
     static let crcOffset = 40
@@ -30,7 +33,6 @@ public struct SegmentHeader: Hashable, Sendable {
 
         public init(blockNumber: UInt64, sectorMask: UInt8) {
             precondition(blockNumber < (1 << 56), "block number beyond 2^56")
-            precondition(sectorMask != 0, "an entry must hold at least one sector")
             self.blockNumber = blockNumber
             self.sectorMask = sectorMask
         }
@@ -107,9 +109,7 @@ public struct SegmentHeader: Hashable, Sendable {
         var entries: [Entry] = []
         entries.reserveCapacity(count)
         for _ in 0..<count {
-            let entry = Entry(packed: reader.read())
-            guard entry.sectorMask != 0 else { throw Invalid.malformed }
-            entries.append(entry)
+            entries.append(Entry(packed: reader.read()))
         }
         self.entries = entries
     }

@@ -110,7 +110,7 @@ final class FileMediumTests: XCTestCase {
         CacheSuperblock.open(try FileMedium(path: path), expectation: expectation) { opened = $0 }
         XCTAssertEqual(try XCTUnwrap(opened).get(), created)
         var outOfRange: Result<[UInt8], MediumError>?
-        try FileMedium(path: path).read(offset: (8 << 20) - 10, count: 20) { outOfRange = $0 }
+        try FileMedium(path: path).readBytes(offset: (8 << 20) - 10, count: 20) { outOfRange = $0 }
         XCTAssertThrowsError(try XCTUnwrap(outOfRange).get())
         XCTAssertThrowsError(try FileMedium(path: "/var/tmp/missing-\(getpid())"))
     }

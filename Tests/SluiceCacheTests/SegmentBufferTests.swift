@@ -12,8 +12,9 @@ final class SegmentBufferTests: XCTestCase {
 
     func testRewritesMergeSectorsInPlaceAndSealedSegmentsVerify() throws {
         let geometry = try CacheGeometry(segmentBytes: 64 * 1024, deviceBytes: 1 << 20)
-        var buffer = SegmentBuffer(geometry: geometry)
+        let buffer = SegmentBuffer(geometry: geometry)
         XCTAssertEqual(geometry.dataBlocksPerSegment, 15)
+        buffer.open(segmentID: 9)
         sectors(1, count: 2).withUnsafeBytes { _ = buffer.write(blockNumber: 100, sectorMask: 0b0000_0011, sectors: $0) }
         sectors(2, count: 8).withUnsafeBytes { _ = buffer.write(blockNumber: 7, sectorMask: 0xFF, sectors: $0) }
         // A rewrite of sectors 1 and 7 of block 100 stays in the same data block.
@@ -28,7 +29,7 @@ final class SegmentBufferTests: XCTestCase {
         XCTAssertEqual(Array(data[3584..<4096]), [UInt8](repeating: 3, count: 512))
         XCTAssertNil(buffer.read(blockNumber: 8))
 
-        let sealed = Array(buffer.seal(segmentID: 9, cacheUUID: uuid, isPartial: true))
+        let sealed = Array(buffer.seal(cacheUUID: uuid, isPartial: true).readableBytesView)
         XCTAssertEqual(sealed.count, 3 * 4096, "a partial segment holds only its used blocks")
         let header = try sealed.withUnsafeBytes { try SegmentHeader(verifying: $0, geometry: geometry, cacheUUID: uuid) }
         XCTAssertEqual(header.segmentID, 9)
@@ -42,7 +43,8 @@ final class SegmentBufferTests: XCTestCase {
 
     func testFillsUpAndRefusesNewBlocksButAcceptsRewrites() throws {
         let geometry = try CacheGeometry(segmentBytes: 64 * 1024, deviceBytes: 1 << 20)
-        var buffer = SegmentBuffer(geometry: geometry)
+        let buffer = SegmentBuffer(geometry: geometry)
+        buffer.open(segmentID: 1)
         for block in 0..<UInt64(geometry.dataBlocksPerSegment) {
             XCTAssertTrue(buffer.canAccept(block))
             sectors(UInt8(block), count: 8).withUnsafeBytes { _ = buffer.write(blockNumber: block, sectorMask: 0xFF, sectors: $0) }
@@ -50,7 +52,7 @@ final class SegmentBufferTests: XCTestCase {
         XCTAssertTrue(buffer.isFull)
         XCTAssertFalse(buffer.canAccept(999))
         XCTAssertTrue(buffer.canAccept(3), "a block already here can still be rewritten")
-        let sealed = Array(buffer.seal(segmentID: 1, cacheUUID: uuid, isPartial: false))
+        let sealed = Array(buffer.seal(cacheUUID: uuid, isPartial: false).readableBytesView)
         XCTAssertEqual(sealed.count, geometry.segmentBytes)
         let header = try sealed.withUnsafeBytes { try SegmentHeader(verifying: $0, geometry: geometry, cacheUUID: uuid) }
         XCTAssertEqual(header.entries.count, geometry.dataBlocksPerSegment)

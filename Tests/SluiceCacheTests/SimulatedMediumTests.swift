@@ -52,7 +52,7 @@ final class SimulatedMediumTests: XCTestCase {
         guard case .failure(let error)? = writeResult else { return XCTFail("the injected fault did not fail the write") }
         XCTAssertEqual(error, .inputOutput(errno: 5))
         var outOfRange: Result<[UInt8], MediumError>?
-        medium.read(offset: 4000, count: 200) { outOfRange = $0 }
+        medium.readBytes(offset: 4000, count: 200) { outOfRange = $0 }
         XCTAssertThrowsError(try XCTUnwrap(outOfRange).get())
         medium.powerFail(seed: 1)
         var afterPower: Result<Void, MediumError>?

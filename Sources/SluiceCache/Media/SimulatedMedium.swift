@@ -1,3 +1,5 @@
+import NIOCore
+
 /// An in-memory medium for tests that behaves like a disk with a volatile write cache.
 ///
 /// A completed write is visible to reads at once but is durable only after a sync. At a simulated
@@ -5,6 +7,7 @@
 /// chosen by a seeded generator, and a write that survives may be torn at a 512-byte sector
 /// boundary, as real devices may tear them. Any failing seed replays exactly. Faults can be
 /// injected: the next writes or syncs fail with EIO.
+
 public final class SimulatedMedium: BlockMedium {
     public let sizeBytes: UInt64
     /// What would be on the medium after a power failure right now, ignoring unsynced writes.
@@ -37,13 +40,24 @@ public final class SimulatedMedium: BlockMedium {
         visible = bytes
     }
 
-    public func read(offset: UInt64, count: Int, completion: @escaping (Result<[UInt8], MediumError>) -> Void) {
+    /// Failures to inject on reads: the next this many reads fail with EIO.
+    public var failNextReads = 0
+    public private(set) var readCount = 0
+    public private(set) var discardCount = 0
+
+    public func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void) {
         guard !isPoweredOff else { return completion(.failure(.poweredOff)) }
         guard let range = range(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
-        completion(.success(Array(visible[range])))
+        if failNextReads > 0 {
+            failNextReads -= 1
+            return completion(.failure(.inputOutput(errno: 5)))
+        }
+        readCount += 1
+        completion(.success(visible.withUnsafeBytes { ByteBuffer(bytes: UnsafeRawBufferPointer(rebasing: $0[range])) }))
     }
 
-    public func write(offset: UInt64, bytes: [UInt8], completion: @escaping (Result<Void, MediumError>) -> Void) {
+    public func write(offset: UInt64, bytes buffer: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        let bytes = Array(buffer.readableBytesView)
         guard !isPoweredOff else { return completion(.failure(.poweredOff)) }
         guard let range = range(offset: offset, count: bytes.count) else { return completion(.failure(.outOfRange)) }
         if failNextWrites > 0 {
@@ -54,6 +68,21 @@ public final class SimulatedMedium: BlockMedium {
         unsynced.append((range.lowerBound, bytes))
         writeCount += 1
         bytesWritten += bytes.count
+        completion(.success(()))
+    }
+
+    public func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        guard !isPoweredOff else { return completion(.failure(.poweredOff)) }
+        guard let range = range(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
+        if failNextWrites > 0 {
+            failNextWrites -= 1
+            return completion(.failure(.inputOutput(errno: 5)))
+        }
+        // A discard is modelled as writing zeros, which is what a trim may leave behind too.
+        let zeros = [UInt8](repeating: 0, count: count)
+        visible.replaceSubrange(range, with: zeros)
+        unsynced.append((range.lowerBound, zeros))
+        discardCount += 1
         completion(.success(()))
     }
 

@@ -1,6 +1,5 @@
 import CLibURing
 import Glibc
-import SluiceIO
 import SluiceVolume
 
 /// An open backing file or block device.

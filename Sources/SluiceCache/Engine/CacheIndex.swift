@@ -85,6 +85,15 @@ public struct CacheIndex {
         preconditionFailure("cache index is full")
     }
 
+    /// Grows the sector mask of the copy at `position`, which must be the newest copy of its block
+    /// (a block rewritten while it is still in the open buffer).
+    public mutating func updateMask(at position: Position, to sectorMask: UInt8) {
+        let word = residents[Int(position)]
+        precondition(word != Self.emptyResident, "updating the mask of an empty cache position")
+        precondition(sectorMask != 0 && UInt8(truncatingIfNeeded: word) & ~sectorMask == 0, "a mask may only grow")
+        residents[Int(position)] = word & ~0xFF | UInt64(sectorMask)
+    }
+
     /// Forgets the copy at `position`, if it is still the newest copy of its block (a superseded
     /// position is not in the table). Returns whether an entry was removed.
     @discardableResult

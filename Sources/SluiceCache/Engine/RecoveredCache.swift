@@ -19,7 +19,12 @@ public struct RecoveredCache {
             let slot = geometry.slot(ofSegment: segment.segmentID)
             for (offset, entry) in segment.entries.enumerated() {
                 let position = CacheIndex.Position(slot * geometry.dataBlocksPerSegment + offset)
-                index.insert(entry.blockNumber, sectorMask: entry.sectorMask, at: position)
+                if entry.sectorMask == 0 {
+                    // A discard marker: the block was trimmed or zeroed after its earlier copies.
+                    index.remove(blockNumber: entry.blockNumber)
+                } else {
+                    index.insert(entry.blockNumber, sectorMask: entry.sectorMask, at: position)
+                }
             }
         }
         self.index = index

@@ -1,0 +1,76 @@
+import Foundation
+import RecoverCache
+import SluiceFormat
+import SluiceIO
+
+/// Opens a formatted cache device before serving: checks the superblock against what the caller
+/// expects, runs recover_cache, and rebuilds the index. Blocking; runs before the engine starts.
+public enum CacheStartup {
+    public struct Recovered {
+        public var opened: CacheSuperblock.Opened
+        public var state: RecoveredCache
+        public var report: RecoveryReport
+        public var durationSeconds: Double
+    }
+
+    public static func recover(cacheFile: BlockFile, expectation: CacheSuperblock.Expectation) throws -> Recovered {
+        let started = Date()
+        let device = FileMedium(file: cacheFile)
+        var openResult: Result<CacheSuperblock.Opened, Error>?
+        CacheSuperblock.open(device, expectation: expectation) { openResult = $0 }
+        let opened = try openResult!.get()
+        let report = try RecoverCache.recover(device: device, header: opened.header, geometry: opened.geometry, record: opened.record)
+        let state = RecoveredCache(chain: report.chain, geometry: opened.geometry)
+        return Recovered(opened: opened, state: state, report: report, durationSeconds: Date().timeIntervalSince(started))
+    }
+
+    /// Formats `cacheFile` for `expectation`. Refuses a device that already holds a Sluice cache
+    /// unless `force` is set, so a cache with dirty data is never erased by mistake.
+    public static func format(cacheFile: BlockFile, segmentBytes: Int, expectation: CacheSuperblock.Expectation,
+                              force: Bool) throws -> CacheSuperblock.Opened {
+        let device = FileMedium(file: cacheFile)
+        if !force, device.sizeBytes >= 4096 {
+            let first = try device.readBytes(offset: 0, count: 4096)
+            if Array(first[0..<SuperblockHeader.magic.count]) == SuperblockHeader.magic {
+                throw StartupError.alreadyFormatted(path: cacheFile.path)
+            }
+        }
+        var uuid = [UInt8](repeating: 0, count: 16)
+        withUnsafeBytes(of: UUID().uuid) { uuid = Array($0) }
+        var result: Result<CacheSuperblock.Opened, Error>?
+        CacheSuperblock.format(device, segmentBytes: segmentBytes, expectation: expectation, uuid: uuid,
+                               nowSeconds: UInt64(Date().timeIntervalSince1970)) { result = $0 }
+        return try result!.get()
+    }
+}
+
+public enum StartupError: Error, CustomStringConvertible {
+    case alreadyFormatted(path: String)
+
+    public var description: String {
+        switch self {
+        case .alreadyFormatted(let path):
+            return "\(path) already holds a Sluice cache, which may have dirty data; drain it first (`sluice drain`), then format with --force to erase it"
+        }
+    }
+}
+
+extension FileMedium: RecoveryDevice {
+    public func readBytes(offset: UInt64, count: Int) throws -> [UInt8] {
+        var result: Result<[UInt8], MediumError>?
+        readBytes(offset: offset, count: count) { result = $0 }
+        return try result!.get()
+    }
+
+    public func writeBytes(offset: UInt64, bytes: [UInt8]) throws {
+        var result: Result<Void, MediumError>?
+        write(offset: offset, bytes: bytes) { result = $0 }
+        try result!.get()
+    }
+
+    public func synchronizeBytes() throws {
+        var result: Result<Void, MediumError>?
+        synchronize { result = $0 }
+        try result!.get()
+    }
+}

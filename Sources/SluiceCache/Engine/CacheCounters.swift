@@ -1,0 +1,53 @@
+/// What the engine has done, counted exactly. The sixteen `blockCounts` follow dm-writeboost's
+/// statistics: every 4 KiB block a request touches is counted once, by whether it was a write,
+/// whether the cache held the block (hit), whether that copy was in the open buffer, and whether
+/// the request covered the whole block.
+public struct CacheCounters: Codable, Sendable, Equatable {
+    /// Indexed by ``index(write:hit:inBuffer:fullBlock:)``.
+    public var blockCounts = [UInt64](repeating: 0, count: 16)
+    public var partialSegments: UInt64 = 0
+    public var segmentsWritten: UInt64 = 0
+    public var userBytesWritten: UInt64 = 0
+    public var userBytesRead: UInt64 = 0
+    public var cacheBytesWritten: UInt64 = 0
+    public var cacheBytesRead: UInt64 = 0
+    public var backingBytesWritten: UInt64 = 0
+    public var backingBytesRead: UInt64 = 0
+    public var backingWriteRequests: UInt64 = 0
+    public var writtenBackBlocks: UInt64 = 0
+    public var writebackBatches: UInt64 = 0
+    public var cacheSyncs: UInt64 = 0
+    public var backingSyncs: UInt64 = 0
+    /// Old copies read back from the cache device to merge a partial rewrite.
+    public var mergeReads: UInt64 = 0
+    /// Writes that had to wait for writeback to free a segment.
+    public var writesThrottled: UInt64 = 0
+    /// Writeback batches that failed and were retried.
+    public var writebackErrors: UInt64 = 0
+
+    public init() {}
+
+    public static func index(write: Bool, hit: Bool, inBuffer: Bool, fullBlock: Bool) -> Int {
+        (write ? 8 : 0) | (hit ? 4 : 0) | (inBuffer ? 2 : 0) | (fullBlock ? 1 : 0)
+    }
+
+    mutating func count(write: Bool, hit: Bool, inBuffer: Bool, fullBlock: Bool) {
+        blockCounts[Self.index(write: write, hit: hit, inBuffer: inBuffer, fullBlock: fullBlock)] &+= 1
+    }
+
+    /// The counters by name, as `sluice status` shows them (`write_hit_buffer_full`, ...).
+    public var namedBlockCounts: [(String, UInt64)] {
+        var result: [(String, UInt64)] = []
+        for write in [false, true] {
+            for hit in [true, false] {
+                for inBuffer in [true, false] {
+                    for full in [true, false] {
+                        let name = "\(write ? "write" : "read")_\(hit ? "hit" : "miss")_\(inBuffer ? "buffer" : "device")_\(full ? "full" : "partial")"
+                        result.append((name, blockCounts[Self.index(write: write, hit: hit, inBuffer: inBuffer, fullBlock: full)]))
+                    }
+                }
+            }
+        }
+        return result
+    }
+}

@@ -1,0 +1,107 @@
+import NIOCore
+import SluiceVolume
+
+extension CacheEngine {
+    /// Submits a flush: it completes once every write completed before it is durable.
+    func submitFlush(completion: @escaping (VolumeReply) -> Void) {
+        eventLoop.preconditionInEventLoop()
+        if let failure { return completion(.failed(.io(errno: failure.errnoValue))) }
+        addBarrierWaiter(completion)
+    }
+
+    /// Adds a FUA write or flush to the barrier being gathered. In volatile mode a barrier seals the
+    /// open buffer as a partial segment, waits for it and every earlier segment to be written, and
+    /// syncs the cache device once for all of them. Requests that arrive within
+    /// `barrier_deadline_ms` (or in the same burst, with 0) share one partial segment.
+    func addBarrierWaiter(_ completion: @escaping (VolumeReply) -> Void) {
+        barrierGathering.append(BarrierWaiter(completion: completion))
+        guard !barrierScheduled else { return }
+        barrierScheduled = true
+        if tunables.barrierDeadlineMs == 0 {
+            eventLoop.execute { self.runBarrier() }
+        } else {
+            eventLoop.scheduleTask(in: .milliseconds(Int64(tunables.barrierDeadlineMs))) { self.runBarrier() }
+        }
+    }
+
+    func runBarrier() {
+        barrierScheduled = false
+        let waiters = barrierGathering
+        barrierGathering.removeAll(keepingCapacity: true)
+        if let failure {
+            for waiter in waiters { waiter.completion(.failed(.io(errno: failure.errnoValue))) }
+            return
+        }
+        sealOpenBuffer(isPartial: true)
+        let lastSealedID = (openBuffer?.segmentID ?? nextSegmentID) - 1
+        barriersWaiting.append(Barrier(throughID: lastSealedID, needsBackingSync: backingHasUnsyncedDiscards, waiters: waiters))
+        unsyncedWritesSinceBarrier = false
+        driveBarriers()
+        // The open buffer was taken; writes that waited for one may go on.
+        processWaitingUpdates()
+    }
+
+    /// Completes the barriers that are durable and starts the sync the oldest one needs.
+    func driveBarriers() {
+        while !cacheSyncInFlight, failure == nil, let head = barriersWaiting.first {
+            if head.throughID <= syncedThroughID && !head.needsBackingSync {
+                barriersWaiting.removeFirst()
+                for waiter in head.waiters { waiter.completion(.done) }
+                continue
+            }
+            // A sync covers only segments whose write completed before it was issued.
+            guard writtenThroughID >= head.throughID else { return }
+            startBarrierSync()
+            return
+        }
+    }
+
+    private func startBarrierSync() {
+        let coveredID = writtenThroughID
+        let needsBackingSync = barriersWaiting.contains { $0.throughID <= coveredID && $0.needsBackingSync }
+        cacheSyncInFlight = true
+        var outstanding = needsBackingSync ? 2 : 1
+        var firstError: (MediumError, String)?
+        let finished: (Result<Void, MediumError>, String) -> Void = { result, what in
+            if case .failure(let error) = result, firstError == nil { firstError = (error, what) }
+            outstanding -= 1
+            guard outstanding == 0 else { return }
+            self.cacheSyncInFlight = false
+            if let (error, what) = firstError {
+                // A failed sync leaves unknown what is durable: nothing more may be acknowledged.
+                self.fail(error, doing: what)
+                return
+            }
+            self.syncedThroughID = max(self.syncedThroughID, coveredID)
+            while let head = self.barriersWaiting.first, head.throughID <= coveredID,
+                  !head.needsBackingSync || needsBackingSync {
+                self.barriersWaiting.removeFirst()
+                for waiter in head.waiters { waiter.completion(.done) }
+            }
+            self.driveBarriers()
+        }
+        if needsBackingSync {
+            backingHasUnsyncedDiscards = false
+            backingStore.synchronize { result in
+                self.counters.backingSyncs += 1
+                finished(result, "syncing the backing store")
+            }
+        }
+        cacheDevice.synchronize { result in
+            self.counters.cacheSyncs += 1
+            finished(result, "syncing the cache device")
+        }
+    }
+
+    /// Fails every FUA write and flush that is waiting (after a medium failure).
+    func failBarriers(_ error: MediumError) {
+        let gathering = barrierGathering
+        barrierGathering.removeAll()
+        let waiting = barriersWaiting
+        barriersWaiting.removeAll()
+        for waiter in gathering { waiter.completion(.failed(.io(errno: error.errnoValue))) }
+        for barrier in waiting {
+            for waiter in barrier.waiters { waiter.completion(.failed(.io(errno: error.errnoValue))) }
+        }
+    }
+}

@@ -1,0 +1,247 @@
+import Logging
+import NIOCore
+import SluiceVolume
+import SluiceFormat
+
+/// The write-back cache engine: the index, the open segment buffer, sealed segments on their way
+/// to the cache device, writeback to the backing store, and the barriers that make writes durable.
+///
+/// All state belongs to one event loop (``eventLoop``); every method must be called there, and
+/// every medium completes there. There are no locks, so every invariant can be checked without
+/// races, and the checks stay on in release builds.
+///
+/// Life of a block: a write lands in the open buffer (acknowledged at once); the full buffer is
+/// sealed into a segment and written to the cache device while the next buffer fills; writeback
+/// copies the newest version of each dirty block to the backing store, syncs it, records progress
+/// in the superblock record, and only then forgets the blocks and frees their segments.
+public final class CacheEngine {
+    public let eventLoop: any EventLoop
+    public let cacheDevice: any BlockMedium
+    public let backingStore: any BlockMedium
+    public let geometry: CacheGeometry
+    public let superblock: SuperblockHeader
+    let logger: Logger
+
+    public internal(set) var tunables: CacheTunables
+    public internal(set) var counters = CacheCounters()
+
+    /// Where the newest copy of every dirty block is.
+    var index: CacheIndex
+    /// The superblock record most recently made durable, and the slot written next.
+    var record: SuperblockRecord
+    var recordWriteInFlight = false
+
+    // MARK: Segments
+    //
+    // Ids grow by one forever; id N lives in ring slot (N - 1) mod segmentCount. Segments
+    // lastWrittenBackID+1 ... nextSegmentID-1 are live (sealed or open); a slot is free again once
+    // its segment has been written back and the record saying so is durable.
+
+    /// The newest segment whose blocks are all on the backing store, synced and recorded.
+    var lastWrittenBackID: UInt64
+    /// The id the next opened segment gets.
+    var nextSegmentID: UInt64
+    /// The buffer writes go to; nil while no slot or buffer is free.
+    var openBuffer: SegmentBuffer?
+    /// Buffers not in use. The engine owns `bufferCount` buffers in all.
+    var freeBuffers: [SegmentBuffer]
+    /// Sealed segments whose device write has not completed, by ring slot (reads are served from
+    /// them while they are in flight).
+    var sealedBySlot: [Int: SegmentBuffer] = [:]
+    /// Sealed segments waiting for readers of their slot to finish before being written.
+    var segmentWritesWaitingForReaders: [Int: ByteBuffer] = [:]
+    /// Every segment with an id up to this one is on the cache device (written, maybe not synced).
+    var writtenThroughID: UInt64
+    /// Segments written out of order, waiting for earlier ones before `writtenThroughID` moves.
+    var writtenAheadIDs: Set<UInt64> = []
+    /// Every segment with an id up to this one is synced on the cache device.
+    var syncedThroughID: UInt64
+    /// Device reads in flight per ring slot: a slot is not overwritten while it is being read.
+    var readersPerSlot: [UInt16]
+
+    // MARK: Waiting work
+
+    /// Writes and discards that could not proceed (no free segment, or a merge read in flight), in
+    /// arrival order. Bounded by the requests the servers let in flight.
+    var waitingUpdates = BoundedQueue<PendingUpdate>()
+    /// Set while the head of `waitingUpdates` waits for an old copy read from the cache device.
+    var mergeReadInFlight = false
+    /// An old copy fetched for a merge: the cache position and its 4 KiB.
+    var fetchedOldCopy: (position: CacheIndex.Position, block: ByteBuffer)?
+
+    /// FUA writes and flushes gathering for the next barrier.
+    var barrierGathering: [BarrierWaiter] = []
+    var barrierScheduled = false
+    /// Barriers sealed and waiting for their segments to be written and synced, oldest first.
+    var barriersWaiting: [Barrier] = []
+    var cacheSyncInFlight = false
+    /// Trims or zeroes passed down to the backing store since its last sync.
+    var backingHasUnsyncedDiscards = false
+    /// Writes acknowledged since the cache device was last synced (for `sync_data_interval`).
+    var unsyncedWritesSinceBarrier = false
+
+    // MARK: Writeback and discards
+
+    var writeback: WritebackBatch?
+    var discardsInFlight = 0
+    /// Discards waiting for a writeback batch touching their blocks to finish.
+    var discardsWaitingForWriteback: [PendingUpdate] = []
+    var drainWaiters: [(Result<Void, Error>) -> Void] = []
+    var backingLoad = BackingLoadMeter()
+    var writebackTimer: Scheduled<Void>?
+    var periodicTask: RepeatedTask?
+    var lastRecordWriteUptimeNs: UInt64 = 0
+    var lastBarrierUptimeNs: UInt64 = 0
+
+    /// Set when a medium failed in a way that leaves acknowledged data only in memory: the engine
+    /// refuses every new write until restarted, so nothing more is acknowledged on a lie.
+    public internal(set) var failure: MediumError?
+    var isClosing = false
+    var isProcessingUpdates = false
+    var updatesNeedAnotherPass = false
+
+    /// How many segment buffers the engine uses: one open, the rest sealed and being written.
+    public static let bufferCount = 4
+
+    /// Creates an engine for a cache whose state recovery rebuilt. `opened` is the superblock that
+    /// was read, `recovered` the index and log position. Call ``start()`` before submitting.
+    public init(
+        eventLoop: any EventLoop, cacheDevice: any BlockMedium, backingStore: any BlockMedium,
+        opened: CacheSuperblock.Opened, recovered: RecoveredCache, tunables: CacheTunables, logger: Logger
+    ) {
+        self.eventLoop = eventLoop
+        self.cacheDevice = cacheDevice
+        self.backingStore = backingStore
+        self.geometry = opened.geometry
+        self.superblock = opened.header
+        self.record = opened.record
+        self.tunables = tunables
+        self.logger = logger
+        self.index = recovered.index
+        self.lastWrittenBackID = opened.record.lastWrittenBackSegmentID
+        self.nextSegmentID = recovered.nextSegmentID
+        self.writtenThroughID = recovered.nextSegmentID - 1
+        self.syncedThroughID = recovered.nextSegmentID - 1
+        self.readersPerSlot = [UInt16](repeating: 0, count: opened.geometry.segmentCount)
+        freeBuffers = (0..<Self.bufferCount).map { _ in SegmentBuffer(geometry: opened.geometry) }
+        precondition(nextSegmentID > lastWrittenBackID, "the log cannot end before the last written-back segment")
+        precondition(nextSegmentID - 1 - lastWrittenBackID <= UInt64(geometry.segmentCount), "more live segments than slots")
+    }
+
+    /// The backing store's size, which is the size of the volume.
+    public var volumeSizeBytes: UInt64 { superblock.backingSizeBytes }
+
+    /// Blocks whose newest data is only in the cache.
+    public var dirtyBlocks: Int { index.count }
+
+    /// Live segments (sealed or open) and the ring size.
+    public var liveSegments: Int { Int(nextSegmentID - 1 - lastWrittenBackID) }
+    public var freeSegments: Int { geometry.segmentCount - liveSegments }
+
+    /// Marks the cache as in use (not cleanly shut down) and starts the periodic work. The record
+    /// must say "dirty" before anything is written, or a crash would leave a clean marker that
+    /// hides the new segments from recovery.
+    public func start() -> EventLoopFuture<Void> {
+        eventLoop.preconditionInEventLoop()
+        let promise = eventLoop.makePromise(of: Void.self)
+        writeRecord(cleanShutdown: false) { result in
+            switch result {
+            case .success:
+                self.periodicTask = self.eventLoop.scheduleRepeatedTask(initialDelay: .milliseconds(100), delay: .milliseconds(100)) { _ in
+                    self.periodicTick()
+                }
+                self.kickWriteback()
+                promise.succeed(())
+            case .failure(let error):
+                promise.fail(error)
+            }
+        }
+        return promise.futureResult
+    }
+
+    /// A ring slot's first cache position.
+    func firstPosition(ofSlot slot: Int) -> Int { slot * geometry.dataBlocksPerSegment }
+
+    func slot(of position: CacheIndex.Position) -> Int { Int(position) / geometry.dataBlocksPerSegment }
+
+    /// Marks the engine failed after a medium error that leaves acknowledged data unsafe.
+    func fail(_ error: MediumError, doing what: String) {
+        if failure == nil {
+            logger.critical("cache stopped accepting writes: \(what) failed: \(error). Acknowledged data is still served; restart to recover from the log.")
+            failure = error
+        }
+        let waiting = waitingUpdates.removeAll()
+        for update in waiting { update.completion(.failed(.io(errno: error.errnoValue))) }
+        failBarriers(error)
+    }
+}
+
+/// A write, trim or write-zeroes waiting its turn.
+struct PendingUpdate {
+    enum Kind {
+        case write(data: ByteBuffer, fua: Bool)
+        case discard(lengthBytes: UInt64, zeroes: Bool, fua: Bool)
+    }
+    var kind: Kind
+    var offset: UInt64
+    /// Bytes of a write already applied (a write larger than a segment is applied in parts).
+    var appliedBytes = 0
+    /// For a discard: whether its discard markers are in place.
+    var markersPlaced = false
+    var completion: (VolumeReply) -> Void
+}
+
+/// A FUA write or flush waiting for a barrier.
+struct BarrierWaiter {
+    var completion: (VolumeReply) -> Void
+}
+
+/// A sealed barrier: done once every segment up to `throughID` is synced (and the backing store,
+/// if discards were passed down before it).
+struct Barrier {
+    var throughID: UInt64
+    var needsBackingSync: Bool
+    var waiters: [BarrierWaiter]
+}
+
+/// A FIFO that never grows past what the servers allow in flight; asserting the bound turns a
+/// runaway producer into a crash in tests rather than unbounded memory.
+struct BoundedQueue<Element> {
+    private var storage: [Element?] = []
+    private var head = 0
+    static var capacityMax: Int { 1 << 20 }
+
+    var isEmpty: Bool { head == storage.count }
+    var count: Int { storage.count - head }
+
+    mutating func append(_ element: Element) {
+        precondition(count < Self.capacityMax, "waiting queue beyond its bound")
+        storage.append(element)
+    }
+
+    var first: Element? {
+        get { isEmpty ? nil : storage[head] }
+        set {
+            precondition(!isEmpty)
+            storage[head] = newValue
+        }
+    }
+
+    mutating func removeFirst() -> Element {
+        let element = storage[head]!
+        storage[head] = nil
+        head += 1
+        if head == storage.count {
+            storage.removeAll(keepingCapacity: true)
+            head = 0
+        }
+        return element
+    }
+
+    mutating func removeAll() -> [Element] {
+        let all = storage[head...].compactMap { $0 }
+        storage.removeAll()
+        head = 0
+        return all
+    }
+}

@@ -1,0 +1,67 @@
+/// The run-time tunables of a cache, with dm-writeboost's names. Each is a flag of `sluice serve`
+/// and can be changed while serving with `sluice set KEY VALUE`.
+public struct CacheTunables: Codable, Sendable, Equatable {
+    /// Write back only while the backing store is busy less than this share of the time (percent,
+    /// measured over the last second), unless free segments run short. 0 stops background
+    /// writeback (it still runs when urged or drained); 100 writes back whenever there is work.
+    public var writebackThresholdPercent = 70
+    /// How many sealed segments one writeback batch takes at most.
+    public var maxBatchedWritebackSegments = 32
+    /// Seconds between refreshes of the superblock record while writeback is idle (0: only when a
+    /// batch completes, which is always done).
+    public var updateSuperblockRecordIntervalSeconds = 60
+    /// Seconds between automatic barriers (seal, write and sync the open segment) while writes come
+    /// in without FUA or FLUSH; 0 turns them off.
+    public var syncDataIntervalSeconds = 0
+    /// How long a FUA write or FLUSH waits for others to share its partial segment, in
+    /// milliseconds. 0 still gathers the requests that arrive in the same burst.
+    public var barrierDeadlineMs = 0
+
+    public init() {}
+
+    enum CodingKeys: String, CodingKey {
+        case writebackThresholdPercent = "writeback_threshold"
+        case maxBatchedWritebackSegments = "nr_max_batched_writeback"
+        case updateSuperblockRecordIntervalSeconds = "update_sb_record_interval"
+        case syncDataIntervalSeconds = "sync_data_interval"
+        case barrierDeadlineMs = "barrier_deadline_ms"
+    }
+
+    /// Every key `set` accepts.
+    public static let keys = ["writeback_threshold", "nr_max_batched_writeback", "update_sb_record_interval",
+                              "sync_data_interval", "barrier_deadline_ms"]
+
+    /// A tunable was given a name or value it does not take.
+    public struct Invalid: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    /// Sets `key` to `value`, checking the range.
+    public mutating func set(_ key: String, to value: Int) throws {
+        func check(_ range: ClosedRange<Int>) throws {
+            guard range.contains(value) else {
+                throw Invalid(description: "\(key) must be between \(range.lowerBound) and \(range.upperBound), not \(value)")
+            }
+        }
+        switch key {
+        case "writeback_threshold": try check(0...100); writebackThresholdPercent = value
+        case "nr_max_batched_writeback": try check(1...1024); maxBatchedWritebackSegments = value
+        case "update_sb_record_interval": try check(0...86_400); updateSuperblockRecordIntervalSeconds = value
+        case "sync_data_interval": try check(0...86_400); syncDataIntervalSeconds = value
+        case "barrier_deadline_ms": try check(0...10_000); barrierDeadlineMs = value
+        default:
+            throw Invalid(description: "unknown tunable \"\(key)\"; the tunables are \(Self.keys.joined(separator: ", "))")
+        }
+    }
+
+    public func value(of key: String) -> Int? {
+        switch key {
+        case "writeback_threshold": return writebackThresholdPercent
+        case "nr_max_batched_writeback": return maxBatchedWritebackSegments
+        case "update_sb_record_interval": return updateSuperblockRecordIntervalSeconds
+        case "sync_data_interval": return syncDataIntervalSeconds
+        case "barrier_deadline_ms": return barrierDeadlineMs
+        default: return nil
+        }
+    }
+}

@@ -1,0 +1,176 @@
+import NIOCore
+import SluiceFormat
+
+/// One segment being filled in memory: the blocks written since it was opened, laid out exactly as
+/// the segment will be written to the cache device (header blocks, then data blocks), so sealing
+/// it costs one header encode and no copy.
+///
+/// A block written again while it is still here is updated in place, sector by sector (its sector
+/// mask grows); a new block takes the next free data block. This is the volatile (DRAM) buffer; the
+/// persistent-memory buffer keeps the same layout in a mapped file behind the same ``WriteBuffer``
+/// protocol.
+public final class SegmentBuffer: WriteBuffer {
+    public let geometry: CacheGeometry
+    /// Header blocks followed by data blocks: the bytes of the segment on the device. Its storage is
+    /// allocated once and reused for every segment this buffer holds.
+    private var storage: ByteBuffer
+    public private(set) var entries: [SegmentHeader.Entry] = []
+    /// Where each block number sits among the data blocks.
+    private var slots: [UInt64: Int] = [:]
+    public private(set) var segmentID: UInt64 = 0
+
+    public static let sectorBytes = 512
+    public static let sectorsPerBlock = CacheGeometry.blockBytes / sectorBytes
+
+    public init(geometry: CacheGeometry) {
+        self.geometry = geometry
+        storage = ByteBufferAllocator().buffer(capacity: geometry.segmentBytes)
+        storage.writeRepeatingByte(0, count: geometry.segmentBytes)
+        entries.reserveCapacity(geometry.dataBlocksPerSegment)
+        slots.reserveCapacity(geometry.dataBlocksPerSegment)
+    }
+
+    public var isEmpty: Bool { entries.isEmpty }
+    public var isFull: Bool { entries.count == geometry.dataBlocksPerSegment }
+    public var blockCount: Int { entries.count }
+
+    public func open(segmentID: UInt64) {
+        precondition(entries.isEmpty && slots.isEmpty, "opening a buffer that still holds a segment")
+        self.segmentID = segmentID
+    }
+
+    /// Whether a write to `blockNumber` fits without sealing: it is here already or a block is free.
+    public func canAccept(_ blockNumber: UInt64) -> Bool {
+        slots[blockNumber] != nil || !isFull
+    }
+
+    public func dataIndex(of blockNumber: UInt64) -> Int? { slots[blockNumber] }
+
+    public func sectorMask(at dataIndex: Int) -> UInt8 { entries[dataIndex].sectorMask }
+
+    /// Writes the sectors of `blockNumber` selected by `sectorMask` from `sectors` (which holds
+    /// exactly those sectors, in order). Returns the data-block index used.
+    @discardableResult
+    public func write(blockNumber: UInt64, sectorMask: UInt8, sectors: UnsafeRawBufferPointer) -> Int {
+        precondition(sectorMask != 0)
+        precondition(sectors.count == sectorMask.nonzeroBitCount * Self.sectorBytes, "sector data does not match the mask")
+        let index = claim(blockNumber, sectorMask: sectorMask)
+        let base = (geometry.headerBlocks + index) * CacheGeometry.blockBytes
+        var source = 0
+        storage.withUnsafeMutableReadableBytes { destination in
+            var sector = 0
+            while sector < Self.sectorsPerBlock {
+                // Copy each run of consecutive sectors at once.
+                guard sectorMask & (1 << sector) != 0 else { sector += 1; continue }
+                var end = sector
+                while end < Self.sectorsPerBlock && sectorMask & (1 << end) != 0 { end += 1 }
+                let length = (end - sector) * Self.sectorBytes
+                (destination.baseAddress! + base + sector * Self.sectorBytes)
+                    .copyMemory(from: sectors.baseAddress! + source, byteCount: length)
+                source += length
+                sector = end
+            }
+        }
+        return index
+    }
+
+    /// Writes the sectors selected by `sectorMask` from a whole 4 KiB `block` (sector *i* at byte
+    /// 512 × *i*), for merged copies.
+    @discardableResult
+    public func write(blockNumber: UInt64, sectorMask: UInt8, block: UnsafeRawBufferPointer) -> Int {
+        precondition(sectorMask != 0 && block.count == CacheGeometry.blockBytes)
+        let index = claim(blockNumber, sectorMask: sectorMask)
+        let base = (geometry.headerBlocks + index) * CacheGeometry.blockBytes
+        storage.withUnsafeMutableReadableBytes { destination in
+            for sector in 0..<Self.sectorsPerBlock where sectorMask & (1 << sector) != 0 {
+                (destination.baseAddress! + base + sector * Self.sectorBytes)
+                    .copyMemory(from: block.baseAddress! + sector * Self.sectorBytes, byteCount: Self.sectorBytes)
+            }
+        }
+        return index
+    }
+
+    /// Marks `blockNumber` discarded in this segment: an entry with an empty mask, which replay
+    /// takes as "forget every earlier copy". Returns the data-block index used.
+    @discardableResult
+    public func markDiscarded(blockNumber: UInt64) -> Int {
+        if let index = slots[blockNumber] {
+            entries[index].sectorMask = 0
+            return index
+        }
+        precondition(!isFull, "discard marker in a full segment buffer")
+        let index = entries.count
+        entries.append(SegmentHeader.Entry(blockNumber: blockNumber, sectorMask: 0))
+        slots[blockNumber] = index
+        return index
+    }
+
+    private func claim(_ blockNumber: UInt64, sectorMask: UInt8) -> Int {
+        if let existing = slots[blockNumber] {
+            entries[existing].sectorMask |= sectorMask
+            return existing
+        }
+        precondition(!isFull, "write to a full segment buffer")
+        let index = entries.count
+        entries.append(SegmentHeader.Entry(blockNumber: blockNumber, sectorMask: sectorMask))
+        slots[blockNumber] = index
+        return index
+    }
+
+    /// Calls `body` with the 4 KiB of data block `dataIndex`. Sectors outside its mask are not meaningful.
+    public func withBlock<Result>(at dataIndex: Int, _ body: (UnsafeRawBufferPointer) throws -> Result) rethrows -> Result {
+        precondition(dataIndex < geometry.dataBlocksPerSegment)
+        let base = (geometry.headerBlocks + dataIndex) * CacheGeometry.blockBytes
+        return try storage.withUnsafeReadableBytes {
+            try body(UnsafeRawBufferPointer(rebasing: $0[base..<(base + CacheGeometry.blockBytes)]))
+        }
+    }
+
+    /// The sector mask and the 4 KiB of data of `blockNumber`, if it is here (for tests).
+    public func read(blockNumber: UInt64) -> (sectorMask: UInt8, block: [UInt8])? {
+        guard let index = slots[blockNumber] else { return nil }
+        return (entries[index].sectorMask, withBlock(at: index) { Array($0) })
+    }
+
+    /// Writes the header and returns the bytes to put on the device: the header and the used data
+    /// blocks (a partial segment is shorter than a full one). The returned buffer shares this
+    /// buffer's storage; the buffer must not be written again until ``reset()``.
+    public func seal(cacheUUID: [UInt8], isPartial: Bool) -> ByteBuffer {
+        precondition(segmentID > 0, "sealing a buffer that was never opened")
+        let header = SegmentHeader(segmentID: segmentID, cacheUUID: cacheUUID, isPartial: isPartial, entries: entries)
+        let headerBytes = geometry.headerBlocks * CacheGeometry.blockBytes
+        let usedBytes = headerBytes + entries.count * CacheGeometry.blockBytes
+        storage.withUnsafeMutableReadableBytes { raw in
+            header.encode(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<headerBytes]),
+                          data: UnsafeRawBufferPointer(rebasing: raw[headerBytes...]), geometry: geometry)
+        }
+        return storage.getSlice(at: 0, length: usedBytes)!
+    }
+
+    /// Empties the buffer for the next segment. The memory is kept.
+    public func reset() {
+        entries.removeAll(keepingCapacity: true)
+        slots.removeAll(keepingCapacity: true)
+        segmentID = 0
+    }
+}
+
+/// The seam between the engine and the memory that holds the open segment: DRAM here
+/// (``SegmentBuffer``), persistent memory in pmem mode. The engine uses nothing else of a buffer.
+public protocol WriteBuffer: AnyObject {
+    var geometry: CacheGeometry { get }
+    var segmentID: UInt64 { get }
+    var entries: [SegmentHeader.Entry] { get }
+    var isEmpty: Bool { get }
+    var isFull: Bool { get }
+    var blockCount: Int { get }
+    func open(segmentID: UInt64)
+    func dataIndex(of blockNumber: UInt64) -> Int?
+    func sectorMask(at dataIndex: Int) -> UInt8
+    @discardableResult func write(blockNumber: UInt64, sectorMask: UInt8, sectors: UnsafeRawBufferPointer) -> Int
+    @discardableResult func write(blockNumber: UInt64, sectorMask: UInt8, block: UnsafeRawBufferPointer) -> Int
+    @discardableResult func markDiscarded(blockNumber: UInt64) -> Int
+    func withBlock<Result>(at dataIndex: Int, _ body: (UnsafeRawBufferPointer) throws -> Result) rethrows -> Result
+    func seal(cacheUUID: [UInt8], isPartial: Bool) -> ByteBuffer
+    func reset()
+}

@@ -1,0 +1,65 @@
+import NIOCore
+
+/// The seam between the cache engine and every medium it persists to: the cache device and the
+/// backing store. Every read, write, discard and sync the engine makes goes through this protocol,
+/// so tests can put a ``SimulatedMedium`` underneath that forgets, at a simulated power failure,
+/// whatever was written but not yet synced.
+///
+/// Completions may run before the call returns or later, always on the engine's own thread.
+public protocol BlockMedium: AnyObject {
+    /// The usable size in bytes.
+    var sizeBytes: UInt64 { get }
+
+    /// Reads `count` bytes at `offset`.
+    func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void)
+
+    /// Writes the readable bytes of `bytes` at `offset`. They are durable only after a later
+    /// ``synchronize(completion:)`` completes.
+    func write(offset: UInt64, bytes: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void)
+
+    /// Makes the range read as zeros (`zeroes`) or tells the medium it is no longer needed (reads
+    /// then return the old bytes or zeros). Durable only after a later sync.
+    func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void)
+
+    /// Makes every write that completed before this call durable.
+    func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void)
+}
+
+extension BlockMedium {
+    /// Writes an array of bytes (for metadata and tests; data paths pass `ByteBuffer`s).
+    public func write(offset: UInt64, bytes: [UInt8], completion: @escaping (Result<Void, MediumError>) -> Void) {
+        write(offset: offset, bytes: ByteBuffer(bytes: bytes), completion: completion)
+    }
+
+    /// Reads into an array of bytes (for metadata and tests).
+    public func readBytes(offset: UInt64, count: Int, completion: @escaping (Result<[UInt8], MediumError>) -> Void) {
+        read(offset: offset, count: count) { result in
+            completion(result.map { Array($0.readableBytesView) })
+        }
+    }
+}
+
+/// A medium failed an operation.
+public enum MediumError: Error, Equatable, CustomStringConvertible {
+    case inputOutput(errno: Int32)
+    case outOfRange
+    /// The simulated machine lost power; the medium answers nothing more until it is restarted.
+    case poweredOff
+
+    public var description: String {
+        switch self {
+        case .inputOutput(let code): return "I/O error (errno \(code))"
+        case .outOfRange: return "access beyond the end of the medium"
+        case .poweredOff: return "the medium lost power"
+        }
+    }
+
+    /// The errno a client sees for this failure.
+    public var errnoValue: Int32 {
+        switch self {
+        case .inputOutput(let code): return code
+        case .outOfRange: return 22
+        case .poweredOff: return 5
+        }
+    }
+}

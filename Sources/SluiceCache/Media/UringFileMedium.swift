@@ -1,0 +1,112 @@
+import CLibURing
+import Glibc
+import NIOCore
+import SluiceIO
+
+/// A ``BlockMedium`` on a file or block device, driven through the io_uring of the engine's event
+/// loop: the cache device in production, and a backing store that is a local file or device.
+/// Must be used only on that loop; completions arrive there.
+public final class UringFileMedium: BlockMedium, IOCompletionHandler {
+    public let file: BlockFile
+    public var sizeBytes: UInt64 { file.sizeBytes }
+    private let driver: IOUringDriver
+    private var pending: [UInt64: Pending] = [:]
+    private var nextContext: UInt64 = 1
+    private let allocator = ByteBufferAllocator()
+
+    private enum Pending {
+        case read((Result<ByteBuffer, MediumError>) -> Void)
+        case done((Result<Void, MediumError>) -> Void)
+        case discard(offset: UInt64, count: Int, zeroes: Bool, step: Int, (Result<Void, MediumError>) -> Void)
+    }
+
+    /// Wraps an open file for use on `driver`'s event loop.
+    public init(file: BlockFile, driver: IOUringDriver) {
+        self.file = file
+        self.driver = driver
+        pending.reserveCapacity(256)
+    }
+
+    public func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void) {
+        guard isInRange(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
+        var buffer = allocator.buffer(capacity: count)
+        buffer.reserveCapacity(minimumWritableBytes: count)
+        start(IOOperation(kind: .read, fileDescriptor: file.fileDescriptor, offset: offset, lengthBytes: UInt32(count), buffer: buffer),
+              .read(completion))
+    }
+
+    public func write(offset: UInt64, bytes: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        guard isInRange(offset: offset, count: bytes.readableBytes) else { return completion(.failure(.outOfRange)) }
+        start(IOOperation(kind: .write, fileDescriptor: file.fileDescriptor, offset: offset, lengthBytes: UInt32(bytes.readableBytes),
+                          buffer: bytes), .done(completion))
+    }
+
+    public func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        guard isInRange(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
+        discardStep(offset: offset, count: count, zeroes: zeroes, step: 0, completion: completion)
+    }
+
+    /// Zeroing tries `FALLOC_FL_ZERO_RANGE` (keeps the blocks allocated), then punching a hole,
+    /// then writing zeros; a trim only punches a hole, and a medium that cannot is left as it is.
+    private func discardStep(offset: UInt64, count: Int, zeroes: Bool, step: Int, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        let mode: Int32
+        switch (zeroes, step) {
+        case (true, 0): mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+        case (_, 0), (true, 1): mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        case (false, _): return completion(.success(()))
+        default:
+            return writeZeros(offset: offset, remaining: count, completion: completion)
+        }
+        start(IOOperation(kind: .fallocate, fileDescriptor: file.fileDescriptor, offset: offset, lengthBytes: UInt32(count), mode: mode),
+              .discard(offset: offset, count: count, zeroes: zeroes, step: step, completion))
+    }
+
+    private static let zeros = ByteBuffer(repeating: 0, count: 1 << 20)
+
+    private func writeZeros(offset: UInt64, remaining: Int, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        guard remaining > 0 else { return completion(.success(())) }
+        let length = min(remaining, Self.zeros.readableBytes)
+        write(offset: offset, bytes: Self.zeros.getSlice(at: 0, length: length)!) { result in
+            if case .failure = result { return completion(result) }
+            self.writeZeros(offset: offset + UInt64(length), remaining: remaining - length, completion: completion)
+        }
+    }
+
+    public func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
+        start(IOOperation(kind: .syncData, fileDescriptor: file.fileDescriptor), .done(completion))
+    }
+
+    private func start(_ operation: IOOperation, _ entry: Pending) {
+        driver.eventLoop.preconditionInEventLoop()
+        var operation = operation
+        operation.context = nextContext
+        pending[nextContext] = entry
+        nextContext += 1
+        driver.ring.enqueue(operation, handler: self)
+        driver.ring.submit()
+    }
+
+    public func ioCompleted(_ operation: IOOperation, result: Int32) {
+        guard let entry = pending.removeValue(forKey: operation.context) else {
+            preconditionFailure("io_uring completion for an operation this medium did not start")
+        }
+        switch entry {
+        case .read(let completion):
+            if result < 0 { return completion(.failure(.inputOutput(errno: -result))) }
+            completion(.success(operation.buffer!))
+        case .done(let completion):
+            completion(result < 0 ? .failure(.inputOutput(errno: -result)) : .success(()))
+        case .discard(let offset, let count, let zeroes, let step, let completion):
+            if result >= 0 { return completion(.success(())) }
+            // Not supported by this filesystem or device: fall back to the next way.
+            discardStep(offset: offset, count: count, zeroes: zeroes, step: step + 1, completion: completion)
+        }
+    }
+
+    public func ioBurstEnded() {}
+
+    private func isInRange(offset: UInt64, count: Int) -> Bool {
+        let (end, overflow) = offset.addingReportingOverflow(UInt64(count))
+        return count >= 0 && !overflow && end <= sizeBytes
+    }
+}

@@ -1,0 +1,137 @@
+import Atomics
+import NIOCore
+import SluiceVolume
+
+/// The cache as a ``Volume``: every session forwards its requests to the one ``CacheEngine``, on
+/// the engine's event loop. Sessions on that loop call the engine directly; sessions on other loops
+/// hop there and back once per request.
+public final class CacheVolume: Volume, @unchecked Sendable {
+    /// Touch only on `engine.eventLoop`.
+    public let engine: CacheEngine
+    public let sizeBytes: UInt64
+    public let capabilities: VolumeCapabilities = [.flush, .fua, .trim, .writeZeroes, .multipleConnections]
+    public let blockSizes = VolumeBlockSizes.standard
+    let requestsInFlight = ManagedAtomic<Int>(0)
+    private let closed = ManagedAtomic<Bool>(false)
+
+    public init(engine: CacheEngine) {
+        self.engine = engine
+        // The volume ends on a sector boundary; a backing store with a ragged tail keeps it unused.
+        self.sizeBytes = engine.volumeSizeBytes / 512 * 512
+    }
+
+    public func openSession(on eventLoop: any EventLoop) throws -> any VolumeSession {
+        CacheSession(volume: self, eventLoop: eventLoop)
+    }
+
+    /// Shuts the engine down cleanly (seal, write, sync, clean marker). Call from outside the
+    /// engine's event loop.
+    public func close() throws {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        let engine = self.engine
+        try engine.eventLoop.flatSubmit {
+            let promise = engine.eventLoop.makePromise(of: Void.self)
+            engine.shutdown { promise.completeWith($0) }
+            return promise.futureResult
+        }.wait()
+    }
+
+    /// Runs `body` on the engine's loop and returns its result.
+    public func withEngine<Result: Sendable>(_ body: @escaping (CacheEngine) -> Result) -> EventLoopFuture<Result> {
+        let engine = self.engine
+        return engine.eventLoop.submit { body(engine) }
+    }
+}
+
+/// One client's session on a ``CacheVolume``.
+final class CacheSession: VolumeSession {
+    private let volume: CacheVolume
+    private let eventLoop: any EventLoop
+    private let engine: CacheEngine
+    private let isOnEngineLoop: Bool
+    private(set) var requestsInFlight = 0
+    private var isSubmitting = false
+    private var burstEndScheduled = false
+    private var burstSink: (any VolumeCompletionSink)?
+
+    init(volume: CacheVolume, eventLoop: any EventLoop) {
+        self.volume = volume
+        self.eventLoop = eventLoop
+        self.engine = volume.engine
+        self.isOnEngineLoop = eventLoop === volume.engine.eventLoop
+    }
+
+    func submit(_ request: VolumeRequest, tag: UInt32, sink: any VolumeCompletionSink) {
+        eventLoop.preconditionInEventLoop()
+        if let range = request.range {
+            let (end, overflow) = range.offset.addingReportingOverflow(range.lengthBytes)
+            guard !overflow, end <= volume.sizeBytes else {
+                sink.volumeRequestCompleted(tag: tag, reply: .failed(.outOfRange))
+                return
+            }
+        }
+        requestsInFlight += 1
+        volume.requestsInFlight.wrappingIncrement(ordering: .relaxed)
+        let completion: (VolumeReply) -> Void
+        if isOnEngineLoop {
+            completion = { reply in self.deliver(reply, tag: tag, sink: sink) }
+        } else {
+            let loop = eventLoop
+            completion = { reply in loop.execute { self.deliver(reply, tag: tag, sink: sink) } }
+        }
+        if isOnEngineLoop {
+            isSubmitting = true
+            Self.perform(request, on: engine, completion: completion)
+            isSubmitting = false
+        } else {
+            let engine = self.engine
+            engine.eventLoop.execute { Self.perform(request, on: engine, completion: completion) }
+        }
+    }
+
+    /// Maps one volume request onto the engine. Runs on the engine's loop.
+    private static func perform(_ request: VolumeRequest, on engine: CacheEngine, completion: @escaping (VolumeReply) -> Void) {
+        switch request {
+        case .read(let offset, let length, let buffer):
+            if length == 0 { return completion(.data(buffer)) }
+            engine.submitRead(offset: offset, lengthBytes: Int(length), buffer: buffer, completion: completion)
+        case .write(let offset, let data, let fua):
+            if data.readableBytes == 0 { return fua ? engine.submitFlush(completion: completion) : completion(.done) }
+            engine.submitWrite(offset: offset, data: data, fua: fua, completion: completion)
+        case .flush:
+            engine.submitFlush(completion: completion)
+        case .trim(let offset, let length, let fua):
+            engine.submitDiscard(offset: offset, lengthBytes: UInt64(length), zeroes: false, fua: fua, completion: completion)
+        case .writeZeroes(let offset, let length, let flags):
+            // Zeroing goes through the log's discard markers and the backing store; whether that is
+            // fast depends on the backing store, so a fast-only request is declined.
+            if flags.contains(.fastOnly) { return completion(.failed(.notSupported)) }
+            engine.submitDiscard(offset: offset, lengthBytes: UInt64(length), zeroes: true, fua: flags.contains(.fua), completion: completion)
+        case .cache:
+            completion(.done)
+        case .blockStatus:
+            completion(.failed(.notSupported))
+        }
+    }
+
+    private func deliver(_ reply: VolumeReply, tag: UInt32, sink: any VolumeCompletionSink) {
+        requestsInFlight -= 1
+        volume.requestsInFlight.wrappingDecrement(ordering: .relaxed)
+        sink.volumeRequestCompleted(tag: tag, reply: reply)
+        // Completions during submit are flushed by the server when its read burst ends; later
+        // ones are flushed together once the loop has delivered what is ready.
+        guard !isSubmitting else { return }
+        burstSink = sink
+        guard !burstEndScheduled else { return }
+        burstEndScheduled = true
+        eventLoop.execute {
+            self.burstEndScheduled = false
+            self.burstSink?.volumeCompletionBurstEnded()
+            self.burstSink = nil
+        }
+    }
+
+    func submitBatch() {}
+
+    func close() {}
+}
