@@ -14,8 +14,12 @@ public enum CacheStartup {
     }
 
     public static func recover(cacheFile: BlockFile, expectation: CacheSuperblock.Expectation) throws -> Recovered {
+        try recover(device: FileMedium(file: cacheFile), expectation: expectation)
+    }
+
+    /// Recovers from any medium whose completions run before its calls return.
+    public static func recover<Device: BlockMedium & RecoveryDevice>(device: Device, expectation: CacheSuperblock.Expectation) throws -> Recovered {
         let started = Date()
-        let device = FileMedium(file: cacheFile)
         var openResult: Result<CacheSuperblock.Opened, Error>?
         CacheSuperblock.open(device, expectation: expectation) { openResult = $0 }
         let opened = try openResult!.get()
@@ -56,6 +60,26 @@ public enum StartupError: Error, CustomStringConvertible {
 }
 
 extension FileMedium: RecoveryDevice {
+    public func readBytes(offset: UInt64, count: Int) throws -> [UInt8] {
+        var result: Result<[UInt8], MediumError>?
+        readBytes(offset: offset, count: count) { result = $0 }
+        return try result!.get()
+    }
+
+    public func writeBytes(offset: UInt64, bytes: [UInt8]) throws {
+        var result: Result<Void, MediumError>?
+        write(offset: offset, bytes: bytes) { result = $0 }
+        try result!.get()
+    }
+
+    public func synchronizeBytes() throws {
+        var result: Result<Void, MediumError>?
+        synchronize { result = $0 }
+        try result!.get()
+    }
+}
+
+extension SimulatedMedium: RecoveryDevice {
     public func readBytes(offset: UInt64, count: Int) throws -> [UInt8] {
         var result: Result<[UInt8], MediumError>?
         readBytes(offset: offset, count: count) { result = $0 }

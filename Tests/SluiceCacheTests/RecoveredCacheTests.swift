@@ -12,12 +12,13 @@ final class RecoveredCacheTests: XCTestCase {
         // Segment 3: blocks 10 (sectors 0-1) and 11; segment 4: block 10 again (merged mask) and 12.
         let contents: [UInt64: [(UInt64, UInt8)]] = [3: [(10, 0x03), (11, 0xFF)], 4: [(12, 0xF0), (10, 0x0F)]]
         for (id, blocks) in contents {
-            var buffer = SegmentBuffer(geometry: geometry)
+            let buffer = SegmentBuffer(geometry: geometry)
+            buffer.open(segmentID: id)
             for (block, mask) in blocks {
                 let data = [UInt8](repeating: UInt8(id), count: mask.nonzeroBitCount * 512)
                 data.withUnsafeBytes { _ = buffer.write(blockNumber: block, sectorMask: mask, sectors: $0) }
             }
-            let sealed = Array(buffer.seal(segmentID: id, cacheUUID: uuid, isPartial: true))
+            let sealed = Array(buffer.seal(cacheUUID: uuid, isPartial: true).readableBytesView)
             ring[geometry.slot(ofSegment: id)].replaceSubrange(0..<sealed.count, with: sealed)
         }
         let chain = SegmentChain.scan(geometry: geometry, cacheUUID: uuid, lastWrittenBackSegmentID: 2) { ring[$0] }

@@ -1,0 +1,154 @@
+import Logging
+import NIOCore
+import NIOPosix
+import RecoverCache
+import SluiceFormat
+import SluiceVolume
+import XCTest
+
+@testable import SluiceCache
+
+/// Runs a ``CacheEngine`` on simulated media, on a real event loop, and drives it from the test
+/// thread with blocking calls. `crash(seed:)` cuts the power of both media (dropping or tearing
+/// what was not synced, decided by the seed) and recovers a new engine from what survived.
+final class EngineHarness {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    var loop: any EventLoop { group.next() }
+    private(set) var cache: SimulatedMedium
+    private(set) var backing: SimulatedMedium
+    private(set) var engine: CacheEngine!
+    private(set) var lastRecovery: CacheStartup.Recovered?
+    let segmentBytes: Int
+    var tunables: CacheTunables
+    let expectation: CacheSuperblock.Expectation
+
+    init(cacheBytes: Int = 4 << 20, backingBytes: Int = 8 << 20, segmentBytes: Int = 64 * 1024,
+         tunables: CacheTunables = CacheTunables()) throws {
+        cache = SimulatedMedium(sizeBytes: cacheBytes)
+        backing = SimulatedMedium(sizeBytes: backingBytes)
+        self.segmentBytes = segmentBytes
+        self.tunables = tunables
+        expectation = CacheSuperblock.Expectation(backingIdentity: "simulated-backing", backingSizeBytes: UInt64(backingBytes), mode: .volatile)
+        var formatted: Result<CacheSuperblock.Opened, Error>?
+        CacheSuperblock.format(cache, segmentBytes: segmentBytes, expectation: expectation,
+                               uuid: Array(repeating: 0x5A, count: 16), nowSeconds: 0) { formatted = $0 }
+        _ = try formatted!.get()
+        try startEngine()
+    }
+
+    deinit {
+        try? group.syncShutdownGracefully()
+    }
+
+    /// Recovers the cache from the media as they are and starts a new engine on them.
+    func startEngine() throws {
+        let recovered = try CacheStartup.recover(device: cache, expectation: expectation)
+        lastRecovery = recovered
+        let engine = try loop.submit {
+            CacheEngine(eventLoop: self.loop, cacheDevice: self.cache, backingStore: self.backing, opened: recovered.opened,
+                        recovered: recovered.state, tunables: self.tunables, logger: Logger(label: "test-engine"))
+        }.wait()
+        try loop.flatSubmit { engine.start() }.wait()
+        self.engine = engine
+    }
+
+    /// Cuts the power: each medium keeps what was synced plus a seeded choice of the rest. Then
+    /// recovers and starts a new engine.
+    func crash(seed: UInt64) throws {
+        let engine = self.engine!
+        try loop.submit {
+            engine.periodicTask?.cancel()
+            engine.isClosing = true
+        }.wait()
+        let cacheBytes = try loop.submit { self.cache.powerFail(seed: seed) }.wait()
+        let backingBytes = try loop.submit { self.backing.powerFail(seed: seed &* 31 &+ 7) }.wait()
+        cache = SimulatedMedium(durableBytes: cacheBytes)
+        backing = SimulatedMedium(durableBytes: backingBytes)
+        try startEngine()
+    }
+
+    /// Shuts down cleanly and starts again on the same media.
+    func restartCleanly() throws {
+        try shutdown()
+        try startEngine()
+    }
+
+    func shutdown() throws {
+        let engine = self.engine!
+        try loop.flatSubmit {
+            let promise = self.loop.makePromise(of: Void.self)
+            engine.shutdown { promise.completeWith($0) }
+            return promise.futureResult
+        }.wait()
+    }
+
+    private func perform(_ body: @escaping (CacheEngine, @escaping (VolumeReply) -> Void) -> Void) throws -> VolumeReply {
+        let engine = self.engine!
+        return try loop.flatSubmit {
+            let promise = self.loop.makePromise(of: VolumeReply.self)
+            body(engine) { promise.succeed($0) }
+            return promise.futureResult
+        }.wait()
+    }
+
+    /// Starts a request without waiting; the reply goes to `completion` on the loop.
+    func start(_ body: @escaping (CacheEngine, @escaping (VolumeReply) -> Void) -> Void, completion: @escaping (VolumeReply) -> Void) {
+        let engine = self.engine!
+        loop.execute { body(engine, completion) }
+    }
+
+    func write(_ bytes: [UInt8], at offset: UInt64, fua: Bool = false) throws {
+        let reply = try perform { $0.submitWrite(offset: offset, data: ByteBuffer(bytes: bytes), fua: fua, completion: $1) }
+        guard case .done = reply else { throw HarnessError.failed("write at \(offset): \(reply)") }
+    }
+
+    func read(at offset: UInt64, count: Int) throws -> [UInt8] {
+        let reply = try perform { $0.submitRead(offset: offset, lengthBytes: count, buffer: ByteBuffer(), completion: $1) }
+        guard case .data(let buffer) = reply else { throw HarnessError.failed("read at \(offset): \(reply)") }
+        return Array(buffer.readableBytesView)
+    }
+
+    func flush() throws {
+        let reply = try perform { $0.submitFlush(completion: $1) }
+        guard case .done = reply else { throw HarnessError.failed("flush: \(reply)") }
+    }
+
+    func discard(at offset: UInt64, count: Int, zeroes: Bool, fua: Bool = false) throws {
+        let reply = try perform { $0.submitDiscard(offset: offset, lengthBytes: UInt64(count), zeroes: zeroes, fua: fua, completion: $1) }
+        guard case .done = reply else { throw HarnessError.failed("discard at \(offset): \(reply)") }
+    }
+
+    func drain() throws {
+        let engine = self.engine!
+        try loop.flatSubmit {
+            let promise = self.loop.makePromise(of: Void.self)
+            engine.drain { promise.completeWith($0) }
+            return promise.futureResult
+        }.wait()
+    }
+
+    /// Reads engine state on its loop.
+    func inspect<T>(_ body: @escaping (CacheEngine) -> T) throws -> T {
+        let engine = self.engine!
+        return try loop.submit { body(engine) }.wait()
+    }
+
+    /// The backing medium's visible bytes.
+    func backingBytes(at offset: Int, count: Int) throws -> [UInt8] {
+        try loop.submit { Array(self.backing.visible[offset..<(offset + count)]) }.wait()
+    }
+}
+
+enum HarnessError: Error {
+    case failed(String)
+}
+
+/// A deterministic byte pattern: `count` bytes for a write tagged `tag`, different per sector.
+func pattern(_ tag: UInt32, count: Int) -> [UInt8] {
+    var bytes = [UInt8](repeating: 0, count: count)
+    for sector in 0..<(count / 512) {
+        let stamp = tag &* 2_654_435_761 &+ UInt32(sector)
+        for i in 0..<512 { bytes[sector * 512 + i] = UInt8(truncatingIfNeeded: stamp >> UInt32((i % 4) * 8)) &+ UInt8(truncatingIfNeeded: i / 4) }
+    }
+    return bytes
+}
