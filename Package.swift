@@ -83,6 +83,17 @@ let package = Package(
             dependencies: ["SluiceFormat"],
             path: "Recovery/RecoverCache"
         ),
+        // The control endpoint of a running cache (HTTP+JSON on a Unix socket) and its client.
+        .target(
+            name: "SluiceControl",
+            dependencies: [
+                "SluiceCache",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // NBD wire layouts, pure decoders and the handshake state machine. No I/O.
         .target(
             name: "NBDProtocol",
@@ -111,6 +122,9 @@ let package = Package(
                 "SluiceVolume",
                 "SluiceIO",
                 "SluicePassthrough",
+                "SluiceCache",
+                "SluiceControl",
+                "SluiceFormat",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -4,6 +4,8 @@ import Logging
 import NBDServer
 import NIOCore
 import NIOPosix
+import SluiceCache
+import SluiceControl
 import SluiceIO
 import SluicePassthrough
 import SluiceVolume
@@ -12,11 +14,16 @@ import SluiceVolume
 struct ServeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve",
-        abstract: "Serve a file or block device over NBD.",
+        abstract: "Serve a file or block device over NBD, directly or through a write-back cache.",
         discussion: """
-            Every request goes straight to the backing file or block device (a passthrough \
-            volume), through io_uring. Clients connect over a Unix socket (--socket) or TCP \
-            (--listen); with neither, Sluice listens on 127.0.0.1:10809.
+            Without --cache every request goes straight to the backing file or block device (a \
+            passthrough volume), through io_uring. With --cache, writes land in a memory buffer, \
+            are packed into segments on the cache device, and are written back later, sorted and \
+            merged, to the backing store, which may also be a remote NBD export (nbd://… or \
+            nbd+unix://…). Format the cache device first with `sluice format`. Clients connect over \
+            a Unix socket (--socket) or TCP (--listen); with neither, Sluice listens on \
+            127.0.0.1:10809. A cache's control endpoint (for `sluice status`, `set` and `drain`) \
+            listens beside the NBD socket at SOCKET.control, or at --control PATH.
 
             Examples:
               sluice serve --backing disk.img --socket /tmp/sluice.sock
@@ -25,6 +32,9 @@ struct ServeCommand: ParsableCommand {
                   then: nbdinfo nbd://127.0.0.1
               sluice serve --export a --backing a.img --export b --backing b.img --socket /tmp/s.sock
                   then: nbdinfo 'nbd+unix:///b?socket=/tmp/s.sock'
+              sluice format --cache ssd.img --backing 'nbd+unix:///?socket=/tmp/hdd.sock'
+              sluice serve --cache ssd.img --backing 'nbd+unix:///?socket=/tmp/hdd.sock' --volatile --socket /tmp/s.sock
+                  then: sluice status --socket /tmp/s.sock
 
             SIGINT or SIGTERM stops accepting clients, finishes the requests in flight, \
             flushes the backing store and exits 0.
@@ -52,6 +62,18 @@ struct ServeCommand: ParsableCommand {
 
     @Flag(name: .long, help: "Serve read-only: writes, trims and write-zeroes fail with EPERM.")
     var readOnly = false
+
+    @Option(name: .long, help: ArgumentHelp("Serve through a write-back cache on this formatted cache device (file or block device).", valueName: "path"))
+    var cache: String?
+
+    @Flag(name: .long, help: "Keep the write buffer in DRAM (volatile mode): FUA and FLUSH seal a partial segment and sync the cache device.")
+    var volatile = false
+
+    @Option(name: .long, help: ArgumentHelp("The control endpoint's Unix socket (default: the NBD socket's path + .control).", valueName: "path"))
+    var control: String?
+
+    @OptionGroup(title: "Cache tunables (also changeable at run time with `sluice set`)")
+    var tunableOptions: TunableOptions
 
     @Option(name: .long, help: ArgumentHelp("Log level: trace, debug, info, notice, warning, error or critical.", valueName: "level"))
     var logLevel: String = "info"
@@ -81,6 +103,19 @@ struct ServeCommand: ParsableCommand {
         if let threads, threads < 1 || threads > 256 {
             throw ValidationError("--threads must be between 1 and 256")
         }
+        if cache != nil {
+            guard backing.count == 1 else { throw ValidationError("a cache sits in front of exactly one --backing") }
+            guard volatile else {
+                throw ValidationError("say which buffer the cache uses: --volatile (DRAM; FUA and FLUSH write partial segments)")
+            }
+            _ = try tunableOptions.tunables()
+        } else {
+            if volatile { throw ValidationError("--volatile applies to a cache; give the cache device with --cache PATH") }
+            if control != nil { throw ValidationError("--control applies to a cache; give the cache device with --cache PATH") }
+            if backing.contains(where: { if case .nbd = BackingLocation($0) { return true } else { return false } }) {
+                throw ValidationError("an NBD export can be a backing store only behind a cache (--cache PATH)")
+            }
+        }
     }
 
     func run() throws {
@@ -92,9 +127,40 @@ struct ServeCommand: ParsableCommand {
         }
         let logger = Logger(label: "sluice")
 
+        // Signals are caught from here on, so one that arrives while starting still stops cleanly.
+        let stop = StopSignal()
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: threads ?? System.coreCount)
         var exports: [NBDServerExport] = []
         var volumes: [any Volume] = []
-        for (index, path) in backing.enumerated() {
+        var controlServer: ControlServer?
+        if let cache {
+            let volume: CacheVolume
+            do {
+                volume = try CacheVolume.open(cachePath: cache, backing: BackingLocation(backing[0]), eventLoop: group.next(),
+                                              tunables: try tunableOptions.tunables(), logger: logger)
+            } catch {
+                logger.critical("\(error)")
+                try? group.syncShutdownGracefully()
+                throw ExitCode(1)
+            }
+            exports.append(NBDServerExport(name: export.first ?? "", description: description, volume: volume, readOnly: readOnly))
+            volumes.append(volume)
+            if let path = control ?? socket.map({ URL(fileURLWithPath: $0).path + ".control" }) {
+                let server = ControlServer(volume: volume, socketPath: path, group: group, logger: logger)
+                do {
+                    try server.start()
+                    controlServer = server
+                } catch {
+                    logger.critical("cannot start the control endpoint at \(path): \(error)")
+                    try? volume.close()
+                    try? group.syncShutdownGracefully()
+                    throw ExitCode(1)
+                }
+            } else {
+                logger.warning("no control endpoint: give --socket or --control to use `sluice status`, `set` and `drain`")
+            }
+        }
+        for (index, path) in backing.enumerated() where cache == nil {
             let volume: PassthroughVolume
             do {
                 volume = try PassthroughVolume(path: path, readOnly: readOnly)
@@ -123,14 +189,13 @@ struct ServeCommand: ParsableCommand {
             configuration.tcpPort = 10809
         }
 
-        // Signals are caught from here on, so one that arrives while starting still stops cleanly.
-        let stop = StopSignal()
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: threads ?? System.coreCount)
         let server = NBDServer(exports: exports, configuration: configuration, group: group, logger: logger)
         do {
             try server.start()
         } catch {
             logger.critical("cannot listen: \(error)")
+            controlServer?.stop()
+            for volume in volumes { try? volume.close() }
             try? group.syncShutdownGracefully()
             throw ExitCode(1)
         }
@@ -139,12 +204,13 @@ struct ServeCommand: ParsableCommand {
         stop.wait()
         logger.info("shutting down: finishing requests in flight")
         server.shutdown()
+        controlServer?.stop()
         var failed = false
         for volume in volumes {
             do {
                 try volume.close()
             } catch {
-                logger.error("could not flush the backing store: \(error)")
+                logger.error("could not shut down cleanly: \(error)")
                 failed = true
             }
         }

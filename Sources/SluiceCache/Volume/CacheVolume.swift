@@ -13,6 +13,8 @@ public final class CacheVolume: Volume, @unchecked Sendable {
     public let blockSizes = VolumeBlockSizes.standard
     let requestsInFlight = ManagedAtomic<Int>(0)
     private let closed = ManagedAtomic<Bool>(false)
+    /// Releases the media once the engine has shut down.
+    var onClose: (() -> Void)?
 
     public init(engine: CacheEngine) {
         self.engine = engine
@@ -29,6 +31,7 @@ public final class CacheVolume: Volume, @unchecked Sendable {
     public func close() throws {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         let engine = self.engine
+        defer { onClose?() }
         try engine.eventLoop.flatSubmit {
             let promise = engine.eventLoop.makePromise(of: Void.self)
             engine.shutdown { promise.completeWith($0) }

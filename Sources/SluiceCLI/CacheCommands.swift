@@ -1,0 +1,243 @@
+import ArgumentParser
+import Foundation
+import SluiceCache
+import SluiceControl
+import SluiceFormat
+import SluiceIO
+
+/// The tunables as `serve` flags, with dm-writeboost's names.
+struct TunableOptions: ParsableArguments {
+    @Option(name: .customLong("writeback-threshold"), help: ArgumentHelp(
+        "Write back in the background only while the backing store is busy less than this share of the time (percent; 0 = only when urged or drained).",
+        valueName: "percent"))
+    var writebackThreshold: Int?
+
+    @Option(name: .customLong("nr-max-batched-writeback"), help: ArgumentHelp("Segments one writeback batch takes at most.", valueName: "count"))
+    var maxBatchedWriteback: Int?
+
+    @Option(name: .customLong("update-sb-record-interval"), help: ArgumentHelp("Seconds between superblock record refreshes while idle.", valueName: "seconds"))
+    var updateRecordInterval: Int?
+
+    @Option(name: .customLong("sync-data-interval"), help: ArgumentHelp("Seconds between automatic barriers (0 = off).", valueName: "seconds"))
+    var syncDataInterval: Int?
+
+    @Option(name: .customLong("barrier-deadline-ms"), help: ArgumentHelp("How long FUA and FLUSH wait to share one partial segment.", valueName: "ms"))
+    var barrierDeadline: Int?
+
+    func tunables() throws -> CacheTunables {
+        var tunables = CacheTunables()
+        do {
+            if let writebackThreshold { try tunables.set("writeback_threshold", to: writebackThreshold) }
+            if let maxBatchedWriteback { try tunables.set("nr_max_batched_writeback", to: maxBatchedWriteback) }
+            if let updateRecordInterval { try tunables.set("update_sb_record_interval", to: updateRecordInterval) }
+            if let syncDataInterval { try tunables.set("sync_data_interval", to: syncDataInterval) }
+            if let barrierDeadline { try tunables.set("barrier_deadline_ms", to: barrierDeadline) }
+        } catch let invalid as CacheTunables.Invalid {
+            throw ValidationError(invalid.description)
+        }
+        return tunables
+    }
+}
+
+/// `sluice format`: writes a new cache superblock bound to one backing store.
+struct FormatCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "format",
+        abstract: "Format a cache device for a backing store.",
+        discussion: """
+            Writes a new superblock on the cache device, bound to the backing store's identity and \
+            size, so the cache is never used in front of another one. A device that already holds \
+            a Sluice cache is refused unless --force is given: drain it first (`sluice drain`).
+
+            Example:
+              sluice format --cache /var/lib/sluice/ssd.img --backing /dev/sdb
+            """
+    )
+
+    @Option(name: .long, help: ArgumentHelp("The cache device (file or block device) to format.", valueName: "path"))
+    var cache: String
+
+    @Option(name: .long, help: ArgumentHelp("The backing store: a file, a block device, or nbd://… / nbd+unix://….", valueName: "path|uri"))
+    var backing: String
+
+    @Option(name: .long, help: ArgumentHelp("Segment size, a power of two from 64K to 64M (default 1M).", valueName: "size"))
+    var segmentSize: String = "1M"
+
+    @Flag(name: .long, help: "Erase a device that already holds a Sluice cache.")
+    var force = false
+
+    func validate() throws {
+        _ = try parseSize(segmentSize)
+    }
+
+    func run() throws {
+        let segmentBytes = try parseSize(segmentSize)
+        let location = BackingLocation(backing)
+        do {
+            let backingSize: UInt64
+            switch location {
+            case .file(let path):
+                // Open (and lock) the backing store only to learn its size and prove it is usable.
+                let file = try BlockFile(path: path, readOnly: false)
+                backingSize = file.sizeBytes
+                file.close()
+            case .nbd:
+                let group = MultiThreadedEventLoopGroupShim()
+                let opened = try OpenedBacking(location, eventLoop: group.loop)
+                backingSize = opened.sizeBytes
+                opened.close()
+                group.shutdown()
+            }
+            let cacheFile = try BlockFile(path: cache, readOnly: false)
+            defer { cacheFile.close() }
+            let expectation = CacheSuperblock.Expectation(backingIdentity: location.identity, backingSizeBytes: backingSize, mode: .volatile)
+            let opened = try CacheStartup.format(cacheFile: cacheFile, segmentBytes: segmentBytes, expectation: expectation, force: force)
+            print("formatted \(cache): \(opened.geometry.segmentCount) segments of \(opened.geometry.segmentBytes) bytes "
+                  + "(\(opened.geometry.cacheBlocks) cache blocks) for \(location.identity) (\(backingSize) bytes)")
+        } catch let error as ValidationError {
+            throw error
+        } catch {
+            FileHandle.standardError.write("sluice format: \(error)\n".data(using: .utf8)!)
+            throw ExitCode(1)
+        }
+    }
+}
+
+/// Finds a running server's control endpoint.
+struct ControlLocation: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp("The server's NBD Unix socket; its control endpoint is beside it.", valueName: "path"))
+    var socket: String?
+
+    @Option(name: .long, help: ArgumentHelp("The server's control socket.", valueName: "path"))
+    var control: String?
+
+    func validate() throws {
+        guard socket != nil || control != nil else {
+            throw ValidationError("say which server: --socket PATH (its NBD socket) or --control PATH")
+        }
+    }
+
+    var client: ControlClient {
+        ControlClient(socketPath: control ?? URL(fileURLWithPath: socket!).path + ".control")
+    }
+}
+
+/// Runs a control request, turning failures into a message and exit code 1.
+func runControl(_ body: () throws -> Data) throws -> Data {
+    do {
+        return try body()
+    } catch {
+        FileHandle.standardError.write("sluice: \(error)\n".data(using: .utf8)!)
+        throw ExitCode(1)
+    }
+}
+
+/// `sluice status`: what a running cache holds and has done.
+struct StatusCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "status", abstract: "Show a running cache's state and counters.")
+
+    @OptionGroup var location: ControlLocation
+
+    @Flag(name: .long, help: "Print JSON.")
+    var json = false
+
+    func run() throws {
+        let body = try runControl { try location.client.request(method: "GET", path: "/status") }
+        if json {
+            FileHandle.standardOutput.write(body)
+            print("")
+            return
+        }
+        let decoder = CacheStatus.jsonDecoder()
+        let status = try decoder.decode(CacheStatus.self, from: body)
+        print(Self.render(status))
+    }
+
+    static func render(_ status: CacheStatus) -> String {
+        func mib(_ bytes: UInt64) -> String { String(format: "%.1f MiB", Double(bytes) / 1_048_576) }
+        var lines = [
+            "mode                \(status.mode)",
+            "cache               \(mib(status.cacheSizeBytes)), \(status.segmentCount) segments of \(status.segmentSizeBytes / 1024) KiB",
+            "backing             \(mib(status.backingSizeBytes))",
+            "segments            current \(status.currentSegmentID), last flushed \(status.lastFlushedSegmentID), last written back \(status.lastWrittenBackSegmentID)",
+            "ring                \(status.liveSegments) live, \(status.freeSegments) free",
+            "dirty               \(status.dirtyBlocks) blocks (\(mib(UInt64(status.dirtyBlocks) * 4096)))",
+            "writeback           \(status.writebackInProgress ? "running" : "idle"), \(status.writebackBatches) batches, \(status.writtenBackBlocks) blocks, \(status.backingWriteRequests) backing writes, \(status.writebackErrors) errors",
+            "partial segments    \(status.partialSegments) of \(status.segmentsWritten) written",
+            "bytes written       user \(mib(status.userBytesWritten)), cache device \(mib(status.cacheBytesWritten)), backing \(mib(status.backingBytesWritten))",
+            "bytes read          user \(mib(status.userBytesRead)), cache device \(mib(status.cacheBytesRead)), backing \(mib(status.backingBytesRead))",
+            "syncs               cache device \(status.cacheSyncs), backing \(status.backingSyncs)",
+            "index memory        \(mib(UInt64(status.indexMemoryBytes)))",
+        ]
+        if let failure = status.failure { lines.append("FAILED              \(failure)") }
+        lines.append("counters")
+        for (name, value) in status.blockCounts.sorted(by: { $0.key < $1.key }) {
+            lines.append("  \(name.padding(toLength: 28, withPad: " ", startingAt: 0)) \(value)")
+        }
+        lines.append("tunables")
+        for (name, value) in status.tunables.sorted(by: { $0.key < $1.key }) {
+            lines.append("  \(name.padding(toLength: 28, withPad: " ", startingAt: 0)) \(value)")
+        }
+        return lines.joined(separator: "\n")
+    }
+}
+
+/// `sluice set KEY VALUE`: changes a tunable of a running cache.
+struct SetCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "set", abstract: "Change a tunable of a running cache.",
+        discussion: "Tunables: \(CacheTunables.keys.joined(separator: ", ")).")
+
+    @OptionGroup var location: ControlLocation
+
+    @Argument(help: "The tunable.")
+    var key: String
+
+    @Argument(help: "Its new value (an integer).")
+    var value: Int
+
+    func run() throws {
+        let query = "key=\(key.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? key)&value=\(value)"
+        _ = try runControl { try location.client.request(method: "POST", path: "/set?\(query)") }
+        print("\(key) = \(value)")
+    }
+}
+
+/// `sluice drain`: writes every dirty block back and waits until nothing is dirty.
+struct DrainCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "drain", abstract: "Write every dirty block back to the backing store and wait until nothing is dirty.")
+
+    @OptionGroup var location: ControlLocation
+
+    func run() throws {
+        let body = try runControl { try location.client.request(method: "POST", path: "/drain") }
+        let decoder = CacheStatus.jsonDecoder()
+        let status = try decoder.decode(CacheStatus.self, from: body)
+        print("drained: \(status.dirtyBlocks) dirty blocks, last written back segment \(status.lastWrittenBackSegmentID)")
+    }
+}
+
+/// Parses sizes like 1M, 512K, 1048576.
+func parseSize(_ text: String) throws -> Int {
+    let units: [Character: Int] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30]
+    var digits = text.uppercased()
+    var multiplier = 1
+    if let last = digits.last, let unit = units[last] {
+        multiplier = unit
+        digits.removeLast()
+    }
+    if digits.hasSuffix("I") { digits.removeLast() }
+    guard let value = Int(digits), value > 0 else { throw ValidationError("bad size '\(text)'; use for example 1M or 512K") }
+    return value * multiplier
+}
+
+import NIOPosix
+import NIOCore
+
+/// One event loop for commands that connect to an NBD export briefly.
+struct MultiThreadedEventLoopGroupShim {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    var loop: any EventLoop { group.next() }
+    func shutdown() { try? group.syncShutdownGracefully() }
+}

@@ -1,0 +1,103 @@
+import Foundation
+import Logging
+import NIOCore
+import SluiceFormat
+import SluiceIO
+
+/// Where a cache's backing store is: a local file or block device, or a remote NBD export.
+public enum BackingLocation: Equatable, Sendable {
+    case file(path: String)
+    case nbd(uri: String)
+
+    /// Parses a `--backing` argument: `nbd://…` or `nbd+unix://…` (and the TLS variants) is a
+    /// remote export; anything else is a path.
+    public init(_ text: String) {
+        let lowered = text.lowercased()
+        if lowered.hasPrefix("nbd://") || lowered.hasPrefix("nbd+unix://") || lowered.hasPrefix("nbds://")
+            || lowered.hasPrefix("nbds+unix://") || lowered.hasPrefix("nbd+vsock://") {
+            self = .nbd(uri: text)
+        } else {
+            self = .file(path: text)
+        }
+    }
+
+    /// The identity recorded in the superblock so that a wrong backing store is refused: the
+    /// canonical path of a file or device, or the URI of an export.
+    public var identity: String {
+        switch self {
+        case .file(let path): return URL(fileURLWithPath: path).resolvingSymlinksInPath().path
+        case .nbd(let uri): return uri
+        }
+    }
+}
+
+/// A backing store opened for a cache: its size, and how the engine reaches it.
+public final class OpenedBacking {
+    public let location: BackingLocation
+    public let sizeBytes: UInt64
+    let file: BlockFile?
+    let nbd: NBDMedium?
+
+    /// Opens (and locks) a file or device, or connects to an export whose completions go to `eventLoop`.
+    public init(_ location: BackingLocation, eventLoop: any EventLoop) throws {
+        self.location = location
+        switch location {
+        case .file(let path):
+            let file = try BlockFile(path: path, readOnly: false)
+            self.file = file
+            nbd = nil
+            sizeBytes = file.sizeBytes
+        case .nbd(let uri):
+            let medium = try NBDMedium(uri: uri, eventLoop: eventLoop)
+            nbd = medium
+            file = nil
+            sizeBytes = medium.sizeBytes
+        }
+    }
+
+    public func close() {
+        nbd?.close()
+        file?.close()
+    }
+}
+
+extension CacheVolume {
+    /// Opens a formatted cache device in front of its backing store: checks both, recovers the log,
+    /// and starts the engine on `eventLoop`. Blocking; call it before serving, off the event loop.
+    public static func open(
+        cachePath: String, backing: BackingLocation, mode: SuperblockHeader.Mode = .volatile, eventLoop: any EventLoop,
+        tunables: CacheTunables, logger: Logger
+    ) throws -> CacheVolume {
+        let cacheFile = try BlockFile(path: cachePath, readOnly: false)
+        let opened = try OpenedBacking(backing, eventLoop: eventLoop)
+        do {
+            let expectation = CacheSuperblock.Expectation(backingIdentity: backing.identity, backingSizeBytes: opened.sizeBytes, mode: mode)
+            let recovered = try CacheStartup.recover(cacheFile: cacheFile, expectation: expectation)
+            let report = recovered.report
+            logger.info("recovered the cache log", metadata: [
+                "clean_shutdown": "\(report.cleanShutdown)", "segments": "\(report.chain.segments.count)",
+                "end": "\(report.chain.end)", "dirty_blocks": "\(recovered.state.index.count)",
+                "erased_stale_segments": "\(report.erasedSlots.count)",
+                "seconds": "\(String(format: "%.3f", recovered.durationSeconds))",
+            ])
+            let engine = try eventLoop.submit { () throws -> CacheEngine in
+                let driver = try IOUringDrivers.shared.driver(for: eventLoop)
+                let cacheMedium = UringFileMedium(file: cacheFile, driver: driver)
+                let backingMedium: any BlockMedium = opened.nbd ?? UringFileMedium(file: opened.file!, driver: driver)
+                return CacheEngine(eventLoop: eventLoop, cacheDevice: cacheMedium, backingStore: backingMedium,
+                                   opened: recovered.opened, recovered: recovered.state, tunables: tunables, logger: logger)
+            }.wait()
+            try eventLoop.flatSubmit { engine.start() }.wait()
+            let volume = CacheVolume(engine: engine)
+            volume.onClose = {
+                opened.close()
+                cacheFile.close()
+            }
+            return volume
+        } catch {
+            opened.close()
+            cacheFile.close()
+            throw error
+        }
+    }
+}
