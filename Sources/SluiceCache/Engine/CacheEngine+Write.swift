@@ -178,9 +178,11 @@ extension CacheEngine {
         guard failure == nil, openBuffer == nil, !freeBuffers.isEmpty else { return nil }
         guard nextSegmentID - lastWrittenBackID <= UInt64(geometry.segmentCount) else {
             // The ring is full: writeback must free the oldest segment first.
+            isWaitingForRing = true
             kickWriteback()
             return nil
         }
+        isWaitingForRing = false
         let buffer = freeBuffers.removeLast()
         let id = nextSegmentID
         nextSegmentID += 1

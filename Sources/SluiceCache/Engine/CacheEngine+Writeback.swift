@@ -63,7 +63,7 @@ extension CacheEngine {
             }
             return
         }
-        let urgent = !drainWaiters.isEmpty || !waitingUpdates.isEmpty
+        let urgent = !drainWaiters.isEmpty || isWaitingForRing
             || freeSegments <= max(2, geometry.segmentCount / 8)
         if !urgent {
             guard tunables.writebackThresholdPercent > 0,

@@ -98,6 +98,8 @@ public final class CacheEngine {
     public internal(set) var failure: MediumError?
     var isClosing = false
     var isProcessingUpdates = false
+    /// Set while writes wait because every ring slot is live: writeback is then urgent.
+    var isWaitingForRing = false
     var updatesNeedAnotherPass = false
 
     /// How many segment buffers the engine uses: one open, the rest sealed and being written.
