@@ -77,3 +77,25 @@ struct SplitMix {
         return z ^ (z >> 31)
     }
 }
+
+final class CacheIndexDistributionTests: XCTestCase {
+    /// Every key once hashed to slot 0 (a shift bound tighter than the multiplication meant to
+    /// scale it), which left lookups correct but linear in the number of entries.
+    func testKeysSpreadOverTheTableSoProbesStayShort() {
+        var index = CacheIndex(capacity: 30_000)
+        var generator = SystemRandomNumberGenerator()
+        var inserted = 0
+        while inserted < 20_000 {
+            let block = UInt64.random(in: 0..<(1 << 40), using: &generator)
+            if index.lookup(block) == nil {
+                index.insert(block, sectorMask: 0xFF, at: CacheIndex.Position(inserted))
+                inserted += 1
+            }
+        }
+        // Sequential block numbers, the common case for a disk, too.
+        var sequential = CacheIndex(capacity: 30_000)
+        for block in 0..<20_000 { sequential.insert(UInt64(block), sectorMask: 0xFF, at: CacheIndex.Position(block)) }
+        XCTAssertLessThan(index.longestProbe(), 400, "random keys cluster")
+        XCTAssertLessThan(sequential.longestProbe(), 400, "sequential keys cluster")
+    }
+}

@@ -133,6 +133,17 @@ public struct CacheIndex {
         }
     }
 
+    /// The longest distance of any entry from its home slot: a degenerate hash shows up here long
+    /// before it shows up as a wrong answer.
+    func longestProbe() -> Int {
+        var longest = 0
+        for (slot, position) in table.enumerated() where position != Self.emptySlot {
+            let wanted = home(of: residents[Int(position)] >> 8)
+            longest = max(longest, (slot - wanted + table.count) % table.count)
+        }
+        return longest
+    }
+
     // MARK: - Hashing
 
     private func home(of blockNumber: UInt64) -> Int {
@@ -144,7 +155,8 @@ public struct CacheIndex {
         x ^= x >> 33
         x &*= 0xc4ce_b9fe_1a85_ec53
         x ^= x >> 33
-        return Int((x >> 32) &* UInt64(table.count) >> 32)
+        // Parenthesised: in Swift a shift binds tighter than a multiplication.
+        return Int(((x >> 32) &* UInt64(table.count)) >> 32)
     }
 
     private func next(_ slot: Int) -> Int {

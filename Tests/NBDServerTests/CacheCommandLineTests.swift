@@ -1,0 +1,280 @@
+import Foundation
+import NBDClient
+import XCTest
+
+/// `sluice format`, `sluice serve --cache` and the control commands, as a user runs them: refusals
+/// with their messages, kill -9 in the middle of a workload, recovery, status, set and drain.
+final class CacheCommandLineTests: XCTestCase {
+    private var binary: String {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        return root.appendingPathComponent(".build/debug/sluice").path
+    }
+
+    private var directory = ""
+
+    override func setUpWithError() throws {
+        directory = try TestServer.makeTemporaryDirectory(base: "/tmp")
+    }
+
+    override func tearDown() {
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    private func makeFile(_ name: String, sizeBytes: Int) throws -> String {
+        let path = directory + "/" + name
+        FileManager.default.createFile(atPath: path, contents: nil)
+        let handle = try XCTUnwrap(FileHandle(forWritingAtPath: path))
+        try handle.truncate(atOffset: UInt64(sizeBytes))
+        try handle.close()
+        return path
+    }
+
+    /// Runs sluice to completion; returns its exit status, standard output and standard error.
+    @discardableResult
+    private func run(_ arguments: [String]) throws -> (status: Int32, output: String, errors: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = arguments
+        let output = Pipe()
+        let errors = Pipe()
+        process.standardOutput = output
+        process.standardError = errors
+        try process.run()
+        let outputData = output.fileHandleForReading.readDataToEndOfFile()
+        let errorData = errors.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: outputData, as: UTF8.self), String(decoding: errorData, as: UTF8.self))
+    }
+
+    private func startServer(cache: String, backing: String, socket: String, extra: [String] = []) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = ["serve", "--cache", cache, "--backing", backing, "--volatile", "--socket", socket, "--log-level", "warning"] + extra
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        for _ in 0..<1000 {
+            if FileManager.default.fileExists(atPath: socket), (try? NBDClient(uri: "nbd+unix:///?socket=\(socket)")) != nil { return process }
+            if !process.isRunning { break }
+            usleep(20_000)
+        }
+        XCTFail("the cache server never listened on \(socket)")
+        return process
+    }
+
+    private func stop(_ process: Process, signal: Int32 = SIGTERM) {
+        kill(process.processIdentifier, signal)
+        let deadline = Date().addingTimeInterval(60)
+        while process.isRunning && Date() < deadline { usleep(20_000) }
+        XCTAssertFalse(process.isRunning, "sluice did not exit")
+        process.waitUntilExit()
+    }
+
+    func testEveryWrongCacheIsRefusedWithItsReasonAndNothingIsFormattedImplicitly() throws {
+        let backing = try makeFile("backing.img", sizeBytes: 8 << 20)
+        let other = try makeFile("other.img", sizeBytes: 8 << 20)
+        let cache = try makeFile("cache.img", sizeBytes: 4 << 20)
+        let socket = directory + "/s.sock"
+
+        var result = try run(["serve", "--cache", cache, "--backing", backing, "--volatile", "--socket", socket])
+        XCTAssertEqual(result.status, 1)
+        XCTAssertTrue(result.errors.contains("not formatted") && result.errors.contains("sluice format"), result.errors)
+
+        result = try run(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K"])
+        XCTAssertEqual(result.status, 0, result.errors)
+        XCTAssertTrue(result.output.contains("formatted"), result.output)
+        result = try run(["format", "--cache", cache, "--backing", backing])
+        XCTAssertEqual(result.status, 1, "a second format without --force is refused")
+        XCTAssertTrue(result.errors.contains("already holds a Sluice cache"), result.errors)
+
+        result = try run(["serve", "--cache", cache, "--backing", other, "--volatile", "--socket", socket])
+        XCTAssertEqual(result.status, 1)
+        XCTAssertTrue(result.errors.contains("belongs to backing store"), result.errors)
+
+        result = try run(["serve", "--cache", cache, "--backing", backing, "--socket", socket])
+        XCTAssertNotEqual(result.status, 0, "the buffer mode must be named")
+        XCTAssertTrue(result.errors.contains("--volatile"), result.errors)
+
+        // A damaged superblock header.
+        let handle = try XCTUnwrap(FileHandle(forUpdatingAtPath: cache))
+        try handle.seek(toOffset: 40)
+        try handle.write(contentsOf: Data([0xFF, 0xEE]))
+        try handle.close()
+        result = try run(["serve", "--cache", cache, "--backing", backing, "--volatile", "--socket", socket])
+        XCTAssertEqual(result.status, 1)
+        XCTAssertTrue(result.errors.contains("damaged") || result.errors.contains("checksum") || result.errors.contains("corrupt"), result.errors)
+
+        // A truncated cache device.
+        result = try run(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K", "--force"])
+        XCTAssertEqual(result.status, 0, result.errors)
+        XCTAssertEqual(truncate(cache, 1 << 20), 0)
+        result = try run(["serve", "--cache", cache, "--backing", backing, "--volatile", "--socket", socket])
+        XCTAssertEqual(result.status, 1)
+        XCTAssertTrue(result.errors.contains("truncated"), result.errors)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: socket), "nothing was served")
+    }
+
+    /// Random writes with FUA and flushes on a small cache whose ring wraps; kill -9; restart;
+    /// every write acknowledged with FUA or before an acknowledged flush is there, and every
+    /// sector holds a value that was written to it. Then a drain leaves the backing file alone
+    /// equal to what the clients wrote.
+    func testKillNineKeepsEveryDurableWriteAndDrainLeavesTheBackingStoreComplete() throws {
+        let volumeBytes = 4 << 20
+        let backing = try makeFile("backing.img", sizeBytes: volumeBytes)
+        let cache = try makeFile("cache.img", sizeBytes: 2 << 20)
+        let socket = directory + "/s.sock"
+        XCTAssertEqual(try run(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K"]).status, 0)
+
+        let sectors = volumeBytes / 512
+        // Per sector: the tags written to it in order (0 = the initial zeros), and how many of them
+        // are known durable.
+        var history = [[UInt32]](repeating: [0], count: sectors)
+        var durableCount = [Int](repeating: 1, count: sectors)
+        var generator = SeededGenerator(seed: 2026)
+        var tag: UInt32 = 0
+        func sectorBytes(_ tag: UInt32) -> [UInt8] {
+            var bytes = [UInt8](repeating: 0, count: 512)
+            withUnsafeBytes(of: tag.littleEndian) { bytes.replaceSubrange(0..<4, with: $0) }
+            for i in 4..<512 { bytes[i] = UInt8(truncatingIfNeeded: tag &* 31 &+ UInt32(i)) }
+            return bytes
+        }
+
+        for cycle in 0..<3 {
+            let server = try startServer(cache: cache, backing: backing, socket: socket)
+            let client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
+            // Everything durable so far must be there.
+            let image = try client.read(length: volumeBytes, offset: 0)
+            for sector in 0..<sectors {
+                let found = image[(sector * 512)..<(sector * 512 + 512)]
+                let candidates = history[sector][(durableCount[sector] - 1)...]
+                let match = candidates.last { tag in tag == 0 ? found.allSatisfy { $0 == 0 } : Array(found) == sectorBytes(tag) }
+                XCTAssertNotNil(match, "cycle \(cycle): sector \(sector) holds a value never written there or older than a durable one")
+                if let match {
+                    // What the sector holds now is its only value from here on.
+                    history[sector] = [match]
+                    durableCount[sector] = 1
+                }
+            }
+            for _ in 0..<300 {
+                let sectorCount = Int.random(in: 1...24, using: &generator)
+                let first = Int.random(in: 0...(sectors - sectorCount), using: &generator)
+                tag += 1
+                var bytes: [UInt8] = []
+                for _ in 0..<sectorCount { bytes += sectorBytes(tag) }
+                let fua = Int.random(in: 0..<10, using: &generator) == 0
+                try client.write(bytes, offset: UInt64(first * 512), flags: fua ? NBDFlag.fua : 0)
+                for sector in first..<(first + sectorCount) {
+                    history[sector].append(tag)
+                    if fua { durableCount[sector] = history[sector].count }
+                }
+                if Int.random(in: 0..<25, using: &generator) == 0 {
+                    try client.flush()
+                    for sector in 0..<sectors { durableCount[sector] = history[sector].count }
+                }
+            }
+            stop(server, signal: SIGKILL)
+        }
+
+        // Recover once more, drain, stop cleanly: the backing file alone holds the image.
+        let server = try startServer(cache: cache, backing: backing, socket: socket)
+        let client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
+        let image = try client.read(length: volumeBytes, offset: 0)
+        let drained = try run(["drain", "--socket", socket])
+        XCTAssertEqual(drained.status, 0, drained.errors)
+        XCTAssertTrue(drained.output.contains("0 dirty blocks"), drained.output)
+        stop(server)
+        let backingImage = try Data(contentsOf: URL(fileURLWithPath: backing))
+        XCTAssertEqual(Array(backingImage), image, "after a drain the backing file equals what the server served")
+    }
+
+    func testStatusSetAndDrainTalkToTheRunningServer() throws {
+        let backing = try makeFile("backing.img", sizeBytes: 8 << 20)
+        let cache = try makeFile("cache.img", sizeBytes: 4 << 20)
+        let socket = directory + "/s.sock"
+        XCTAssertEqual(try run(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K"]).status, 0)
+        let server = try startServer(cache: cache, backing: backing, socket: socket, extra: ["--writeback-threshold", "0"])
+        defer { stop(server) }
+        let client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
+        try client.write([UInt8](repeating: 0xAB, count: 3 * 4096), offset: 0)
+        try client.write([UInt8](repeating: 0xCD, count: 512), offset: 1 << 20, flags: NBDFlag.fua)
+
+        let status = try run(["status", "--json", "--socket", socket])
+        XCTAssertEqual(status.status, 0, status.errors)
+        let json = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(status.output.utf8)) as? [String: Any])
+        XCTAssertEqual(json["mode"] as? String, "volatile")
+        XCTAssertEqual(json["dirty_blocks"] as? Int, 4)
+        XCTAssertEqual(json["partial_segments"] as? Int, 1)
+        XCTAssertEqual(json["user_bytes_written"] as? Int, 3 * 4096 + 512)
+        XCTAssertNotNil(json["cache_bytes_written"])
+        XCTAssertEqual(json["backing_bytes_written"] as? Int, 0, "writeback_threshold 0: nothing written back yet")
+        XCTAssertEqual((json["tunables"] as? [String: Int])?["writeback_threshold"], 0)
+
+        let human = try run(["status", "--socket", socket])
+        XCTAssertTrue(human.output.contains("dirty") && human.output.contains("write_miss_buffer_full"), human.output)
+
+        XCTAssertEqual(try run(["set", "--socket", socket, "barrier_deadline_ms", "3"]).status, 0)
+        let bad = try run(["set", "--socket", socket, "no_such_tunable", "1"])
+        XCTAssertEqual(bad.status, 1)
+        XCTAssertTrue(bad.errors.contains("unknown tunable"), bad.errors)
+        let outOfRange = try run(["set", "--control", socket + ".control", "writeback_threshold", "101"])
+        XCTAssertEqual(outOfRange.status, 1)
+        XCTAssertTrue(outOfRange.errors.contains("between 0 and 100"), outOfRange.errors)
+
+        let drained = try run(["drain", "--socket", socket])
+        XCTAssertEqual(drained.status, 0, drained.errors)
+        let after = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try run(["status", "--json", "--socket", socket]).output.utf8)) as? [String: Any])
+        XCTAssertEqual(after["dirty_blocks"] as? Int, 0)
+        XCTAssertEqual(after["backing_bytes_written"] as? Int, 3 * 4096 + 512)
+        XCTAssertEqual(after["backing_write_requests"] as? Int, 2, "two contiguous dirty runs, two backing writes")
+        XCTAssertEqual((after["tunables"] as? [String: Int])?["barrier_deadline_ms"], 3)
+        let nowhere = try run(["status", "--socket", directory + "/nothing.sock"])
+        XCTAssertEqual(nowhere.status, 1)
+        XCTAssertTrue(nowhere.errors.contains("cannot reach"), nowhere.errors)
+    }
+
+    /// A remote NBD export (nbdkit) as the backing store, through libnbd.
+    func testARemoteExportCanBeTheBackingStore() throws {
+        let image = try makeFile("remote.img", sizeBytes: 8 << 20)
+        let remoteSocket = directory + "/remote.sock"
+        let nbdkit = Process()
+        nbdkit.executableURL = URL(fileURLWithPath: "/usr/bin/nbdkit")
+        nbdkit.arguments = ["-f", "-U", remoteSocket, "file", image]
+        nbdkit.standardError = FileHandle.nullDevice
+        try nbdkit.run()
+        defer { stop(nbdkit) }
+        for _ in 0..<500 where !FileManager.default.fileExists(atPath: remoteSocket) { usleep(20_000) }
+        let uri = "nbd+unix:///?socket=\(remoteSocket)"
+        let cache = try makeFile("cache.img", sizeBytes: 4 << 20)
+        let socket = directory + "/s.sock"
+        let formatted = try run(["format", "--cache", cache, "--backing", uri, "--segment-size", "64K"])
+        XCTAssertEqual(formatted.status, 0, formatted.errors)
+        let server = try startServer(cache: cache, backing: uri, socket: socket)
+        let client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
+        var expected = [UInt8](repeating: 0, count: 1 << 20)
+        for block in stride(from: 0, to: 256, by: 3) {
+            let bytes = [UInt8](repeating: UInt8(block % 251 + 1), count: 4096)
+            try client.write(bytes, offset: UInt64(block * 4096))
+            expected.replaceSubrange((block * 4096)..<((block + 1) * 4096), with: bytes)
+        }
+        try client.zero(length: 8192, offset: 0)
+        expected.replaceSubrange(0..<8192, with: [UInt8](repeating: 0, count: 8192))
+        XCTAssertEqual(try client.read(length: 1 << 20, offset: 0), expected)
+        XCTAssertEqual(try run(["drain", "--socket", socket]).status, 0)
+        stop(server)
+        let remote = try Data(contentsOf: URL(fileURLWithPath: image))
+        XCTAssertEqual(Array(remote[0..<(1 << 20)]), expected, "the remote export holds the written-back data")
+    }
+}
+
+/// SplitMix64: a small seeded generator so a failing run replays.
+struct SeededGenerator: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}

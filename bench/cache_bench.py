@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""Cache benchmark: Sluice's write-back cache in front of a slow disk, side by side with peers.
+
+Every system gets its own slow disk: an nbdkit file export with the noparallel, rate and delay
+filters of shared/TESTBED.md (8 ms per request, ≈150 MiB/s, requests serialized), on its own
+image on the local disk. In front of them, in one run:
+
+  sluice-cache        sluice serve --cache (volatile buffer; cache device = a file on the local disk)
+  nbdkit-cache        nbdkit's cache filter (cache=writeback, 4K blocks; its cache in /dev/shm)
+  qemu-nbd            qemu-nbd --cache=writeback with the slow disk as its image
+  sluice-passthrough  Sluice without a cache, over a fast file on the local disk (the target)
+
+Workloads (fio nbd engine over Unix sockets): 4k randwrite QD1 and QD32, and 4k randwrite QD1 with
+a FLUSH after each write. Then, on Sluice: backing write requests per written-back block, and the
+time to write back 64 MiB of random 4k dirty data (`sluice drain`) against writing the same data
+straight to a slow disk (measured over a limited run and extrapolated, since it takes minutes).
+
+This is a benchmark, not a test: nothing here asserts timings.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import run_fio, wait_for_socket, log  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORKLOADS = [
+    ("4k randwrite QD1", ["--rw=randwrite", "--bs=4k", "--iodepth=1"]),
+    ("4k randwrite QD32", ["--rw=randwrite", "--bs=4k", "--iodepth=32"]),
+    ("4k randwrite QD1 + FLUSH each", ["--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=1"]),
+]
+
+
+def unix_uri(socket):
+    return f"nbd+unix:///?socket={socket}"
+
+
+class Process:
+    def __init__(self, name, directory, command, socket, env=None):
+        self.name = name
+        self.command = command
+        self.socket = socket
+        self.env = env
+        self.log_path = os.path.join(directory, f"{name}.log")
+        self.process = None
+
+    def start(self):
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+        environment = dict(os.environ)
+        if self.env:
+            environment.update(self.env)
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "w"), env=environment)
+        wait_for_socket(self.socket, self.process, timeout_s=120)
+
+    def stop(self):
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+def slow_disk(directory, name, size_bytes):
+    image = os.path.join(directory, f"{name}-hdd.img")
+    with open(image, "wb") as f:
+        f.truncate(size_bytes)
+    socket = os.path.join(directory, f"{name}-hdd.sock")
+    command = ["nbdkit", "-f", "-U", socket, "--filter=noparallel", "--filter=rate", "--filter=delay",
+               "file", image, "serialize=all-requests", "rate=1200M", "rdelay=8ms", "wdelay=8ms"]
+    return Process(f"{name}-hdd", directory, command, socket)
+
+
+def sluice_status(binary, socket):
+    result = subprocess.run([binary, "status", "--json", "--socket", socket], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--directory", default="/var/tmp/sluice-cache-bench", help="local-disk folder for images and sockets")
+    parser.add_argument("--size", type=int, default=1024, help="volume size in MiB (default 1024)")
+    parser.add_argument("--cache-size", type=int, default=16384, help="Sluice cache device size in MiB (sparse; default 16384)")
+    parser.add_argument("--segment-size", default="1M")
+    parser.add_argument("--runtime", type=int, default=5, help="seconds per workload (default 5)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds; results are medians (default 1)")
+    parser.add_argument("--writeback-mib", type=int, default=64, help="dirty data for the writeback measurement (MiB)")
+    parser.add_argument("--writeback-region-mib", type=int, default=72, help="region the random 4k dirty blocks are spread over")
+    parser.add_argument("--direct-seconds", type=int, default=10, help="how long to measure writing straight to the slow disk")
+    parser.add_argument("--systems", default="sluice-cache,nbdkit-cache,qemu-nbd,sluice-passthrough")
+    parser.add_argument("--sluice", default=os.path.join(ROOT, ".build", "release", "sluice"))
+    args = parser.parse_args()
+
+    for tool in ("fio", "nbdkit", "qemu-nbd", "nbdinfo"):
+        if shutil.which(tool) is None:
+            sys.exit(f"cache bench: {tool} is not installed (make bench installs it)")
+    if not os.path.exists(args.sluice):
+        sys.exit(f"cache bench: {args.sluice} is missing; run `make release` first")
+    shutil.rmtree(args.directory, ignore_errors=True)
+    os.makedirs(args.directory)
+    size_bytes = args.size << 20
+    d = args.directory
+    wanted = [s for s in args.systems.split(",") if s]
+
+    processes = []   # started in order, stopped in reverse
+
+    def start_systems(sluice_extra=()):
+        """Starts every system on fresh images: each workload begins with empty caches."""
+        for name in os.listdir(d):
+            os.unlink(os.path.join(d, name))
+        uris = {}
+        if "sluice-cache" in wanted:
+            hdd = slow_disk(d, "sluice", size_bytes)
+            hdd.start()
+            processes.append(hdd)
+            cache = os.path.join(d, "sluice-ssd.img")
+            with open(cache, "wb") as f:
+                f.truncate(args.cache_size << 20)
+            backing = unix_uri(hdd.socket)
+            subprocess.run([args.sluice, "format", "--cache", cache, "--backing", backing, "--segment-size", args.segment_size],
+                           check=True, capture_output=True)
+            socket = os.path.join(d, "sluice-cache.sock")
+            server = Process("sluice-cache", d, [args.sluice, "serve", "--cache", cache, "--backing", backing, "--volatile",
+                                                 "--socket", socket, "--log-level", "warning", *sluice_extra], socket)
+            server.start()
+            processes.append(server)
+            uris["sluice-cache"] = unix_uri(socket)
+        if "nbdkit-cache" in wanted:
+            image = os.path.join(d, "nbdkit-cache-hdd.img")
+            with open(image, "wb") as f:
+                f.truncate(size_bytes)
+            socket = os.path.join(d, "nbdkit-cache.sock")
+            # As in shared/TESTBED.md: the cache filter over a delayed, serialized file.
+            server = Process("nbdkit-cache", d, ["nbdkit", "-f", "-U", socket, "--filter=cache", "--filter=noparallel",
+                                                 "--filter=delay", "file", image, "cache=writeback", "cache-min-block-size=4K",
+                                                 "serialize=all-requests", "rdelay=8ms", "wdelay=8ms"], socket,
+                             env={"TMPDIR": "/dev/shm"})
+            server.start()
+            processes.append(server)
+            uris["nbdkit-cache"] = unix_uri(socket)
+        if "qemu-nbd" in wanted:
+            hdd = slow_disk(d, "qemu", size_bytes)
+            hdd.start()
+            processes.append(hdd)
+            socket = os.path.join(d, "qemu-nbd.sock")
+            server = Process("qemu-nbd", d, ["qemu-nbd", "-t", "-e", "8", "-k", socket, "-f", "raw", "--cache=writeback",
+                                             unix_uri(hdd.socket)], socket)
+            server.start()
+            processes.append(server)
+            uris["qemu-nbd"] = unix_uri(socket)
+        if "sluice-passthrough" in wanted:
+            image = os.path.join(d, "fast.img")
+            with open(image, "wb") as f:
+                f.truncate(size_bytes)
+            socket = os.path.join(d, "sluice-passthrough.sock")
+            server = Process("sluice-passthrough", d, [args.sluice, "serve", "--backing", image, "--socket", socket,
+                                                       "--log-level", "warning"], socket)
+            server.start()
+            processes.append(server)
+            uris["sluice-passthrough"] = unix_uri(socket)
+        return uris
+
+    def stop_systems():
+        # A write-back cache holding dirty data would write it back for minutes at shutdown; the
+        # images are thrown away, so the servers are killed instead.
+        for process in reversed(processes):
+            if process.process is not None:
+                process.process.kill()
+                process.process.wait()
+                process.process = None
+        processes.clear()
+
+    systems = [s for s in wanted]
+    samples = {}
+    extra = {}
+    try:
+        for round_index in range(args.rounds):
+            for workload, fio_arguments in WORKLOADS:
+                uris = start_systems()
+                rotation = round_index % len(systems)
+                for system in systems[rotation:] + systems[:rotation]:
+                    result = run_fio(uris[system], fio_arguments, args.runtime, size_bytes)
+                    samples.setdefault((system, workload), []).append(result)
+                    log(f"round {round_index + 1}/{args.rounds} {workload} {system}: {result['iops']:,.0f} IOPS, "
+                        f"p99 {result['p99_us']:,.1f} µs")
+                if "sluice-cache" in uris:
+                    status = sluice_status(args.sluice, os.path.join(d, "sluice-cache.sock"))
+                    extra[f"sluice-cache after {workload}"] = {k: status[k] for k in (
+                        "dirty_blocks", "partial_segments", "segments_written", "user_bytes_written", "cache_bytes_written",
+                        "backing_bytes_written", "live_segments", "segment_count", "writes_throttled")}
+                stop_systems()
+
+        if "sluice-cache" in wanted:
+            wanted = ["sluice-cache"]
+            # No background writeback while the dirty data goes in: the drain writes all of it.
+            uris = start_systems(sluice_extra=("--writeback-threshold", "0"))
+            socket = os.path.join(d, "sluice-cache.sock")
+            before = sluice_status(args.sluice, socket)
+            # 64 MiB of random 4k blocks, each written once, spread over a region of the volume.
+            region = args.writeback_region_mib << 20
+            subprocess.run(["fio", "--name=dirty", "--ioengine=nbd", f"--uri={uris['sluice-cache']}", f"--size={region}",
+                            f"--io_size={args.writeback_mib << 20}", "--rw=randwrite", "--bs=4k", "--iodepth=32",
+                            "--randseed=7", "--output-format=terse"], check=True, capture_output=True)
+            started = time.time()
+            subprocess.run([args.sluice, "drain", "--socket", socket], check=True, capture_output=True)
+            writeback_s = time.time() - started
+            after = sluice_status(args.sluice, socket)
+            blocks = after["written_back_blocks"] - before["written_back_blocks"]
+            requests = after["backing_write_requests"] - before["backing_write_requests"]
+            extra["writeback"] = {"dirty_mib": args.writeback_mib, "region_mib": args.writeback_region_mib,
+                                  "seconds": writeback_s, "blocks": blocks, "backing_write_requests": requests,
+                                  "requests_per_block": requests / blocks if blocks else 0}
+            # The same kind of data written straight to a slow disk of its own.
+            hdd = slow_disk(d, "direct", size_bytes)
+            hdd.start()
+            processes.append(hdd)
+            direct = run_fio(unix_uri(hdd.socket), ["--rw=randwrite", "--bs=4k", "--iodepth=32"], args.direct_seconds, region)
+            total_blocks = (args.writeback_mib << 20) // 4096
+            extra["direct"] = {"iops": direct["iops"], "extrapolated_seconds": total_blocks / direct["iops"] if direct["iops"] else 0}
+    finally:
+        stop_systems()
+
+    results = {key: {f: statistics.median(r[f] for r in runs) for f in runs[0]} for key, runs in samples.items()}
+    header = ["workload", "system", "IOPS", "mean µs", "p99 µs", "vs sluice-passthrough"]
+    rows = []
+    for workload, _ in WORKLOADS:
+        base = results.get(("sluice-passthrough", workload))
+        for system in systems:
+            result = results.get((system, workload))
+            if result is None:
+                continue
+            ratio = f"{result['iops'] / base['iops']:.2f}×" if base and base["iops"] else ""
+            rows.append([workload, system, f"{result['iops']:,.0f}", f"{result['mean_us']:,.1f}", f"{result['p99_us']:,.1f}", ratio])
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    lines = ["| " + " | ".join(h.ljust(widths[i]) for i, h in enumerate(header)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)) + " |" for r in rows]
+    print(f"\nSlow disks: nbdkit noparallel+rate+delay (8 ms, 150 MiB/s), one per system; cache device and fast file on "
+          f"{args.directory}; {args.size} MiB volumes; {args.runtime} s per workload, medians of {args.rounds} round(s).\n")
+    print("\n".join(lines))
+    if "writeback" in extra:
+        w = extra["writeback"]
+        print(f"\nWriteback of {w['dirty_mib']} MiB of random 4k dirty data (spread over {w['region_mib']} MiB): "
+              f"{w['seconds']:.1f} s, {w['backing_write_requests']} backing writes for {w['blocks']} blocks "
+              f"({w['requests_per_block']:.3f} per block).")
+        dr = extra["direct"]
+        print(f"Writing it straight to the slow disk at QD32: {dr['iops']:,.0f} IOPS → {dr['extrapolated_seconds']:.1f} s "
+              f"(extrapolated from a {args.direct_seconds} s run); ratio {dr['extrapolated_seconds'] / w['seconds']:.1f}× faster through the cache.")
+    for workload, _ in WORKLOADS:
+        key = f"sluice-cache after {workload}"
+        if key in extra:
+            print(f"sluice-cache after {workload}: {json.dumps(extra[key])}")
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    with open(os.path.join(ROOT, "bench", "results", f"cache-{stamp}.json"), "w") as f:
+        json.dump({"results": {f"{s}|{w}": r for (s, w), r in results.items()}, "extra": extra, "args": vars(args)}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
