@@ -75,6 +75,11 @@ extension CacheEngine {
             }
             let openSlot = geometry.slot(ofSegment: buffer.segmentID)
             let isFullBlock = mask == 0xFF
+            // An old copy fetched for a merge is good only for the piece that asked for it, and only
+            // while the index still points at it; any other outcome drops it below, so a copy
+            // fetched from a slot that is later reused is never merged into anything.
+            let fetched = fetchedOldCopy
+            fetchedOldCopy = nil
             let start = data.readerIndex + update.appliedBytes
 
             if let dataIndex = buffer.dataIndex(of: blockNumber) {
@@ -102,7 +107,7 @@ extension CacheEngine {
                 var merged = [UInt8](repeating: 0, count: CacheGeometry.blockBytes)
                 if let sealed = sealedBySlot[oldSlot] {
                     sealed.withBlock(at: oldDataIndex) { source in merged.withUnsafeMutableBytes { $0.copyMemory(from: source) } }
-                } else if let fetched = fetchedOldCopy, fetched.position == old.position {
+                } else if let fetched, fetched.position == old.position {
                     fetched.block.withUnsafeReadableBytes { source in
                         merged.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: source[0..<CacheGeometry.blockBytes])) }
                     }
@@ -110,7 +115,6 @@ extension CacheEngine {
                     startMergeRead(position: old.position)
                     return .blocked
                 }
-                fetchedOldCopy = nil
                 data.withUnsafeReadableBytes { raw in
                     merged.withUnsafeMutableBytes { target in
                         (target.baseAddress! + firstSector * SegmentBuffer.sectorBytes)

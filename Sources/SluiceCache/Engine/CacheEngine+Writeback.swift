@@ -182,8 +182,28 @@ extension CacheEngine {
         }
     }
 
-    /// Records the progress durably, then forgets the written-back blocks and frees the segments.
+    /// Makes every superseding copy and discard marker durable, records the progress durably, then
+    /// forgets the written-back blocks and frees the segments.
+    ///
+    /// The batch skipped copies that newer writes or discards had superseded. Until those newer
+    /// copies and markers are durable, the older copies are the durable truth: if the record
+    /// retired them first, a crash could lose both and the block would fall back to what the
+    /// backing store held before either. So a barrier runs first when anything is not yet synced.
     private func finishWriteback(_ batch: WritebackBatch) {
+        let lastSealedID = (openBuffer?.segmentID ?? nextSegmentID) - 1
+        let everythingDurable = (openBuffer?.isEmpty ?? true) && lastSealedID <= syncedThroughID
+        guard everythingDurable else {
+            return addBarrierWaiter { reply in
+                guard case .done = reply else {
+                    return self.writebackFailed(batch, self.failure ?? .inputOutput(errno: 5), "making newer copies durable")
+                }
+                self.recordWriteback(batch)
+            }
+        }
+        recordWriteback(batch)
+    }
+
+    private func recordWriteback(_ batch: WritebackBatch) {
         writeRecord(cleanShutdown: false, lastWrittenBackID: batch.lastID) { result in
             if case .failure(let error) = result {
                 return self.writebackFailed(batch, error, "recording writeback progress in the superblock")
