@@ -9,7 +9,7 @@ PACKAGES := pkg-config liburing-dev libpmem-dev libnbd-dev libisal-dev \
 VAR := $(CURDIR)/var
 SOCKET := $(VAR)/sluice.sock
 
-.PHONY: run test bench deps build release clean
+.PHONY: run test bench bench-cache deps build release clean
 
 ## Install the Debian packages that are missing.
 deps:
@@ -43,6 +43,10 @@ test: deps
 ## Benchmark Sluice against nbdkit and qemu-nbd, side by side (not a test: no timing assertions).
 bench: release
 	python3 bench/bench.py $(BENCH_ARGS)
+
+## The cache over slow disks, side by side with nbdkit's cache filter and qemu-nbd.
+bench-cache: release
+	python3 bench/cache_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .build var
