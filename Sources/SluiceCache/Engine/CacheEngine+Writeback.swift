@@ -39,8 +39,10 @@ final class WritebackBatch {
 }
 
 extension CacheEngine {
-    /// The most bytes one backing write carries (NBD servers commonly refuse more than 32 MiB).
-    static let writebackWriteBytesMax = 8 << 20
+    /// The most bytes one backing write carries: NBD servers commonly refuse more than 32 MiB, and
+    /// a default batch (32 segments of 1 MiB) holds less dirty data than that, so a contiguous run
+    /// is never split into two requests.
+    static let writebackWriteBytesMax = 32 << 20
     /// The most backing writes a batch keeps in flight.
     static let writebackWritesInFlightMax = 64
 
