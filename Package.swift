@@ -69,7 +69,7 @@ let package = Package(
         .target(
             name: "SluiceCache",
             dependencies: [
-                "SluiceFormat", "SluiceVolume", "SluiceIO", "RecoverCache", "CLibURing", "CLibNBD",
+                "SluiceFormat", "SluiceVolume", "SluiceIO", "RecoverCache", "CLibURing", "CLibNBD", "CLibPmem",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

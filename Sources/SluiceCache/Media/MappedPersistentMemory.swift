@@ -1,0 +1,60 @@
+import CLibPmem
+import Glibc
+
+/// Persistent memory mapped from a file with libpmem: a DAX file on real persistent memory, or a
+/// file on tmpfs for emulation (where libpmem falls back to msync unless `PMEM_IS_PMEM_FORCE=1`).
+public final class MappedPersistentMemory: PersistentMemory {
+    public let path: String
+    public let sizeBytes: Int
+    public let baseAddress: UnsafeMutableRawPointer
+    /// Whether the mapping is real persistent memory (flushes are cache-line flushes, not msync).
+    public let isPersistentMemory: Bool
+
+    /// Why a pmem file could not be mapped.
+    public struct MappingError: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    /// Maps `path`, creating it with `createBytes` if it does not exist and `createBytes` is given.
+    public init(path: String, createBytes: Int? = nil) throws {
+        var mappedLength = 0
+        var isPmem: Int32 = 0
+        let flags: Int32 = createBytes == nil ? 0 : Int32(PMEM_FILE_CREATE)
+        guard let address = pmem_map_file(path, createBytes ?? 0, flags, 0o600, &mappedLength, &isPmem) else {
+            let reason = String(cString: pmem_errormsg())
+            throw MappingError(description: "cannot map the pmem file \(path): \(reason)")
+        }
+        self.path = path
+        self.sizeBytes = mappedLength
+        self.baseAddress = address
+        self.isPersistentMemory = isPmem != 0
+    }
+
+    deinit {
+        pmem_unmap(baseAddress, sizeBytes)
+    }
+
+    public func copyAndFlush(to offset: Int, from bytes: UnsafeRawBufferPointer) {
+        precondition(offset >= 0 && offset + bytes.count <= sizeBytes, "persistent memory copy out of range")
+        if isPersistentMemory {
+            // Non-temporal stores for whole blocks: the data bypasses the CPU caches.
+            pmem_memcpy(baseAddress + offset, bytes.baseAddress, bytes.count, UInt32(PMEM_F_MEM_NONTEMPORAL | PMEM_F_MEM_NODRAIN))
+        } else {
+            (baseAddress + offset).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+            pmem_msync(baseAddress + offset, bytes.count)
+        }
+    }
+
+    public func flush(offset: Int, count: Int) {
+        precondition(offset >= 0 && count >= 0 && offset + count <= sizeBytes, "persistent memory flush out of range")
+        if isPersistentMemory {
+            pmem_flush(baseAddress + offset, count)
+        } else {
+            pmem_msync(baseAddress + offset, count)
+        }
+    }
+
+    public func drain() {
+        if isPersistentMemory { pmem_drain() }
+    }
+}

@@ -1,0 +1,106 @@
+/// The seam between the engine and persistent memory (the pmem write buffer of pmem mode): every
+/// store that must survive a power failure is flushed and drained through this protocol, so tests
+/// can put ``SimulatedPersistentMemory`` underneath, which at a simulated power failure keeps what
+/// was drained and a seeded random choice, word by word, of everything else.
+///
+/// Loads are plain memory reads at ``baseAddress``. Stores are plain writes there, followed by
+/// ``flush(offset:count:)``; they are persistent only after a later ``drain()``.
+public protocol PersistentMemory: AnyObject {
+    var sizeBytes: Int { get }
+    var baseAddress: UnsafeMutableRawPointer { get }
+    /// Copies `bytes` to `offset` (non-temporal stores for large copies) and flushes them; they
+    /// are persistent after the next ``drain()``.
+    func copyAndFlush(to offset: Int, from bytes: UnsafeRawBufferPointer)
+    /// Flushes stores already made to `offset ..< offset + count`.
+    func flush(offset: Int, count: Int)
+    /// Waits until every flush so far is persistent.
+    func drain()
+}
+
+extension PersistentMemory {
+    /// Stores one aligned 8-byte word: a store the hardware never tears.
+    public func storeWord(_ value: UInt64, at offset: Int) {
+        precondition(offset % 8 == 0 && offset + 8 <= sizeBytes, "unaligned or out-of-range word store")
+        baseAddress.storeBytes(of: value.littleEndian, toByteOffset: offset, as: UInt64.self)
+    }
+
+    public func loadWord(at offset: Int) -> UInt64 {
+        precondition(offset % 8 == 0 && offset + 8 <= sizeBytes, "unaligned or out-of-range word load")
+        return UInt64(littleEndian: baseAddress.load(fromByteOffset: offset, as: UInt64.self))
+    }
+}
+
+/// Persistent memory in a test: a byte array whose persistent image changes only at ``drain()``
+/// (for flushed ranges), and at a simulated power failure keeps, for every 8-byte word that was
+/// stored but not drained, either the old or the new value, chosen by a seed (a CPU may write a
+/// dirty cache line back at any moment, and only 8-byte aligned stores are atomic).
+public final class SimulatedPersistentMemory: PersistentMemory {
+    public let sizeBytes: Int
+    public let baseAddress: UnsafeMutableRawPointer
+    /// What survives a power failure for certain.
+    public private(set) var persistent: [UInt8]
+    /// Flushed ranges waiting for a drain.
+    private var flushed: [(offset: Int, count: Int)] = []
+    public private(set) var drainCount = 0
+    public private(set) var flushCount = 0
+
+    public init(sizeBytes: Int) {
+        precondition(sizeBytes > 0 && sizeBytes % 8 == 0)
+        self.sizeBytes = sizeBytes
+        baseAddress = .allocate(byteCount: sizeBytes, alignment: 64)
+        baseAddress.initializeMemory(as: UInt8.self, repeating: 0, count: sizeBytes)
+        persistent = [UInt8](repeating: 0, count: sizeBytes)
+    }
+
+    /// Memory whose persistent contents are `bytes` (what survived a power failure).
+    public convenience init(persistentBytes bytes: [UInt8]) {
+        self.init(sizeBytes: bytes.count)
+        bytes.withUnsafeBytes { baseAddress.copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
+        persistent = bytes
+    }
+
+    deinit {
+        baseAddress.deallocate()
+    }
+
+    public func copyAndFlush(to offset: Int, from bytes: UnsafeRawBufferPointer) {
+        precondition(offset >= 0 && offset + bytes.count <= sizeBytes, "persistent memory copy out of range")
+        (baseAddress + offset).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+        flush(offset: offset, count: bytes.count)
+    }
+
+    public func flush(offset: Int, count: Int) {
+        precondition(offset >= 0 && count >= 0 && offset + count <= sizeBytes, "persistent memory flush out of range")
+        flushed.append((offset, count))
+        flushCount += 1
+    }
+
+    public func drain() {
+        for range in flushed {
+            persistent.withUnsafeMutableBytes {
+                ($0.baseAddress! + range.offset).copyMemory(from: baseAddress + range.offset, byteCount: range.count)
+            }
+        }
+        flushed.removeAll(keepingCapacity: true)
+        drainCount += 1
+    }
+
+    /// Cuts the power: returns what the memory holds afterwards. Every 8-byte word whose current
+    /// value differs from its persistent one keeps the old or takes the new value, by `seed`.
+    public func powerFail(seed: UInt64) -> [UInt8] {
+        var state = seed
+        var survivor = persistent
+        survivor.withUnsafeMutableBytes { target in
+            for word in stride(from: 0, to: sizeBytes, by: 8) {
+                let current = baseAddress.load(fromByteOffset: word, as: UInt64.self)
+                guard current != target.load(fromByteOffset: word, as: UInt64.self) else { continue }
+                state &+= 0x9E37_79B9_7F4A_7C15
+                var z = state
+                z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+                z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+                if (z ^ (z >> 31)) & 1 == 1 { target.storeBytes(of: current, toByteOffset: word, as: UInt64.self) }
+            }
+        }
+        return survivor
+    }
+}
