@@ -40,7 +40,7 @@ final class CacheEngineCrashTests: XCTestCase {
         // turn that issues a burst: the power is cut at a random media operation instead.
         let cut = PowerCut()
         let harness = try EngineHarness(cacheBytes: Self.cacheBytes, backingBytes: Self.backingBytes, segmentBytes: 64 * 1024,
-                                        tunables: tunables, wrapMedia: shuffled ? ShuffledScheduler.wrapper(seed: seed) : cut.wrapper())
+                                        tunables: tunables, periodicWork: false, wrapMedia: shuffled ? ShuffledScheduler.wrapper(seed: seed) : cut.wrapper())
         defer { harness.close() }
         let workload = Workload(harness: harness, sectorCount: Self.sectorCount)
         var cutSeed: UInt64 = 0

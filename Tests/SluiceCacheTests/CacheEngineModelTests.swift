@@ -16,7 +16,7 @@ final class CacheEngineModelTests: XCTestCase {
         var tunables = CacheTunables()
         tunables.writebackThresholdPercent = threshold
         return try EngineHarness(cacheBytes: Self.cacheBytes, backingBytes: Self.backingBytes, segmentBytes: 64 * 1024,
-                                 tunables: tunables, wrapMedia: seed.map { ShuffledScheduler.wrapper(seed: $0) })
+                                 tunables: tunables, periodicWork: false, wrapMedia: seed.map { ShuffledScheduler.wrapper(seed: $0) })
     }
 
     /// Reads `sectors` at `lba` and checks them against the model; returns false on a mismatch.

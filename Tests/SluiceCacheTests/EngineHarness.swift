@@ -30,13 +30,18 @@ final class EngineHarness {
     /// What survived the last power failure (set by ``powerFailOnLoop(seed:)``).
     private var survivors: (cache: [UInt8], backing: [UInt8])?
 
+    /// Whether engines run their 100 ms periodic work (writeback pacing, record refresh). Off, a
+    /// run depends on nothing but its seeds: no timer fires at a moment set by the wall clock.
+    let periodicWork: Bool
+
     init(cacheBytes: Int = 4 << 20, backingBytes: Int = 8 << 20, segmentBytes: Int = 64 * 1024,
-         tunables: CacheTunables = CacheTunables(),
+         tunables: CacheTunables = CacheTunables(), periodicWork: Bool = true,
          wrapMedia: ((SimulatedMedium, SimulatedMedium, any EventLoop) -> (any BlockMedium, any BlockMedium))? = nil) throws {
         cache = SimulatedMedium(sizeBytes: cacheBytes)
         backing = SimulatedMedium(sizeBytes: backingBytes)
         self.segmentBytes = segmentBytes
         self.tunables = tunables
+        self.periodicWork = periodicWork
         self.wrapMedia = wrapMedia
         expectation = CacheSuperblock.Expectation(backingIdentity: "simulated-backing", backingSizeBytes: UInt64(backingBytes), mode: .volatile)
         var formatted: Result<CacheSuperblock.Opened, Error>?
@@ -74,6 +79,7 @@ final class EngineHarness {
                         recovered: recovered.state, tunables: self.tunables, logger: Logger(label: "test-engine"))
         }.wait()
         try loop.flatSubmit { engine.start() }.wait()
+        if !periodicWork { try loop.submit { engine.periodicTask?.cancel() }.wait() }
         self.engine = engine
     }
 

@@ -88,6 +88,7 @@ final class ShuffledScheduler {
     private var rng: SplitMix64
     private var pending: [() -> Void] = []
     private(set) var performed = 0
+    var pendingCount: Int { pending.count }
 
     init(loop: any EventLoop, seed: UInt64) {
         self.loop = loop

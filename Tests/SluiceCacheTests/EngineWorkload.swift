@@ -218,7 +218,7 @@ final class Workload {
                 self.idleWaiters.append(promise)
             }
         }.wait()
-        if done { return }
+        if done { return try waitQuiescent() }
         let timeout = loop.scheduleTask(in: .seconds(30)) {
             if let index = self.idleWaiters.firstIndex(where: { $0.futureResult === promise.futureResult }) {
                 self.idleWaiters.remove(at: index)
@@ -227,6 +227,21 @@ final class Workload {
         }
         defer { timeout.cancel() }
         try promise.futureResult.wait()
+        try waitQuiescent()
+    }
+
+    /// On reordering media, waits until no media operation is pending and the loop has nothing
+    /// left that changes the engine, so the next burst starts from a state set by the seeds alone
+    /// (not by when the test thread happened to submit it).
+    private func waitQuiescent() throws {
+        guard let scheduler = (harness.cacheMedium as? DeferredMedium)?.scheduler else { return }
+        var lastPerformed = -1
+        var quietChecks = 0
+        while quietChecks < 2 {
+            let (pending, performed) = try loop.submit { (scheduler.pendingCount, scheduler.performed) }.wait()
+            quietChecks = pending == 0 && performed == lastPerformed ? quietChecks + 1 : 0
+            lastPerformed = performed
+        }
     }
 
     /// Waits for the power failure that ``burst(_:thenPowerFailAfterHops:seed:)`` scheduled.
