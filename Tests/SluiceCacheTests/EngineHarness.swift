@@ -21,13 +21,28 @@ final class EngineHarness {
     let segmentBytes: Int
     var tunables: CacheTunables
     let expectation: CacheSuperblock.Expectation
+    /// Wraps the simulated media the engine talks to (recovery always reads the simulated media
+    /// directly). Called again for every engine started, with the media it runs on.
+    let wrapMedia: ((_ cache: SimulatedMedium, _ backing: SimulatedMedium, _ loop: any EventLoop) -> (any BlockMedium, any BlockMedium))?
+    /// The media the current engine talks to (the simulated ones, or their wrappers).
+    private(set) var cacheMedium: (any BlockMedium)!
+    private(set) var backingMedium: (any BlockMedium)!
+    /// What survived the last power failure (set by ``powerFailOnLoop(seed:)``).
+    private var survivors: (cache: [UInt8], backing: [UInt8])?
+
+    /// Whether engines run their 100 ms periodic work (writeback pacing, record refresh). Off, a
+    /// run depends on nothing but its seeds: no timer fires at a moment set by the wall clock.
+    let periodicWork: Bool
 
     init(cacheBytes: Int = 4 << 20, backingBytes: Int = 8 << 20, segmentBytes: Int = 64 * 1024,
-         tunables: CacheTunables = CacheTunables()) throws {
+         tunables: CacheTunables = CacheTunables(), periodicWork: Bool = true,
+         wrapMedia: ((SimulatedMedium, SimulatedMedium, any EventLoop) -> (any BlockMedium, any BlockMedium))? = nil) throws {
         cache = SimulatedMedium(sizeBytes: cacheBytes)
         backing = SimulatedMedium(sizeBytes: backingBytes)
         self.segmentBytes = segmentBytes
         self.tunables = tunables
+        self.periodicWork = periodicWork
+        self.wrapMedia = wrapMedia
         expectation = CacheSuperblock.Expectation(backingIdentity: "simulated-backing", backingSizeBytes: UInt64(backingBytes), mode: .volatile)
         var formatted: Result<CacheSuperblock.Opened, Error>?
         CacheSuperblock.format(cache, segmentBytes: segmentBytes, expectation: expectation,
@@ -36,7 +51,17 @@ final class EngineHarness {
         try startEngine()
     }
 
+    private var isClosed = false
+
     deinit {
+        if !isClosed { try? group.syncShutdownGracefully() }
+    }
+
+    /// Stops the event loop (from the test thread). Engines, media and closures left on the loop
+    /// may then be released anywhere, so a harness released on its own loop does not stop it there.
+    func close() {
+        guard !isClosed else { return }
+        isClosed = true
         try? group.syncShutdownGracefully()
     }
 
@@ -44,11 +69,17 @@ final class EngineHarness {
     func startEngine() throws {
         let recovered = try CacheStartup.recover(device: cache, expectation: expectation)
         lastRecovery = recovered
+        if let wrapMedia {
+            (cacheMedium, backingMedium) = wrapMedia(cache, backing, loop)
+        } else {
+            (cacheMedium, backingMedium) = (cache, backing)
+        }
         let engine = try loop.submit {
-            CacheEngine(eventLoop: self.loop, cacheDevice: self.cache, backingStore: self.backing, opened: recovered.opened,
+            CacheEngine(eventLoop: self.loop, cacheDevice: self.cacheMedium, backingStore: self.backingMedium, opened: recovered.opened,
                         recovered: recovered.state, tunables: self.tunables, logger: Logger(label: "test-engine"))
         }.wait()
         try loop.flatSubmit { engine.start() }.wait()
+        if !periodicWork { try loop.submit { engine.periodicTask?.cancel() }.wait() }
         self.engine = engine
     }
 
@@ -60,11 +91,49 @@ final class EngineHarness {
             engine.periodicTask?.cancel()
             engine.isClosing = true
         }.wait()
-        let cacheBytes = try loop.submit { self.cache.powerFail(seed: seed) }.wait()
-        let backingBytes = try loop.submit { self.backing.powerFail(seed: seed &* 31 &+ 7) }.wait()
-        cache = SimulatedMedium(durableBytes: cacheBytes)
-        backing = SimulatedMedium(durableBytes: backingBytes)
+        try loop.submit { self.powerFailOnLoop(seed: seed) }.wait()
+        try recoverFromPowerFailure()
+    }
+
+    /// Cuts the power of both media right now; call on the loop, at any point of the engine's work.
+    /// The engine keeps running against dead media until ``recoverFromPowerFailure()``.
+    func powerFailOnLoop(seed: UInt64) {
+        loop.preconditionInEventLoop()
+        engine.periodicTask?.cancel()
+        engine.isClosing = true
+        let cacheBytes = cache.powerFail(seed: seed)
+        let backingBytes = backing.powerFail(seed: seed &* 31 &+ 7)
+        survivors = (cacheBytes, backingBytes)
+    }
+
+    /// Puts what survived the last ``powerFailOnLoop(seed:)`` on fresh media, recovers and starts a
+    /// new engine.
+    ///
+    /// With `interruptRecoveryAfterWrites`, a first recovery runs and loses power after that many
+    /// of its writes to the cache device (what it wrote unsynced survives per `seed`); the real
+    /// recovery then starts from what that left. Returns whether the first recovery was cut short.
+    @discardableResult
+    func recoverFromPowerFailure(interruptRecoveryAfterWrites: Int? = nil, seed: UInt64 = 0) throws -> Bool {
+        guard var survivors else { throw HarnessError.failed("no power failure to recover from") }
+        self.survivors = nil
+        var interrupted = false
+        if let limit = interruptRecoveryAfterWrites {
+            let medium = SimulatedMedium(durableBytes: survivors.cache)
+            var openResult: Result<CacheSuperblock.Opened, Error>?
+            CacheSuperblock.open(medium, expectation: expectation) { openResult = $0 }
+            let opened = try openResult!.get()
+            let device = InterruptingRecoveryDevice(medium, writesBeforePowerFailure: limit)
+            do {
+                _ = try RecoverCache.recover(device: device, header: opened.header, geometry: opened.geometry, record: opened.record)
+            } catch is InterruptingRecoveryDevice.PowerFailed {
+                interrupted = true
+            }
+            survivors.cache = medium.powerFail(seed: seed)
+        }
+        cache = SimulatedMedium(durableBytes: survivors.cache)
+        backing = SimulatedMedium(durableBytes: survivors.backing)
         try startEngine()
+        return interrupted
     }
 
     /// Shuts down cleanly and starts again on the same media.
@@ -133,10 +202,35 @@ final class EngineHarness {
         return try loop.submit { body(engine) }.wait()
     }
 
+    /// Runs `body` on the loop with the simulated media (to inject faults or inspect them).
+    func onMedia<T>(_ body: @escaping (_ cache: SimulatedMedium, _ backing: SimulatedMedium) -> T) throws -> T {
+        try loop.submit { body(self.cache, self.backing) }.wait()
+    }
+
     /// The backing medium's visible bytes.
     func backingBytes(at offset: Int, count: Int) throws -> [UInt8] {
         try loop.submit { Array(self.backing.visible[offset..<(offset + count)]) }.wait()
     }
+}
+
+/// A recovery device that loses power after a number of writes.
+final class InterruptingRecoveryDevice: RecoveryDevice {
+    struct PowerFailed: Error {}
+    let medium: SimulatedMedium
+    var writesLeft: Int
+    init(_ medium: SimulatedMedium, writesBeforePowerFailure: Int) {
+        self.medium = medium
+        writesLeft = writesBeforePowerFailure
+    }
+
+    var sizeBytes: UInt64 { medium.sizeBytes }
+    func readBytes(offset: UInt64, count: Int) throws -> [UInt8] { try medium.readBytes(offset: offset, count: count) }
+    func writeBytes(offset: UInt64, bytes: [UInt8]) throws {
+        guard writesLeft > 0 else { throw PowerFailed() }
+        writesLeft -= 1
+        try medium.writeBytes(offset: offset, bytes: bytes)
+    }
+    func synchronizeBytes() throws { try medium.synchronizeBytes() }
 }
 
 enum HarnessError: Error {

@@ -1,0 +1,212 @@
+import NIOCore
+import SluiceFormat
+import SluiceVolume
+import XCTest
+
+@testable import SluiceCache
+
+/// Directed interleavings on media whose operations the test holds and releases by hand.
+final class CacheEngineInterleavingTests: XCTestCase {
+    private func block(_ tag: UInt32, _ blockNumber: Int) -> [UInt8] {
+        SectorCodec.bytes(tag: tag, firstLBA: blockNumber * 8, sectors: 8)
+    }
+
+    private func controlledHarness(threshold: Int = 0) throws -> (EngineHarness, ControlledMedium, ControlledMedium) {
+        var tunables = CacheTunables()
+        tunables.writebackThresholdPercent = threshold
+        let harness = try EngineHarness(cacheBytes: 1 << 20, backingBytes: 2 << 20, segmentBytes: 64 * 1024,
+                                        tunables: tunables, wrapMedia: ControlledMedium.wrapper())
+        return (harness, harness.cacheMedium as! ControlledMedium, harness.backingMedium as! ControlledMedium)
+    }
+
+    /// BUG: the old copy fetched for a merge is kept in `fetchedOldCopy` keyed only by its cache
+    /// position. If writeback of that copy finishes while the merge read is in flight, the write no
+    /// longer needs the copy (the block is clean; it takes the plain path) and `fetchedOldCopy` is
+    /// left behind. Once the ring wraps and another block's copy lands at the same position, a
+    /// partial write to that block "finds" the stale fetched copy and merges another block's data
+    /// into it.
+    ///
+    /// 1. write blocks 0...3 and flush (segment 1, slot 0; block 0 at cache position 0, on the device)
+    /// 2. hold cache-device reads; write sector 3 of block 0 (a merge read of position 0 is held);
+    ///    drain (writeback of segment 1 reads the slot: held too)
+    /// 3. release the writeback read: writeback of segment 1 completes, block 0 is clean
+    /// 4. release the merge read: the write completes without it; the fetched copy stays
+    /// 5. write full blocks until the ring wraps to slot 0; block 400 lands at position 0; a flush
+    ///    writes it to the device
+    /// 6. write sector 0 of block 400: merges with the stale copy of block 0
+    /// Expected: block 400 reads its own data in sectors 1...7. Actual: block 0's old data.
+    func testStaleFetchedCopyIsNeverMergedIntoAnotherBlock() throws {
+        let (harness, cacheMedium, _) = try controlledHarness()
+        defer { harness.close() }
+        for blockNumber in 0..<4 { try harness.write(block(1000 + UInt32(blockNumber), blockNumber), at: UInt64(blockNumber * 4096)) }
+        try harness.flush()
+        XCTAssertEqual(try harness.inspect { $0.index.lookup(0)?.position }, 0, "block 0 sits at cache position 0")
+
+        var partialReply: VolumeReply?
+        var drained: Result<Void, Error>?
+        try harness.loop.submit {
+            cacheMedium.hold = { kind, _, _ in kind == .read }
+            harness.engine.submitWrite(offset: 3 * 512, data: ByteBuffer(bytes: SectorCodec.bytes(tag: 2, firstLBA: 3, sectors: 1)),
+                                       fua: false) { partialReply = $0 }
+            harness.engine.drain { drained = $0 }
+        }.wait()
+        let held = try harness.loop.submit { cacheMedium.held.map(\.count) }.wait()
+        XCTAssertEqual(held, [4096, 4 * 4096], "held: the merge read of block 0, then writeback's read of segment 1")
+        guard held.count == 2 else { return }
+        try harness.loop.submit {
+            cacheMedium.hold = nil
+            cacheMedium.release(1)
+        }.wait()
+        XCTAssertNotNil(drained, "writeback of segment 1 finished while the merge read was in flight")
+        XCTAssertNil(partialReply)
+        try harness.loop.submit { cacheMedium.release(0) }.wait()
+        guard case .done? = partialReply else { return XCTFail("the partial write did not complete: \(String(describing: partialReply))") }
+
+        // Wrap the ring: segment 2 holds block 0's new copy and 14 more blocks, segments 3...15 fill
+        // slots 2...14, and segment 16 goes to slot 0 again.
+        var next = 100
+        for _ in 0..<(14 + 13 * 15) {
+            try harness.write(block(UInt32(5000 + next), next), at: UInt64(next * 4096))
+            next += 1
+        }
+        try harness.write(block(7400, 400), at: 400 * 4096)
+        try harness.flush()
+        XCTAssertEqual(try harness.inspect { $0.index.lookup(400)?.position }, 0, "block 400 now sits at cache position 0")
+        XCTAssertEqual(try harness.inspect { $0.sealedBySlot[0] == nil }, true, "and its segment is on the device")
+
+        try harness.write(SectorCodec.bytes(tag: 3, firstLBA: 400 * 8, sectors: 1), at: 400 * 4096)
+        let bytes = try harness.read(at: 400 * 4096, count: 4096)
+        let after = SectorCodec.decodeAll(bytes, firstLBA: 400 * 8)
+        let asBlockZero = SectorCodec.decodeAll(bytes, firstLBA: 0)
+        XCTAssertEqual(after[0], 3)
+        for sector in 1..<8 {
+            XCTAssertEqual(after[sector], 7400, "sector \(sector) of block 400 must keep its data, read \(describe(after[sector]))"
+                           + (asBlockZero[sector].map { " = block 0's sector \(sector) from write #\($0)" } ?? ""))
+        }
+        // Block 0 itself is still right.
+        let zero = SectorCodec.decodeAll(try harness.read(at: 0, count: 4096), firstLBA: 0)
+        XCTAssertEqual(zero, [1000, 1000, 1000, 2, 1000, 1000, 1000, 1000])
+    }
+
+    /// A segment slot is reused only after writeback of its previous segment wrote the live blocks
+    /// to the backing store, synced it, and made a record saying so durable (written, then synced).
+    /// Checked on the journal of every operation both media performed.
+    func testSlotsAreReusedOnlyAfterBackingSyncAndRecord() throws {
+        let (harness, cacheMedium, _) = try controlledHarness(threshold: 100)
+        defer { harness.close() }
+        let geometry = try harness.inspect { $0.geometry }
+        var rng = SplitMix64(seed: 77)
+        for step in 0..<600 {
+            let blockNumber = rng.below(300)
+            let sectors = rng.chance(30) ? rng.range(1...7) : 8
+            try harness.write(SectorCodec.bytes(tag: UInt32(step + 1), firstLBA: blockNumber * 8, sectors: sectors),
+                              at: UInt64(blockNumber * 4096), fua: rng.chance(5))
+        }
+        try harness.drain()
+        let journal = try harness.loop.submit { cacheMedium.journal.entries }.wait()
+        func isSegmentWrite(_ entry: (isCache: Bool, kind: ControlledMedium.Kind, offset: UInt64, count: Int)) -> Bool {
+            entry.isCache && entry.kind == .write && entry.offset >= geometry.firstSegmentOffset
+        }
+        XCTAssertGreaterThan(journal.filter(isSegmentWrite).count, 3 * geometry.segmentCount, "the ring wrapped a few times")
+        var lastWriteOfSlot: [Int: Int] = [:]
+        var checked = 0
+        for (index, entry) in journal.enumerated() where isSegmentWrite(entry) {
+            let slot = Int((entry.offset - geometry.firstSegmentOffset) / UInt64(geometry.segmentBytes))
+            defer { lastWriteOfSlot[slot] = index }
+            guard let previous = lastWriteOfSlot[slot] else { continue }
+            let between = Array(journal[(previous + 1)..<index])
+            // backing sync, then a record write, then a cache sync: in this order.
+            guard let backingSync = between.firstIndex(where: { !$0.isCache && $0.kind == .sync }),
+                  let record = between[backingSync...].firstIndex(where: { $0.isCache && $0.kind == .write && $0.offset < geometry.firstSegmentOffset }),
+                  between[record...].contains(where: { $0.isCache && $0.kind == .sync })
+            else {
+                XCTFail("slot \(slot) rewritten at operation \(index) without backing sync, record write and cache sync since its previous write at \(previous)")
+                break
+            }
+            checked += 1
+        }
+        XCTAssertGreaterThan(checked, 10)
+    }
+
+    /// BUG: a trim or write-zeroes places its discard markers in the open buffer (and drops the
+    /// blocks from the index) before the backing store has even done the discard. A flush that
+    /// arrives meanwhile makes the markers durable on the cache device, but syncs the backing store
+    /// only for discards already completed. After a power failure, recovery applies the marker, and
+    /// the block falls through to the backing store, which still holds data older than the block's
+    /// last durable write.
+    ///
+    /// 1. write block 5 = #1, drain (backing store: #1, synced)
+    /// 2. write block 5 = #2 with FUA (durable in the cache)
+    /// 3. write-zeroes block 5 without FUA; the backing store's discard is held (in flight)
+    /// 4. flush: acknowledged (it need not cover the unacknowledged write-zeroes)
+    /// 5. power failure before the discard reaches the backing store
+    /// Expected: block 5 reads #2 (its last durable value) or zeros. Actual: #1.
+    func testDiscardMarkerIsNotDurableBeforeTheBackingStoreDiscard() throws {
+        let (harness, _, backingMedium) = try controlledHarness()
+        defer { harness.close() }
+        try harness.write(block(1, 5), at: 5 * 4096)
+        try harness.drain()
+        try harness.write(block(2, 5), at: 5 * 4096, fua: true)
+        var zeroReply: VolumeReply?
+        try harness.loop.submit {
+            backingMedium.hold = { kind, _, _ in kind == .discard }
+            harness.engine.submitDiscard(offset: 5 * 4096, lengthBytes: 4096, zeroes: true, fua: false) { zeroReply = $0 }
+        }.wait()
+        XCTAssertEqual(try harness.loop.submit { backingMedium.held.count }.wait(), 1, "the backing store's discard is in flight")
+        try harness.flush()
+        XCTAssertNil(zeroReply, "the write-zeroes is not acknowledged")
+        try harness.crash(seed: 1)
+        let after = SectorCodec.decodeAll(try harness.read(at: 5 * 4096, count: 4096), firstLBA: 40)
+        XCTAssertTrue(after.allSatisfy { $0 == 2 || $0 == 0 },
+                      "block 5 must read #2 (its last durable write) or zeros, read \(Set(after.map(describe)))")
+    }
+
+    /// BUG: `shutdown()` does not wait for writes still queued in `waitingUpdates` (here, a
+    /// partial write waiting for its merge read). Its barrier finds nothing to seal, the clean
+    /// record is written and the shutdown completes; then the merge read returns and the write is
+    /// applied to the open buffer and acknowledged, after the clean shutdown, in memory only. The
+    /// next start trusts the clean record and the acknowledged write is gone.
+    ///
+    /// 1. write block 1 = #1, flush (on the device)
+    /// 2. hold cache reads; write sector 0 of block 1 = #2 (waits for its merge read)
+    /// 3. shutdown: completes
+    /// 4. release the read: the write is acknowledged
+    /// 5. start again
+    /// Expected: the write fails (shutting down) or the shutdown waits for it and it survives.
+    /// Actual: acknowledged after the shutdown completed, then lost.
+    func testShutdownDoesNotCompleteBeforeQueuedWritesAndNeverLosesThem() throws {
+        let (harness, cacheMedium, _) = try controlledHarness()
+        defer { harness.close() }
+        try harness.write(block(1, 1), at: 4096)
+        try harness.flush()
+        var writeReply: VolumeReply?
+        var shutDown: Result<Void, Error>?
+        var order: [String] = []
+        try harness.loop.submit {
+            cacheMedium.hold = { kind, _, _ in kind == .read }
+            harness.engine.submitWrite(offset: 4096, data: ByteBuffer(bytes: SectorCodec.bytes(tag: 2, firstLBA: 8, sectors: 1)), fua: false) {
+                writeReply = $0
+                order.append("write replied")
+            }
+            harness.engine.shutdown {
+                shutDown = $0
+                order.append("shutdown completed")
+            }
+        }.wait()
+        for _ in 0..<20 { try harness.loop.submit {}.wait() }
+        try harness.loop.submit {
+            cacheMedium.hold = nil
+            cacheMedium.releaseAll()
+        }.wait()
+        for _ in 0..<20 { try harness.loop.submit {}.wait() }
+        let (reply, events) = try harness.loop.submit { (writeReply, order) }.wait()
+        XCTAssertNotNil(shutDown)
+        XCTAssertEqual(events.first, "write replied", "a clean shutdown completes after every queued write has its reply; got \(events)")
+        try harness.startEngine()
+        XCTAssertEqual(harness.lastRecovery?.report.cleanShutdown, true)
+        if case .done? = reply {
+            let sector = SectorCodec.decodeAll(try harness.read(at: 4096, count: 512), firstLBA: 8)
+            XCTAssertEqual(sector, [2], "the write was acknowledged, so it must survive the clean shutdown; read \(describe(sector[0]))")
+        }
+    }
+}

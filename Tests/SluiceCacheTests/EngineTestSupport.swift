@@ -1,0 +1,417 @@
+import Foundation
+import NIOCore
+import XCTest
+
+@testable import SluiceCache
+
+// MARK: - Randomness
+
+/// SplitMix64: small, fast, and every seed replays exactly.
+struct SplitMix64 {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..<bound`.
+    mutating func below(_ bound: Int) -> Int { Int(next() % UInt64(bound)) }
+    mutating func chance(_ percent: Int) -> Bool { below(100) < percent }
+    mutating func range(_ range: ClosedRange<Int>) -> Int { range.lowerBound + below(range.count) }
+}
+
+// MARK: - Self-describing sector contents
+
+/// Every sector a test writes says which write put it there and where it belongs: word 0 is
+/// `tag << 32 | lba`, the other 63 words are derived from word 0. A sector that reads back as a mix
+/// of two writes, or as data from another place, does not decode. Tag 0 is the all-zero sector.
+enum SectorCodec {
+    static let sectorBytes = 512
+
+    @inline(__always)
+    static func word(_ first: UInt64, _ index: Int) -> UInt64 {
+        (first &* 0x9E37_79B9_7F4A_7C15) ^ (UInt64(index) &* 0xBF58_476D_1CE4_E5B9) ^ (first >> 17)
+    }
+
+    /// `sectors` sectors for write `tag` starting at sector `firstLBA`.
+    static func bytes(tag: UInt32, firstLBA: Int, sectors: Int) -> [UInt8] {
+        var result = [UInt8](repeating: 0, count: sectors * sectorBytes)
+        guard tag != 0 else { return result }
+        result.withUnsafeMutableBytes { raw in
+            let words = raw.bindMemory(to: UInt64.self)
+            for sector in 0..<sectors {
+                let first = UInt64(tag) << 32 | UInt64(UInt32(truncatingIfNeeded: firstLBA + sector))
+                let base = sector * 64
+                words[base] = first.littleEndian
+                for index in 1..<64 { words[base + index] = word(first, index).littleEndian }
+            }
+        }
+        return result
+    }
+
+    /// The tag of the sector at `offset` in `bytes`, which should hold sector `lba`; nil when the
+    /// sector is torn, mixed or belongs elsewhere.
+    static func decode(_ bytes: UnsafeRawBufferPointer, offset: Int, lba: Int) -> UInt32? {
+        let first = UInt64(littleEndian: bytes.loadUnaligned(fromByteOffset: offset, as: UInt64.self))
+        if first == 0 {
+            for index in 1..<64 where bytes.loadUnaligned(fromByteOffset: offset + index * 8, as: UInt64.self) != 0 { return nil }
+            return 0
+        }
+        guard UInt32(truncatingIfNeeded: first) == UInt32(truncatingIfNeeded: lba) else { return nil }
+        for index in 1..<64 where UInt64(littleEndian: bytes.loadUnaligned(fromByteOffset: offset + index * 8, as: UInt64.self)) != word(first, index) {
+            return nil
+        }
+        return UInt32(truncatingIfNeeded: first >> 32)
+    }
+
+    /// Tags of every sector of `bytes` (which starts at sector `firstLBA`); nil entries are garbage.
+    static func decodeAll(_ bytes: [UInt8], firstLBA: Int) -> [UInt32?] {
+        bytes.withUnsafeBytes { raw in
+            (0..<(bytes.count / sectorBytes)).map { decode(raw, offset: $0 * sectorBytes, lba: firstLBA + $0) }
+        }
+    }
+}
+
+// MARK: - Media whose completions come later, in a seeded random order
+
+/// Holds the operations of both media of an engine and performs them one at a time, in a seeded
+/// random order, each on its own turn of the event loop: completions arrive later than the call
+/// and in any order, as io_uring and libnbd deliver them. An operation takes effect when it is
+/// performed, so a sync covers only the writes performed before it.
+final class ShuffledScheduler {
+    let loop: any EventLoop
+    private var rng: SplitMix64
+    private var pending: [() -> Void] = []
+    private(set) var performed = 0
+    var pendingCount: Int { pending.count }
+
+    init(loop: any EventLoop, seed: UInt64) {
+        self.loop = loop
+        rng = SplitMix64(seed: seed)
+    }
+
+    func enqueue(_ operation: @escaping () -> Void) {
+        pending.append(operation)
+        loop.execute { self.performOne() }
+    }
+
+    private func performOne() {
+        guard !pending.isEmpty else { return }
+        let chosen = rng.below(pending.count)
+        pending.swapAt(chosen, pending.count - 1)
+        let operation = pending.removeLast()
+        performed += 1
+        operation()
+    }
+
+    /// Wraps both media of a harness.
+    static func wrapper(seed: UInt64) -> (SimulatedMedium, SimulatedMedium, any EventLoop) -> (any BlockMedium, any BlockMedium) {
+        var generation: UInt64 = 0
+        return { cache, backing, loop in
+            generation += 1
+            let scheduler = ShuffledScheduler(loop: loop, seed: seed &+ generation &* 0x1000_0001)
+            return (DeferredMedium(cache, scheduler), DeferredMedium(backing, scheduler))
+        }
+    }
+}
+
+final class DeferredMedium: BlockMedium {
+    let inner: SimulatedMedium
+    let scheduler: ShuffledScheduler
+    init(_ inner: SimulatedMedium, _ scheduler: ShuffledScheduler) {
+        self.inner = inner
+        self.scheduler = scheduler
+    }
+
+    var sizeBytes: UInt64 { inner.sizeBytes }
+
+    func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void) {
+        scheduler.enqueue { self.inner.read(offset: offset, count: count, completion: completion) }
+    }
+
+    func write(offset: UInt64, bytes: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        scheduler.enqueue { self.inner.write(offset: offset, bytes: bytes, completion: completion) }
+    }
+
+    func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        scheduler.enqueue { self.inner.discard(offset: offset, count: count, zeroes: zeroes, completion: completion) }
+    }
+
+    func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
+        scheduler.enqueue { self.inner.synchronize(completion: completion) }
+    }
+}
+
+// MARK: - A medium whose operations a test holds and releases by hand
+
+/// Passes operations straight through unless a hold matches them; held operations take effect
+/// only when released. Use only on the harness's loop.
+final class ControlledMedium: BlockMedium {
+    enum Kind: Equatable { case read, write, discard, sync }
+    struct Held {
+        var kind: Kind
+        var offset: UInt64
+        var count: Int
+        var perform: () -> Void
+    }
+
+    /// Every operation both media of a harness performed, in the order performed.
+    final class Journal {
+        var entries: [(isCache: Bool, kind: Kind, offset: UInt64, count: Int)] = []
+    }
+
+    let inner: SimulatedMedium
+    let isCache: Bool
+    let journal: Journal
+    /// Operations for which this returns true are held.
+    var hold: ((Kind, UInt64, Int) -> Bool)?
+    private(set) var held: [Held] = []
+    /// Every operation seen, in order (kind, offset, length).
+    private(set) var log: [(kind: Kind, offset: UInt64, count: Int)] = []
+
+    init(_ inner: SimulatedMedium, isCache: Bool, journal: Journal) {
+        self.inner = inner
+        self.isCache = isCache
+        self.journal = journal
+    }
+
+    var sizeBytes: UInt64 { inner.sizeBytes }
+
+    private func run(_ kind: Kind, _ offset: UInt64, _ count: Int, _ perform: @escaping () -> Void) {
+        log.append((kind, offset, count))
+        if let hold, hold(kind, offset, count) {
+            held.append(Held(kind: kind, offset: offset, count: count, perform: { [journal, isCache] in
+                journal.entries.append((isCache, kind, offset, count))
+                perform()
+            }))
+        } else {
+            journal.entries.append((isCache, kind, offset, count))
+            perform()
+        }
+    }
+
+    /// Performs the held operation at `index` (its completion runs now).
+    func release(_ index: Int) {
+        let operation = held.remove(at: index)
+        operation.perform()
+    }
+
+    func releaseAll() {
+        while !held.isEmpty { release(0) }
+    }
+
+    func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void) {
+        run(.read, offset, count) { self.inner.read(offset: offset, count: count, completion: completion) }
+    }
+
+    func write(offset: UInt64, bytes: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        run(.write, offset, bytes.readableBytes) { self.inner.write(offset: offset, bytes: bytes, completion: completion) }
+    }
+
+    func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        run(.discard, offset, count) { self.inner.discard(offset: offset, count: count, zeroes: zeroes, completion: completion) }
+    }
+
+    func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
+        run(.sync, 0, 0) { self.inner.synchronize(completion: completion) }
+    }
+
+    static func wrapper() -> (SimulatedMedium, SimulatedMedium, any EventLoop) -> (any BlockMedium, any BlockMedium) {
+        { cache, backing, _ in
+            let journal = Journal()
+            return (ControlledMedium(cache, isCache: true, journal: journal), ControlledMedium(backing, isCache: false, journal: journal))
+        }
+    }
+}
+
+// MARK: - What each sector may hold
+
+/// The values a sector may show: every write, write-zeroes and trim that reached it, in the order
+/// the engine applies them (arrival order), and which of them are durable.
+struct SectorHistory {
+    enum Value: Equatable {
+        case data(UInt32)
+        /// A trim: zeros, or what the sector held before.
+        case trimmed
+    }
+
+    struct Entry {
+        var value: Value
+        var operation: Int
+        var durable: Bool
+    }
+
+    /// Per sector, oldest first. Entry 0 is the value the sector held when tracking began.
+    var sectors: [[Entry]]
+
+    init(sectorCount: Int) {
+        sectors = Array(repeating: [Entry(value: .data(0), operation: -1, durable: true)], count: sectorCount)
+    }
+
+    mutating func record(_ value: Value, sectors range: Range<Int>, operation: Int) {
+        for sector in range { sectors[sector].append(Entry(value: value, operation: operation, durable: false)) }
+    }
+
+    mutating func markDurable(operations: Set<Int>) {
+        guard !operations.isEmpty else { return }
+        for sector in sectors.indices {
+            for index in sectors[sector].indices where operations.contains(sectors[sector][index].operation) {
+                sectors[sector][index].durable = true
+            }
+        }
+    }
+
+    /// Tags one entry may show: a trim shows zeros or whatever the entry before it may show.
+    private func tags(_ entries: [Entry], _ index: Int) -> [UInt32] {
+        switch entries[index].value {
+        case .data(let tag): return [tag]
+        case .trimmed: return [0] + (index > 0 ? tags(entries, index - 1) : [])
+        }
+    }
+
+    /// What `sector` may show after a power failure: a value at or after its newest durable one.
+    func allowedAfterCrash(_ sector: Int) -> [UInt32] {
+        let entries = sectors[sector]
+        let lastDurable = entries.lastIndex { $0.durable } ?? 0
+        return (lastDurable..<entries.count).flatMap { tags(entries, $0) }
+    }
+
+    /// What `sector` may show while the engine runs with every operation completed: its newest value.
+    func allowedNow(_ sector: Int) -> [UInt32] {
+        tags(sectors[sector], sectors[sector].count - 1)
+    }
+
+    /// Forgets history: each sector now holds `tags[sector]`, durably.
+    mutating func reset(to tags: [UInt32]) {
+        for sector in sectors.indices {
+            sectors[sector] = [Entry(value: .data(tags[sector]), operation: -1, durable: true)]
+        }
+    }
+
+    /// Drops entries older than the newest durable one (keeps the checks fast in long runs). A trim
+    /// keeps the entry before it, which it may still show.
+    mutating func compact() {
+        for sector in sectors.indices {
+            let entries = sectors[sector]
+            guard var first = entries.lastIndex(where: { $0.durable }), first > 0 else { continue }
+            while first > 0, entries[first].value == .trimmed { first -= 1 }
+            if first > 0 { sectors[sector].removeFirst(first) }
+        }
+    }
+}
+
+/// Describes a tag for failure messages.
+func describe(_ tag: UInt32?) -> String {
+    guard let tag else { return "garbage (torn, mixed or misplaced)" }
+    return tag == 0 ? "zeros" : "write #\(tag)"
+}
+
+// MARK: - Tests that may bring the process down
+
+/// Runs `body` in a child process (this test binary, running only `test`), so that an engine
+/// precondition failure fails this one test instead of ending the whole test run. In the child,
+/// `body` runs directly.
+func runInChildProcess(_ test: String, file: StaticString = #filePath, line: UInt = #line, _ body: () throws -> Void) throws {
+    let marker = "SLUICE_TEST_CHILD"
+    if ProcessInfo.processInfo.environment[marker] == test {
+        return try body()
+    }
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: CommandLine.arguments[0])
+    process.arguments = [test]
+    var environment = ProcessInfo.processInfo.environment
+    environment[marker] = test
+    environment["SWIFT_BACKTRACE"] = "enable=no"
+    process.environment = environment
+    let output = Pipe()
+    process.standardOutput = output
+    process.standardError = output
+    try process.run()
+    let data = output.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    let text = String(decoding: data, as: UTF8.self)
+    let interesting = text.split(separator: "\n").filter {
+        $0.contains("error:") || $0.contains("Fatal error") || $0.contains("Precondition failed") || $0.contains("precondition")
+            || $0.contains("Index out of range")
+    }
+    if process.terminationReason == .uncaughtSignal {
+        XCTFail("the engine crashed the process (signal \(process.terminationStatus)) in \(test):\n"
+                + interesting.prefix(6).joined(separator: "\n"), file: file, line: line)
+    } else if process.terminationStatus != 0 {
+        XCTFail("\(test) failed in its child process:\n" + interesting.prefix(10).joined(separator: "\n"), file: file, line: line)
+    }
+}
+
+// MARK: - Power cut at the N-th media operation
+
+/// Counts the operations both media of an engine perform and cuts the power just before the N-th,
+/// wherever the engine is: between a backing write and its sync, between a segment write and the
+/// record, inside a recovery's writeback...
+final class PowerCut {
+    /// Operations left before the cut; nil: no cut armed.
+    var remaining: Int?
+    var trigger: (() -> Void)?
+    /// Set at the cut: the machine is dead, so the media of that engine answer nothing any more
+    /// (what the dead engine would do next does not matter, and must not crash the test run).
+    private(set) var isCut = false
+
+    /// Counts one operation; returns false when the power is off and the operation must vanish.
+    func count() -> Bool {
+        guard !isCut else { return false }
+        guard let left = remaining else { return true }
+        if left <= 1 {
+            remaining = nil
+            isCut = true
+            trigger?()
+            return false
+        }
+        remaining = left - 1
+        return true
+    }
+
+    /// A new engine starts on new media: the power is back.
+    func powerRestored() { isCut = false }
+
+    func wrapper() -> (SimulatedMedium, SimulatedMedium, any EventLoop) -> (any BlockMedium, any BlockMedium) {
+        { cache, backing, _ in
+            self.powerRestored()
+            return (CuttingMedium(cache, self), CuttingMedium(backing, self))
+        }
+    }
+}
+
+final class CuttingMedium: BlockMedium {
+    let inner: SimulatedMedium
+    let cut: PowerCut
+    init(_ inner: SimulatedMedium, _ cut: PowerCut) {
+        self.inner = inner
+        self.cut = cut
+    }
+
+    var sizeBytes: UInt64 { inner.sizeBytes }
+
+    func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void) {
+        guard cut.count() else { return }
+        inner.read(offset: offset, count: count, completion: completion)
+    }
+
+    func write(offset: UInt64, bytes: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        guard cut.count() else { return }
+        inner.write(offset: offset, bytes: bytes, completion: completion)
+    }
+
+    func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        guard cut.count() else { return }
+        inner.discard(offset: offset, count: count, zeroes: zeroes, completion: completion)
+    }
+
+    func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
+        guard cut.count() else { return }
+        inner.synchronize(completion: completion)
+    }
+}
