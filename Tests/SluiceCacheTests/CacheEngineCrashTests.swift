@@ -157,13 +157,14 @@ final class CacheEngineDurabilityTests: XCTestCase {
     /// Expected: block 0 reads #1 (durable) or #2. Actual: zeros (the backing store's old contents).
     func testDurableCopySupersededByAnUnsyncedCopyIsNotForgottenByWriteback() throws {
         for seed: UInt64 in [1, 2, 3] {
-            let harness = try tinyHarness()
+            // Writeback whenever there is work, so segment 1 is retired while #2 is only in memory.
+            let harness = try tinyHarness(threshold: 100)
             defer { harness.close() }
             try harness.write(block(1, 0), at: 0, fua: true)
             try harness.write(block(2, 0), at: 0)
             try harness.discard(at: 100 * 4096, count: 4096, zeroes: false)
-            XCTAssertEqual(try harness.inspect { $0.record.lastWrittenBackSegmentID }, 1,
-                           "the trim's urged writeback recorded segment 1 as written back")
+            XCTAssertGreaterThanOrEqual(try harness.inspect { $0.record.lastWrittenBackSegmentID }, 1,
+                                        "writeback retired segment 1, whose copy of block 0 was superseded")
             try harness.crash(seed: seed)
             let after = try tags(harness, block: 0)
             XCTAssertTrue(after.allSatisfy { $0 == 1 || $0 == 2 },

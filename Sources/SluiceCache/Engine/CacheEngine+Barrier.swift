@@ -33,8 +33,13 @@ extension CacheEngine {
             return
         }
         sealOpenBuffer(isPartial: true)
+        if let failure {
+            // The seal's write failed at once; these waiters are in no list that failing empties.
+            for waiter in waiters { waiter.completion(.failed(.io(errno: failure.errnoValue))) }
+            return
+        }
         let lastSealedID = (openBuffer?.segmentID ?? nextSegmentID) - 1
-        barriersWaiting.append(Barrier(throughID: lastSealedID, needsBackingSync: backingHasUnsyncedDiscards, waiters: waiters))
+        barriersWaiting.append(Barrier(throughID: lastSealedID, waiters: waiters))
         unsyncedWritesSinceBarrier = false
         driveBarriers()
         // The open buffer was taken; writes that waited for one may go on.
@@ -44,7 +49,7 @@ extension CacheEngine {
     /// Completes the barriers that are durable and starts the sync the oldest one needs.
     func driveBarriers() {
         while !cacheSyncInFlight, failure == nil, let head = barriersWaiting.first {
-            if head.throughID <= syncedThroughID && !head.needsBackingSync {
+            if head.throughID <= syncedThroughID {
                 barriersWaiting.removeFirst()
                 for waiter in head.waiters { waiter.completion(.done) }
                 continue
@@ -58,38 +63,20 @@ extension CacheEngine {
 
     private func startBarrierSync() {
         let coveredID = writtenThroughID
-        let needsBackingSync = barriersWaiting.contains { $0.throughID <= coveredID && $0.needsBackingSync }
         cacheSyncInFlight = true
-        var outstanding = needsBackingSync ? 2 : 1
-        var firstError: (MediumError, String)?
-        let finished: (Result<Void, MediumError>, String) -> Void = { result, what in
-            if case .failure(let error) = result, firstError == nil { firstError = (error, what) }
-            outstanding -= 1
-            guard outstanding == 0 else { return }
+        cacheDevice.synchronize { result in
+            self.counters.cacheSyncs += 1
             self.cacheSyncInFlight = false
-            if let (error, what) = firstError {
+            if case .failure(let error) = result {
                 // A failed sync leaves unknown what is durable: nothing more may be acknowledged.
-                self.fail(error, doing: what)
-                return
+                return self.fail(error, doing: "syncing the cache device")
             }
             self.syncedThroughID = max(self.syncedThroughID, coveredID)
-            while let head = self.barriersWaiting.first, head.throughID <= coveredID,
-                  !head.needsBackingSync || needsBackingSync {
+            while let head = self.barriersWaiting.first, head.throughID <= coveredID {
                 self.barriersWaiting.removeFirst()
                 for waiter in head.waiters { waiter.completion(.done) }
             }
             self.driveBarriers()
-        }
-        if needsBackingSync {
-            backingHasUnsyncedDiscards = false
-            backingStore.synchronize { result in
-                self.counters.backingSyncs += 1
-                finished(result, "syncing the backing store")
-            }
-        }
-        cacheDevice.synchronize { result in
-            self.counters.cacheSyncs += 1
-            finished(result, "syncing the cache device")
         }
     }
 

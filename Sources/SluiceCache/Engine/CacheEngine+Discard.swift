@@ -41,15 +41,51 @@ extension CacheEngine {
         processWaitingUpdates()
     }
 
-    /// Places the discard markers of a whole-block discard, then passes it down.
+    /// A whole-block discard, at the head of the queue (later writes wait behind it):
+    /// 1. waits for a writeback batch holding any of its blocks, so old data never lands after it;
+    /// 2. passes the discard down to the backing store and syncs it;
+    /// 3. only then places the discard markers and drops the blocks from the index.
+    ///
+    /// The order of 2 and 3 matters: a marker can reach the cache device (and survive a crash) as
+    /// soon as its segment is written, and a durable marker over a backing discard that was lost
+    /// would let the block fall back to what the backing store held before its newest durable copy.
     func applyDiscard(_ update: inout PendingUpdate) -> ApplyOutcome {
         guard case .discard(let lengthBytes, let zeroes, _) = update.kind else { preconditionFailure() }
         let blockBytes = UInt64(CacheGeometry.blockBytes)
         let firstBlock = update.offset / blockBytes
         let endBlock = firstBlock + lengthBytes / blockBytes
-        if !update.markersPlaced {
-            // Writeback of these blocks in flight would land after the discard: wait for it.
+        switch update.discardStage {
+        case .waiting:
             if let batch = writeback, batch.overlaps(firstBlock..<endBlock) { return .blocked }
+            update.discardStage = .passingDown
+            // The head of the queue is the record of this discard's progress: the completion below
+            // (which may run before `discard` returns) updates it there.
+            waitingUpdates.first = update
+            discardsInFlight += 1
+            backingLoad.begin(nowNs: uptimeNs())
+            let offset = update.offset
+            backingStore.discard(offset: offset, count: Int(lengthBytes), zeroes: zeroes) { result in
+                self.backingLoad.end(nowNs: uptimeNs())
+                switch result {
+                case .success:
+                    self.backingStore.synchronize { synced in
+                        self.counters.backingSyncs += 1
+                        self.discardPassedDown(offset: offset, result: synced)
+                    }
+                case .failure:
+                    self.discardPassedDown(offset: offset, result: result)
+                }
+            }
+            update = waitingUpdates.first!
+            if case .passingDown = update.discardStage { return .blocked }
+            return applyDiscard(&update)
+        case .passingDown:
+            return .blocked
+        case .failed(let error):
+            discardsInFlight -= 1
+            update.completion(.failed(.io(errno: error.errnoValue)))
+            return .handedOff
+        case .passedDown:
             var block = firstBlock + UInt64(update.appliedBytes)
             while block < endBlock {
                 if index.lookup(block) != nil {
@@ -63,25 +99,24 @@ extension CacheEngine {
                 }
                 block += 1
             }
-            update.markersPlaced = true
+            discardsInFlight -= 1
+            kickWriteback()
+            return .applied
         }
-        discardsInFlight += 1
-        backingLoad.begin(nowNs: uptimeNs())
-        let completion = update.completion
-        backingStore.discard(offset: update.offset, count: Int(lengthBytes), zeroes: zeroes) { result in
-            self.discardsInFlight -= 1
-            self.backingLoad.end(nowNs: uptimeNs())
-            switch result {
-            case .success:
-                self.backingHasUnsyncedDiscards = true
-                self.unsyncedWritesSinceBarrier = true
-                completion(.done)
-            case .failure(let error):
-                completion(.failed(.io(errno: error.errnoValue)))
-            }
-            self.kickWriteback()
+    }
+
+    /// The backing store finished (or failed) the discard at the head of the queue.
+    private func discardPassedDown(offset: UInt64, result: Result<Void, MediumError>) {
+        guard var head = waitingUpdates.first, case .discard = head.kind, head.offset == offset,
+              case .passingDown = head.discardStage else {
+            preconditionFailure("a backing discard completed that is not at the head of the queue")
         }
-        return .handedOff
+        switch result {
+        case .success: head.discardStage = .passedDown
+        case .failure(let error): head.discardStage = .failed(error)
+        }
+        waitingUpdates.first = head
+        processWaitingUpdates()
     }
 }
 

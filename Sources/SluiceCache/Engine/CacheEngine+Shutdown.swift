@@ -8,6 +8,15 @@ extension CacheEngine {
         isClosing = true
         periodicTask?.cancel()
         writebackTimer?.cancel()
+        shutdownCompletion = completion
+        closingProgressed()
+    }
+
+    /// Goes on with a shutdown once no write or discard is waiting: new ones are refused, and the
+    /// ones already accepted must land before the clean marker says everything is in the log.
+    func closingProgressed() {
+        guard let completion = shutdownCompletion, waitingUpdates.isEmpty, !mergeReadInFlight else { return }
+        shutdownCompletion = nil
         addBarrierWaiter { reply in
             if case .failed = reply {
                 return completion(.failure(self.failure ?? MediumError.inputOutput(errno: 5)))

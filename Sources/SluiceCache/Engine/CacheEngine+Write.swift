@@ -49,6 +49,8 @@ extension CacheEngine {
                 if case .applied = outcome { finish(update) }
             }
         } while updatesNeedAnotherPass && failure == nil
+        if failure != nil { failWaitingUpdates() }
+        if isClosing { closingProgressed() }
     }
 
     private func finish(_ update: PendingUpdate) {

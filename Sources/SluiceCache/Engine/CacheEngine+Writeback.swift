@@ -14,6 +14,7 @@ final class WritebackBatch {
     var writesToIssue: [(offset: UInt64, bytes: ByteBuffer)] = []
     var nextWrite = 0
     var failure: (MediumError, String)?
+    var isFinished = false
     /// The smallest and largest block numbers in the batch, for quick overlap checks.
     var lowestBlock = UInt64.max
     var highestBlock: UInt64 = 0
@@ -51,7 +52,7 @@ extension CacheEngine {
     /// foreground load is under `writeback_threshold`.
     func kickWriteback() {
         guard writeback == nil, failure == nil, discardsInFlight == 0, !recordWriteInFlight,
-              !isClosing || !drainWaiters.isEmpty else { return }
+              !isClosing || !drainWaiters.isEmpty, uptimeNs() >= writebackRetryNotBeforeNs else { return }
         if writtenThroughID == lastWrittenBackID {
             // Nothing sealed is on the device. A drain still needs the open buffer written.
             if !drainWaiters.isEmpty {
@@ -149,7 +150,9 @@ extension CacheEngine {
     }
 
     private func issueWritebackWrites(_ batch: WritebackBatch) {
-        while batch.nextWrite < batch.writesToIssue.count, batch.writesOutstanding < Self.writebackWritesInFlightMax {
+        // After a failure nothing more is issued; the batch ends once what is out has returned.
+        while batch.failure == nil, batch.nextWrite < batch.writesToIssue.count,
+              batch.writesOutstanding < Self.writebackWritesInFlightMax {
             let (offset, bytes) = batch.writesToIssue[batch.nextWrite]
             batch.writesToIssue[batch.nextWrite].bytes = ByteBuffer()
             batch.nextWrite += 1
@@ -193,7 +196,7 @@ extension CacheEngine {
     /// backing store held before either. So a barrier runs first when anything is not yet synced.
     private func finishWriteback(_ batch: WritebackBatch) {
         let lastSealedID = (openBuffer?.segmentID ?? nextSegmentID) - 1
-        let everythingDurable = (openBuffer?.isEmpty ?? true) && lastSealedID <= syncedThroughID
+        let everythingDurable = (openBuffer?.isEmpty ?? true) && lastSealedID <= syncedThroughID && !barrierScheduled
         guard everythingDurable else {
             return addBarrierWaiter { reply in
                 guard case .done = reply else {
@@ -210,6 +213,8 @@ extension CacheEngine {
             if case .failure(let error) = result {
                 return self.writebackFailed(batch, error, "recording writeback progress in the superblock")
             }
+            precondition(!batch.isFinished, "a writeback batch finished twice")
+            batch.isFinished = true
             var cleaned = 0
             for item in batch.items where self.index.remove(at: item.position) { cleaned += 1 }
             self.counters.writtenBackBlocks += UInt64(cleaned)
@@ -224,8 +229,11 @@ extension CacheEngine {
     /// A writeback step failed. The data is still safe in the cache; the batch is retried later.
     private func writebackFailed(_ batch: WritebackBatch, _ error: MediumError, _ what: String) {
         counters.writebackErrors += 1
+        precondition(!batch.isFinished, "a writeback batch finished twice")
+        batch.isFinished = true
         logger.error("writeback of segments \(batch.firstID)...\(batch.lastID) failed while \(what): \(error); retrying in 1 s")
         writeback = nil
+        writebackRetryNotBeforeNs = uptimeNs() + 1_000_000_000
         writebackTimer = eventLoop.scheduleTask(in: .seconds(1)) { self.kickWriteback() }
         processWaitingUpdates()
     }

@@ -75,8 +75,6 @@ public final class CacheEngine {
     /// Barriers sealed and waiting for their segments to be written and synced, oldest first.
     var barriersWaiting: [Barrier] = []
     var cacheSyncInFlight = false
-    /// Trims or zeroes passed down to the backing store since its last sync.
-    var backingHasUnsyncedDiscards = false
     /// Writes acknowledged since the cache device was last synced (for `sync_data_interval`).
     var unsyncedWritesSinceBarrier = false
 
@@ -97,6 +95,10 @@ public final class CacheEngine {
     /// refuses every new write until restarted, so nothing more is acknowledged on a lie.
     public internal(set) var failure: MediumError?
     var isClosing = false
+    /// Set while a clean shutdown waits for the queue of writes to empty.
+    var shutdownCompletion: ((Result<Void, Error>) -> Void)?
+    /// No writeback batch starts before this (a second after a failed one).
+    var writebackRetryNotBeforeNs: UInt64 = 0
     var isProcessingUpdates = false
     /// Set while writes wait because every ring slot is live: writeback is then urgent.
     var isWaitingForRing = false
@@ -172,9 +174,32 @@ public final class CacheEngine {
             logger.critical("cache stopped accepting writes: \(what) failed: \(error). Acknowledged data is still served; restart to recover from the log.")
             failure = error
         }
-        let waiting = waitingUpdates.removeAll()
-        for update in waiting { update.completion(.failed(.io(errno: error.errnoValue))) }
         failBarriers(error)
+        // A pass over the queue that is running fails what is left when it stops.
+        if !isProcessingUpdates { failWaitingUpdates() }
+    }
+}
+
+extension CacheEngine {
+    /// Fails every waiting write and discard after a medium failure. A discard whose backing
+    /// request is still out stays until it returns.
+    func failWaitingUpdates() {
+        guard let failure else { return }
+        var keep: [PendingUpdate] = []
+        for update in waitingUpdates.removeAll() {
+            if case .discard = update.kind, case .passingDown = update.discardStage {
+                keep.append(update)
+            } else {
+                if case .discard = update.kind {
+                    switch update.discardStage {
+                    case .passedDown, .failed: discardsInFlight -= 1
+                    case .waiting, .passingDown: break
+                    }
+                }
+                update.completion(.failed(.io(errno: failure.errnoValue)))
+            }
+        }
+        for update in keep { waitingUpdates.append(update) }
     }
 }
 
@@ -188,9 +213,17 @@ struct PendingUpdate {
     var offset: UInt64
     /// Bytes of a write already applied (a write larger than a segment is applied in parts).
     var appliedBytes = 0
-    /// For a discard: whether its discard markers are in place.
-    var markersPlaced = false
+    /// For a discard: how far it has got.
+    var discardStage = DiscardStage.waiting
     var completion: (VolumeReply) -> Void
+}
+
+/// Where a discard at the head of the queue stands.
+enum DiscardStage {
+    case waiting
+    case passingDown
+    case passedDown
+    case failed(MediumError)
 }
 
 /// A FUA write or flush waiting for a barrier.
@@ -198,11 +231,10 @@ struct BarrierWaiter {
     var completion: (VolumeReply) -> Void
 }
 
-/// A sealed barrier: done once every segment up to `throughID` is synced (and the backing store,
-/// if discards were passed down before it).
+/// A sealed barrier: done once every segment up to `throughID` is synced. (Discards sync the
+/// backing store themselves before their markers enter the log, so a barrier never needs to.)
 struct Barrier {
     var throughID: UInt64
-    var needsBackingSync: Bool
     var waiters: [BarrierWaiter]
 }
 
