@@ -138,27 +138,52 @@ final class CacheEngineInterleavingTests: XCTestCase {
     /// 1. write block 5 = #1, drain (backing store: #1, synced)
     /// 2. write block 5 = #2 with FUA (durable in the cache)
     /// 3. write-zeroes block 5 without FUA; the backing store's discard is held (in flight)
-    /// 4. flush: acknowledged (it need not cover the unacknowledged write-zeroes)
+    /// 4. flush (the engine now holds the marker's segment back until the backing discard is
+    ///    synced, so this flush waits for it)
     /// 5. power failure before the discard reaches the backing store
-    /// Expected: block 5 reads #2 (its last durable value) or zeros. Actual: #1.
+    /// Expected: block 5 reads #2 (its last durable value) or zeros. Actual (before the fix): #1.
+    /// Then, on a second run, the discard is released: the flush and the write-zeroes complete and
+    /// the zeros survive a power failure.
     func testDiscardMarkerIsNotDurableBeforeTheBackingStoreDiscard() throws {
-        let (harness, _, backingMedium) = try controlledHarness()
-        defer { harness.close() }
-        try harness.write(block(1, 5), at: 5 * 4096)
-        try harness.drain()
-        try harness.write(block(2, 5), at: 5 * 4096, fua: true)
-        var zeroReply: VolumeReply?
-        try harness.loop.submit {
-            backingMedium.hold = { kind, _, _ in kind == .discard }
-            harness.engine.submitDiscard(offset: 5 * 4096, lengthBytes: 4096, zeroes: true, fua: false) { zeroReply = $0 }
-        }.wait()
-        XCTAssertEqual(try harness.loop.submit { backingMedium.held.count }.wait(), 1, "the backing store's discard is in flight")
-        try harness.flush()
-        XCTAssertNil(zeroReply, "the write-zeroes is not acknowledged")
-        try harness.crash(seed: 1)
-        let after = SectorCodec.decodeAll(try harness.read(at: 5 * 4096, count: 4096), firstLBA: 40)
-        XCTAssertTrue(after.allSatisfy { $0 == 2 || $0 == 0 },
-                      "block 5 must read #2 (its last durable write) or zeros, read \(Set(after.map(describe)))")
+        for release in [false, true] {
+            let (harness, _, backingMedium) = try controlledHarness()
+            defer { harness.close() }
+            try harness.write(block(1, 5), at: 5 * 4096)
+            try harness.drain()
+            try harness.write(block(2, 5), at: 5 * 4096, fua: true)
+            var zeroReply: VolumeReply?
+            var flushReply: VolumeReply?
+            try harness.loop.submit {
+                backingMedium.hold = { kind, _, _ in kind == .discard }
+                harness.engine.submitDiscard(offset: 5 * 4096, lengthBytes: 4096, zeroes: true, fua: false) { zeroReply = $0 }
+            }.wait()
+            XCTAssertEqual(try harness.loop.submit { backingMedium.held.count }.wait(), 1, "the backing store's discard is in flight")
+            XCTAssertEqual(SectorCodec.decodeAll(try harness.read(at: 5 * 4096, count: 4096), firstLBA: 40), Array(repeating: 0, count: 8),
+                           "while the write-zeroes is in flight the block reads zeros, never the backing store's older data")
+            try harness.loop.submit { harness.engine.submitFlush { flushReply = $0 } }.wait()
+            for _ in 0..<5 { try harness.loop.submit {}.wait() }
+            XCTAssertNil(try harness.loop.submit { zeroReply }.wait(), "the write-zeroes is not acknowledged")
+            if release {
+                try harness.loop.submit {
+                    backingMedium.hold = nil
+                    backingMedium.releaseAll()
+                }.wait()
+                for _ in 0..<20 where try harness.loop.submit({ flushReply == nil || zeroReply == nil }).wait() {
+                    try harness.loop.submit {}.wait()
+                }
+                XCTAssertTrue(try harness.loop.submit { if case .done = flushReply { true } else { false } }.wait(), "the flush completes")
+                XCTAssertTrue(try harness.loop.submit { if case .done = zeroReply { true } else { false } }.wait(), "the write-zeroes completes")
+                try harness.flush()
+            }
+            try harness.crash(seed: 1)
+            let after = SectorCodec.decodeAll(try harness.read(at: 5 * 4096, count: 4096), firstLBA: 40)
+            if release {
+                XCTAssertEqual(after, Array(repeating: 0, count: 8), "the flushed write-zeroes survives")
+            } else {
+                XCTAssertTrue(after.allSatisfy { $0 == 2 || $0 == 0 },
+                              "block 5 must read #2 (its last durable write) or zeros, read \(Set(after.map(describe)))")
+            }
+        }
     }
 
     /// BUG: `shutdown()` does not wait for writes still queued in `waitingUpdates` (here, a

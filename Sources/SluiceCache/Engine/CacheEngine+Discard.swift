@@ -41,82 +41,92 @@ extension CacheEngine {
         processWaitingUpdates()
     }
 
-    /// A whole-block discard, at the head of the queue (later writes wait behind it):
+    /// A whole-block discard, at the head of the queue (later writes wait behind it until its
+    /// markers are placed):
     /// 1. waits for a writeback batch holding any of its blocks, so old data never lands after it;
-    /// 2. passes the discard down to the backing store and syncs it;
-    /// 3. only then places the discard markers and drops the blocks from the index.
-    ///
-    /// The order of 2 and 3 matters: a marker can reach the cache device (and survive a crash) as
-    /// soon as its segment is written, and a durable marker over a backing discard that was lost
-    /// would let the block fall back to what the backing store held before its newest durable copy.
+    /// 2. places a discard marker in the open buffer for every block the cache holds and drops
+    ///    those blocks from the index;
+    /// 3. passes the discard down to the backing store and syncs it, while later requests go on.
+    ///    Until then, reads of the range return zeros (a value a trim or write-zeroes may leave),
+    ///    never what the backing store held before, and the segments holding its markers are not
+    ///    written: a marker must not become durable before the backing discard, or a crash could
+    ///    let the block fall back to what the backing store held before its newest durable copy.
+    ///    No writeback batch starts meanwhile, so no older data can overtake the discard.
     func applyDiscard(_ update: inout PendingUpdate) -> ApplyOutcome {
         guard case .discard(let lengthBytes, let zeroes, _) = update.kind else { preconditionFailure() }
         let blockBytes = UInt64(CacheGeometry.blockBytes)
         let firstBlock = update.offset / blockBytes
         let endBlock = firstBlock + lengthBytes / blockBytes
-        switch update.discardStage {
-        case .waiting:
-            if let batch = writeback, batch.overlaps(firstBlock..<endBlock) { return .blocked }
-            update.discardStage = .passingDown
-            // The head of the queue is the record of this discard's progress: the completion below
-            // (which may run before `discard` returns) updates it there.
-            waitingUpdates.first = update
-            discardsInFlight += 1
-            backingLoad.begin(nowNs: uptimeNs())
-            let offset = update.offset
-            backingStore.discard(offset: offset, count: Int(lengthBytes), zeroes: zeroes) { result in
-                self.backingLoad.end(nowNs: uptimeNs())
-                switch result {
-                case .success:
-                    self.backingStore.synchronize { synced in
-                        self.counters.backingSyncs += 1
-                        self.discardPassedDown(offset: offset, result: synced)
-                    }
-                case .failure:
-                    self.discardPassedDown(offset: offset, result: result)
-                }
-            }
-            update = waitingUpdates.first!
-            if case .passingDown = update.discardStage { return .blocked }
-            return applyDiscard(&update)
-        case .passingDown:
-            return .blocked
-        case .failed(let error):
-            discardsInFlight -= 1
-            update.completion(.failed(.io(errno: error.errnoValue)))
-            return .handedOff
-        case .passedDown:
-            var block = firstBlock + UInt64(update.appliedBytes)
-            while block < endBlock {
-                if index.lookup(block) != nil {
-                    guard let buffer = openBufferAccepting(block) else {
-                        update.appliedBytes = Int(block - firstBlock)
-                        return .blocked
-                    }
-                    buffer.markDiscarded(blockNumber: block)
-                    index.remove(blockNumber: block)
-                    if buffer.isFull { sealOpenBuffer(isPartial: false) }
-                }
-                block += 1
-            }
-            discardsInFlight -= 1
-            kickWriteback()
-            return .applied
+        if case .waiting = update.discardStage {
+            if writebackIsWriting(firstBlock..<endBlock) { return .blocked }
+            update.discardStage = .placingMarkers
+            update.discardID = nextDiscardID
+            nextDiscardID += 1
+            // From here on reads of the range return zeros and no segment holding its markers is
+            // written until the backing store has the discard.
+            discardRangesInFlight[update.discardID] = firstBlock..<endBlock
         }
+        let discardID = update.discardID
+        var block = firstBlock + UInt64(update.appliedBytes)
+        while block < endBlock {
+            if index.lookup(block) != nil {
+                guard let buffer = openBufferAccepting(block) else {
+                    update.appliedBytes = Int(block - firstBlock)
+                    return .blocked
+                }
+                buffer.markDiscarded(blockNumber: block)
+                index.remove(blockNumber: block)
+                discardIDsBySegment[buffer.segmentID, default: []].insert(discardID)
+                if buffer.isFull { sealOpenBuffer(isPartial: false) }
+            }
+            block += 1
+        }
+        update.appliedBytes = Int(endBlock - firstBlock)
+        // A batch that started while markers waited for ring space may hold blocks of the range:
+        // its writes must reach the backing store before the discard does. (Only its writes: the
+        // rest of the batch waits for a barrier that may need this discard to finish.)
+        if writebackIsWriting(firstBlock..<endBlock) { return .blocked }
+        discardsInFlight += 1
+        backingLoad.begin(nowNs: uptimeNs())
+        let completion = update.completion
+        backingStore.discard(offset: update.offset, count: Int(lengthBytes), zeroes: zeroes) { result in
+            self.backingLoad.end(nowNs: uptimeNs())
+            guard case .success = result else { return self.discardPassedDown(discardID, result: result, completion: completion) }
+            self.backingStore.synchronize { synced in
+                self.counters.backingSyncs += 1
+                self.discardPassedDown(discardID, result: synced, completion: completion)
+            }
+        }
+        return .handedOff
     }
 
-    /// The backing store finished (or failed) the discard at the head of the queue.
-    private func discardPassedDown(offset: UInt64, result: Result<Void, MediumError>) {
-        guard var head = waitingUpdates.first, case .discard = head.kind, head.offset == offset,
-              case .passingDown = head.discardStage else {
-            preconditionFailure("a backing discard completed that is not at the head of the queue")
+    /// The backing store has done (and synced) a discard, or failed it.
+    private func discardPassedDown(_ discardID: UInt64, result: Result<Void, MediumError>, completion: (VolumeReply) -> Void) {
+        discardsInFlight -= 1
+        discardRangesInFlight[discardID] = nil
+        if case .failure(let error) = result {
+            // The markers dropped cached copies whose blocks the backing store may still hold
+            // older data for: nothing more may be acknowledged on that state.
+            fail(error, doing: "passing a trim or write-zeroes down to the backing store")
+            completion(.failed(.io(errno: error.errnoValue)))
+            return
         }
-        switch result {
-        case .success: head.discardStage = .passedDown
-        case .failure(let error): head.discardStage = .failed(error)
-        }
-        waitingUpdates.first = head
-        processWaitingUpdates()
+        completion(.done)
+        // Segments holding its markers may be written now.
+        for slot in Array(segmentWritesWaiting.keys) { startSegmentWriteIfReady(slot: slot) }
+        kickWriteback()
+    }
+
+    /// Whether a writeback batch still has backing writes for blocks in `range` to make.
+    func writebackIsWriting(_ range: Range<UInt64>) -> Bool {
+        guard let batch = writeback, !batch.backingWritesDone else { return false }
+        return batch.overlaps(range)
+    }
+
+    /// Whether `blockNumber` lies in a discard being passed down (reads of it return zeros).
+    func isBeingDiscarded(_ blockNumber: UInt64) -> Bool {
+        guard !discardRangesInFlight.isEmpty else { return false }
+        return discardRangesInFlight.values.contains { $0.contains(blockNumber) }
     }
 }
 

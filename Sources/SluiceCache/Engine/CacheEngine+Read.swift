@@ -64,6 +64,14 @@ extension CacheEngine {
             } else {
                 counters.count(write: false, hit: false, inBuffer: false, fullBlock: piece.sectorMask == 0xFF)
             }
+            if backingMask != 0, isBeingDiscarded(piece.blockNumber) {
+                // A trim or write-zeroes of this block is being passed down: zeros, not the
+                // backing store's old data.
+                forEachSectorRun(backingMask) { sector, count in
+                    reply.setRepeatingByte(0, count: count * 512, at: base + blockRequestOffset + sector * 512)
+                }
+                backingMask = 0
+            }
             if backingMask != 0 {
                 let blockOffset = piece.blockNumber * UInt64(CacheGeometry.blockBytes)
                 if let run = backingRun, run.mediumOffset + UInt64(run.count) != blockOffset {

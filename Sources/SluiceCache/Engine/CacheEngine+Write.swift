@@ -213,12 +213,20 @@ extension CacheEngine {
         let bytes = buffer.seal(cacheUUID: superblock.uuid, isPartial: isPartial)
         if isPartial { counters.partialSegments += 1 }
         sealedBySlot[slot] = buffer
-        if readersPerSlot[slot] > 0 {
-            // A read of the segment this slot held before is still in flight.
-            segmentWritesWaitingForReaders[slot] = bytes
-        } else {
-            writeSegment(id: id, slot: slot, bytes: bytes)
+        segmentWritesWaiting[slot] = bytes
+        startSegmentWriteIfReady(slot: slot)
+    }
+
+    /// Writes a sealed segment once no read of the slot's previous segment is in flight and every
+    /// discard whose markers it holds has been synced on the backing store.
+    func startSegmentWriteIfReady(slot: Int) {
+        guard readersPerSlot[slot] == 0, let buffer = sealedBySlot[slot], segmentWritesWaiting[slot] != nil else { return }
+        if let discards = discardIDsBySegment[buffer.segmentID] {
+            guard discards.allSatisfy({ discardRangesInFlight[$0] == nil }) else { return }
+            discardIDsBySegment[buffer.segmentID] = nil
         }
+        let bytes = segmentWritesWaiting.removeValue(forKey: slot)!
+        writeSegment(id: buffer.segmentID, slot: slot, bytes: bytes)
     }
 
     func writeSegment(id: UInt64, slot: Int, bytes: ByteBuffer) {
@@ -258,8 +266,6 @@ extension CacheEngine {
     func readerFinished(slot: Int) {
         precondition(readersPerSlot[slot] > 0)
         readersPerSlot[slot] -= 1
-        if readersPerSlot[slot] == 0, let bytes = segmentWritesWaitingForReaders.removeValue(forKey: slot) {
-            writeSegment(id: sealedBySlot[slot]!.segmentID, slot: slot, bytes: bytes)
-        }
+        if readersPerSlot[slot] == 0 { startSegmentWriteIfReady(slot: slot) }
     }
 }

@@ -15,6 +15,8 @@ final class WritebackBatch {
     var nextWrite = 0
     var failure: (MediumError, String)?
     var isFinished = false
+    /// The batch's data is on the backing store and synced; only the record is left.
+    var backingWritesDone = false
     /// The smallest and largest block numbers in the batch, for quick overlap checks.
     var lowestBlock = UInt64.max
     var highestBlock: UInt64 = 0
@@ -181,7 +183,11 @@ extension CacheEngine {
         backingStore.synchronize { result in
             self.counters.backingSyncs += 1
             switch result {
-            case .success: self.finishWriteback(batch)
+            case .success:
+                batch.backingWritesDone = true
+                // A discard waiting for these writes may go on.
+                self.processWaitingUpdates()
+                self.finishWriteback(batch)
             case .failure(let error): self.writebackFailed(batch, error, "syncing the backing store after writeback")
             }
         }

@@ -48,8 +48,14 @@ public final class CacheEngine {
     /// Sealed segments whose device write has not completed, by ring slot (reads are served from
     /// them while they are in flight).
     var sealedBySlot: [Int: SegmentBuffer] = [:]
-    /// Sealed segments waiting for readers of their slot to finish before being written.
-    var segmentWritesWaitingForReaders: [Int: ByteBuffer] = [:]
+    /// Sealed segments not yet written, by slot: they wait for readers of the slot's previous
+    /// segment to finish, or for the backing discards whose markers they hold to be synced.
+    var segmentWritesWaiting: [Int: ByteBuffer] = [:]
+    /// Backing discards in flight (their ids) and the block ranges they cover.
+    var discardRangesInFlight: [UInt64: Range<UInt64>] = [:]
+    var nextDiscardID: UInt64 = 1
+    /// For each open or sealed-but-unwritten segment (by id), the discards whose markers it holds.
+    var discardIDsBySegment: [UInt64: Set<UInt64>] = [:]
     /// Every segment with an id up to this one is on the cache device (written, maybe not synced).
     var writtenThroughID: UInt64
     /// Segments written out of order, waiting for earlier ones before `writtenThroughID` moves.
@@ -181,25 +187,12 @@ public final class CacheEngine {
 }
 
 extension CacheEngine {
-    /// Fails every waiting write and discard after a medium failure. A discard whose backing
-    /// request is still out stays until it returns.
+    /// Fails every waiting write and discard after a medium failure.
     func failWaitingUpdates() {
         guard let failure else { return }
-        var keep: [PendingUpdate] = []
         for update in waitingUpdates.removeAll() {
-            if case .discard = update.kind, case .passingDown = update.discardStage {
-                keep.append(update)
-            } else {
-                if case .discard = update.kind {
-                    switch update.discardStage {
-                    case .passedDown, .failed: discardsInFlight -= 1
-                    case .waiting, .passingDown: break
-                    }
-                }
-                update.completion(.failed(.io(errno: failure.errnoValue)))
-            }
+            update.completion(.failed(.io(errno: failure.errnoValue)))
         }
-        for update in keep { waitingUpdates.append(update) }
     }
 }
 
@@ -215,15 +208,17 @@ struct PendingUpdate {
     var appliedBytes = 0
     /// For a discard: how far it has got.
     var discardStage = DiscardStage.waiting
+    /// For a discard: its id once it has started.
+    var discardID: UInt64 = 0
     var completion: (VolumeReply) -> Void
 }
 
 /// Where a discard at the head of the queue stands.
 enum DiscardStage {
+    /// Not started: waits for a writeback batch holding its blocks.
     case waiting
-    case passingDown
-    case passedDown
-    case failed(MediumError)
+    /// Placing discard markers (progress in `appliedBytes`).
+    case placingMarkers
 }
 
 /// A FUA write or flush waiting for a barrier.
