@@ -41,79 +41,85 @@ extension CacheEngine {
         processWaitingUpdates()
     }
 
-    /// A whole-block discard, at the head of the queue (later writes wait behind it until its
-    /// markers are placed):
-    /// 1. waits for a writeback batch holding any of its blocks, so old data never lands after it;
-    /// 2. places a discard marker in the open buffer for every block the cache holds and drops
-    ///    those blocks from the index;
-    /// 3. passes the discard down to the backing store and syncs it, while later requests go on.
-    ///    Until then, reads of the range return zeros (a value a trim or write-zeroes may leave),
-    ///    never what the backing store held before, and the segments holding its markers are not
-    ///    written: a marker must not become durable before the backing discard, or a crash could
-    ///    let the block fall back to what the backing store held before its newest durable copy.
-    ///    No writeback batch starts meanwhile, so no older data can overtake the discard.
+    /// A whole-block discard, at the head of the queue (later writes and discards wait behind it):
+    /// 1. waits until no writeback batch is writing any of its blocks, so old data never lands
+    ///    on the backing store after it;
+    /// 2. passes the discard down to the backing store and syncs it (no batch starts meanwhile);
+    /// 3. places a discard marker in the open buffer for every block the cache still holds and
+    ///    drops it from the index. A batch that runs while the markers wait for ring space drops
+    ///    the range's blocks instead of writing them back (see `startWriteback`).
+    ///
+    /// The backing store has the discard, synced, before any marker exists, so a marker can never
+    /// be durable over a backing store that still holds data older than the block's newest
+    /// durable copy. Until the markers are placed, reads of cached blocks in the range return the
+    /// cached data and reads of the others return zeros (what the backing store now holds, or will).
     func applyDiscard(_ update: inout PendingUpdate) -> ApplyOutcome {
         guard case .discard(let lengthBytes, let zeroes, _) = update.kind else { preconditionFailure() }
         let blockBytes = UInt64(CacheGeometry.blockBytes)
         let firstBlock = update.offset / blockBytes
         let endBlock = firstBlock + lengthBytes / blockBytes
-        if case .waiting = update.discardStage {
+        switch update.discardStage {
+        case .waiting:
             if writebackIsWriting(firstBlock..<endBlock) { return .blocked }
-            update.discardStage = .placingMarkers
+            update.discardStage = .passingDown
             update.discardID = nextDiscardID
             nextDiscardID += 1
-            // From here on reads of the range return zeros and no segment holding its markers is
-            // written until the backing store has the discard.
             discardRangesInFlight[update.discardID] = firstBlock..<endBlock
-        }
-        let discardID = update.discardID
-        var block = firstBlock + UInt64(update.appliedBytes)
-        while block < endBlock {
-            if index.lookup(block) != nil {
-                guard let buffer = openBufferAccepting(block) else {
-                    update.appliedBytes = Int(block - firstBlock)
-                    return .blocked
+            // The head of the queue records the discard's progress; the completion below may run
+            // before `discard` returns.
+            waitingUpdates.first = update
+            discardsInFlight += 1
+            backingLoad.begin(nowNs: uptimeNs())
+            let discardID = update.discardID
+            backingStore.discard(offset: update.offset, count: Int(lengthBytes), zeroes: zeroes) { result in
+                self.backingLoad.end(nowNs: uptimeNs())
+                guard case .success = result else { return self.discardPassedDown(discardID, result: result) }
+                self.backingStore.synchronize { synced in
+                    self.counters.backingSyncs += 1
+                    self.discardPassedDown(discardID, result: synced)
                 }
-                buffer.markDiscarded(blockNumber: block)
-                index.remove(blockNumber: block)
-                discardIDsBySegment[buffer.segmentID, default: []].insert(discardID)
-                if buffer.isFull { sealOpenBuffer(isPartial: false) }
             }
-            block += 1
-        }
-        update.appliedBytes = Int(endBlock - firstBlock)
-        // A batch that started while markers waited for ring space may hold blocks of the range:
-        // its writes must reach the backing store before the discard does. (Only its writes: the
-        // rest of the batch waits for a barrier that may need this discard to finish.)
-        if writebackIsWriting(firstBlock..<endBlock) { return .blocked }
-        discardsInFlight += 1
-        backingLoad.begin(nowNs: uptimeNs())
-        let completion = update.completion
-        backingStore.discard(offset: update.offset, count: Int(lengthBytes), zeroes: zeroes) { result in
-            self.backingLoad.end(nowNs: uptimeNs())
-            guard case .success = result else { return self.discardPassedDown(discardID, result: result, completion: completion) }
-            self.backingStore.synchronize { synced in
-                self.counters.backingSyncs += 1
-                self.discardPassedDown(discardID, result: synced, completion: completion)
+            update = waitingUpdates.first!
+            if case .passingDown = update.discardStage { return .blocked }
+            return applyDiscard(&update)
+        case .passingDown:
+            return .blocked
+        case .failed(let error):
+            discardRangesInFlight[update.discardID] = nil
+            update.completion(.failed(.io(errno: error.errnoValue)))
+            return .handedOff
+        case .passedDown:
+            var block = firstBlock + UInt64(update.appliedBytes)
+            while block < endBlock {
+                if index.lookup(block) != nil {
+                    guard let buffer = openBufferAccepting(block) else {
+                        update.appliedBytes = Int(block - firstBlock)
+                        return .blocked
+                    }
+                    buffer.markDiscarded(blockNumber: block)
+                    index.remove(blockNumber: block)
+                    if buffer.isFull { sealOpenBuffer(isPartial: false) }
+                }
+                block += 1
             }
+            discardRangesInFlight[update.discardID] = nil
+            kickWriteback()
+            return .applied
         }
-        return .handedOff
     }
 
-    /// The backing store has done (and synced) a discard, or failed it.
-    private func discardPassedDown(_ discardID: UInt64, result: Result<Void, MediumError>, completion: (VolumeReply) -> Void) {
+    /// The backing store has done (and synced) the discard at the head of the queue, or failed it.
+    private func discardPassedDown(_ discardID: UInt64, result: Result<Void, MediumError>) {
         discardsInFlight -= 1
-        discardRangesInFlight[discardID] = nil
-        if case .failure(let error) = result {
-            // The markers dropped cached copies whose blocks the backing store may still hold
-            // older data for: nothing more may be acknowledged on that state.
-            fail(error, doing: "passing a trim or write-zeroes down to the backing store")
-            completion(.failed(.io(errno: error.errnoValue)))
-            return
+        guard var head = waitingUpdates.first, head.discardID == discardID, case .passingDown = head.discardStage else {
+            preconditionFailure("a backing discard completed that is not at the head of the queue")
         }
-        completion(.done)
-        // Segments holding its markers may be written now.
-        for slot in Array(segmentWritesWaiting.keys) { startSegmentWriteIfReady(slot: slot) }
+        switch result {
+        case .success: head.discardStage = .passedDown
+        case .failure(let error): head.discardStage = .failed(error)
+        }
+        waitingUpdates.first = head
+        processWaitingUpdates()
         kickWriteback()
     }
 
@@ -123,10 +129,18 @@ extension CacheEngine {
         return batch.overlaps(range)
     }
 
-    /// Whether `blockNumber` lies in a discard being passed down (reads of it return zeros).
+    /// Whether `blockNumber` lies in a discard that has not placed its markers yet.
     func isBeingDiscarded(_ blockNumber: UInt64) -> Bool {
         guard !discardRangesInFlight.isEmpty else { return false }
         return discardRangesInFlight.values.contains { $0.contains(blockNumber) }
+    }
+
+    /// Whether `blockNumber` lies in a discard the backing store already has (markers pending).
+    func isDiscardedOnBacking(_ blockNumber: UInt64) -> Bool {
+        guard let head = waitingUpdates.first, case .discard(let lengthBytes, _, _) = head.kind,
+              case .passedDown = head.discardStage else { return false }
+        let first = head.offset / UInt64(CacheGeometry.blockBytes)
+        return blockNumber >= first && blockNumber < first + lengthBytes / UInt64(CacheGeometry.blockBytes)
     }
 }
 

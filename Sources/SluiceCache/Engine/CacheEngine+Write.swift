@@ -217,14 +217,9 @@ extension CacheEngine {
         startSegmentWriteIfReady(slot: slot)
     }
 
-    /// Writes a sealed segment once no read of the slot's previous segment is in flight and every
-    /// discard whose markers it holds has been synced on the backing store.
+    /// Writes a sealed segment once no read of the slot's previous segment is in flight.
     func startSegmentWriteIfReady(slot: Int) {
         guard readersPerSlot[slot] == 0, let buffer = sealedBySlot[slot], segmentWritesWaiting[slot] != nil else { return }
-        if let discards = discardIDsBySegment[buffer.segmentID] {
-            guard discards.allSatisfy({ discardRangesInFlight[$0] == nil }) else { return }
-            discardIDsBySegment[buffer.segmentID] = nil
-        }
         let bytes = segmentWritesWaiting.removeValue(forKey: slot)!
         writeSegment(id: buffer.segmentID, slot: slot, bytes: bytes)
     }

@@ -88,6 +88,13 @@ extension CacheEngine {
             for dataIndex in 0..<geometry.dataBlocksPerSegment {
                 let position = CacheIndex.Position(first + dataIndex)
                 guard let resident = index.resident(at: position) else { continue }
+                if isDiscardedOnBacking(resident.blockNumber) {
+                    // The discard at the head of the queue is on the backing store, synced, and
+                    // waits for ring space to place this block's marker. Its newest copy is in this
+                    // batch, so retiring the batch removes every copy from the log: drop it.
+                    index.remove(at: position)
+                    continue
+                }
                 batch.items.append((resident.blockNumber, position, resident.sectorMask))
                 lastLiveIndex[slot] = dataIndex
             }

@@ -49,13 +49,11 @@ public final class CacheEngine {
     /// them while they are in flight).
     var sealedBySlot: [Int: SegmentBuffer] = [:]
     /// Sealed segments not yet written, by slot: they wait for readers of the slot's previous
-    /// segment to finish, or for the backing discards whose markers they hold to be synced.
+    /// segment to finish.
     var segmentWritesWaiting: [Int: ByteBuffer] = [:]
-    /// Backing discards in flight (their ids) and the block ranges they cover.
+    /// Discards started and not yet done placing their markers (their ids), and their block ranges.
     var discardRangesInFlight: [UInt64: Range<UInt64>] = [:]
     var nextDiscardID: UInt64 = 1
-    /// For each open or sealed-but-unwritten segment (by id), the discards whose markers it holds.
-    var discardIDsBySegment: [UInt64: Set<UInt64>] = [:]
     /// Every segment with an id up to this one is on the cache device (written, maybe not synced).
     var writtenThroughID: UInt64
     /// Segments written out of order, waiting for earlier ones before `writtenThroughID` moves.
@@ -190,9 +188,17 @@ extension CacheEngine {
     /// Fails every waiting write and discard after a medium failure.
     func failWaitingUpdates() {
         guard let failure else { return }
+        var keep: [PendingUpdate] = []
         for update in waitingUpdates.removeAll() {
+            if case .discard = update.kind, case .passingDown = update.discardStage {
+                // Its backing request is still out; it is failed when that returns.
+                keep.append(update)
+                continue
+            }
+            if case .discard = update.kind { discardRangesInFlight[update.discardID] = nil }
             update.completion(.failed(.io(errno: failure.errnoValue)))
         }
+        for update in keep { waitingUpdates.append(update) }
     }
 }
 
@@ -215,10 +221,13 @@ struct PendingUpdate {
 
 /// Where a discard at the head of the queue stands.
 enum DiscardStage {
-    /// Not started: waits for a writeback batch holding its blocks.
+    /// Not started: waits for a writeback batch writing its blocks.
     case waiting
-    /// Placing discard markers (progress in `appliedBytes`).
-    case placingMarkers
+    /// The backing store is doing the discard (and syncing it).
+    case passingDown
+    /// The backing store has it; placing discard markers (progress in `appliedBytes`).
+    case passedDown
+    case failed(MediumError)
 }
 
 /// A FUA write or flush waiting for a barrier.
