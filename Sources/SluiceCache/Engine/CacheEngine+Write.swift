@@ -84,6 +84,7 @@ extension CacheEngine {
             fetchedOldCopy = nil
             let start = data.readerIndex + update.appliedBytes
 
+            let oldCopy = buffer.dataIndex(of: blockNumber) == nil ? index.lookup(blockNumber) : nil
             if let dataIndex = buffer.dataIndex(of: blockNumber) {
                 // Still in the open buffer: update it in place.
                 let position = CacheIndex.Position(firstPosition(ofSlot: openSlot) + dataIndex)
@@ -100,7 +101,7 @@ extension CacheEngine {
                     precondition(replaced == nil, "a discarded block still had an index entry")
                 }
                 counters.count(write: true, hit: true, inBuffer: true, fullBlock: isFullBlock)
-            } else if let old = index.lookup(blockNumber), old.sectorMask & ~mask != 0 {
+            } else if let old = oldCopy, old.sectorMask & ~mask != 0 {
                 // The old copy holds sectors this write does not cover: merge them into the new copy
                 // so that the index keeps exactly one, newest copy of the block.
                 let oldSlot = slot(of: old.position)
@@ -131,7 +132,7 @@ extension CacheEngine {
                 counters.count(write: true, hit: true, inBuffer: false, fullBlock: isFullBlock)
             } else {
                 // Not cached, or the new write covers every sector the old copy holds.
-                let hit = index.lookup(blockNumber) != nil
+                let hit = oldCopy != nil
                 let dataIndex = data.withUnsafeReadableBytes { raw in
                     buffer.write(blockNumber: blockNumber, sectorMask: mask,
                                  sectors: UnsafeRawBufferPointer(rebasing: raw[(start - data.readerIndex)..<(start - data.readerIndex + lengthBytes)]))

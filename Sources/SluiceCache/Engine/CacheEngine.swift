@@ -109,7 +109,7 @@ public final class CacheEngine {
     var updatesNeedAnotherPass = false
 
     /// How many segment buffers the engine uses: one open, the rest sealed and being written.
-    public static let bufferCount = 4
+    public static let bufferCount = 8
 
     /// Creates an engine for a cache whose state recovery rebuilt. `opened` is the superblock that
     /// was read, `recovered` the index and log position. Call ``start()`` before submitting.
