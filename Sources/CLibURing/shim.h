@@ -22,3 +22,8 @@
 static inline int sluice_fallocate(int fd, int mode, off_t offset, off_t length) {
     return (int)syscall(SYS_fallocate, fd, mode, offset, length);
 }
+
+/// O_DIRECT without _GNU_SOURCE: glibc defines the architecture's value as __O_DIRECT.
+static inline int sluice_o_direct(void) {
+    return __O_DIRECT;
+}

@@ -30,6 +30,9 @@ public struct IOOperation {
     public var readWriteFlags: Int32
     /// The `fallocate` mode or `posix_fadvise` advice.
     public var mode: Int32
+    /// For a write without a `buffer`: memory the owner keeps valid and unchanged until the
+    /// operation completes (for example a 4 KiB-aligned segment buffer written with O_DIRECT).
+    public var unownedBytes: UnsafeRawPointer?
     /// A value the owner uses to find its request again.
     public var context: UInt64
 
@@ -45,6 +48,7 @@ public struct IOOperation {
         self.readWriteFlags = readWriteFlags
         self.mode = mode
         self.context = context
+        self.unownedBytes = nil
     }
 }
 

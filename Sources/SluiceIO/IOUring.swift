@@ -123,9 +123,13 @@ public final class IOUring {
             let writerIndex = buffer!.writerIndex
             basePointer = buffer!.withVeryUnsafeMutableBytes { $0.baseAddress! + writerIndex }
         case .write:
-            precondition(buffer != nil, "an io_uring write needs a buffer")
-            precondition(buffer!.readableBytes >= Int(operation.lengthBytes), "an io_uring write buffer is too small")
-            basePointer = buffer!.withUnsafeReadableBytes { UnsafeMutableRawPointer(mutating: $0.baseAddress) }
+            if buffer == nil, let unowned = operation.unownedBytes {
+                basePointer = UnsafeMutableRawPointer(mutating: unowned)
+            } else {
+                precondition(buffer != nil, "an io_uring write needs a buffer")
+                precondition(buffer!.readableBytes >= Int(operation.lengthBytes), "an io_uring write buffer is too small")
+                basePointer = buffer!.withUnsafeReadableBytes { UnsafeMutableRawPointer(mutating: $0.baseAddress) }
+            }
         case .syncData, .fallocate, .fadvise:
             break
         }

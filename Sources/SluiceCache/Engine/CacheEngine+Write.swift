@@ -225,9 +225,11 @@ extension CacheEngine {
         writeSegment(id: buffer.segmentID, slot: slot, bytes: bytes)
     }
 
-    func writeSegment(id: UInt64, slot: Int, bytes: ByteBuffer) {
-        let lengthBytes = bytes.readableBytes
-        cacheDevice.write(offset: geometry.offset(ofSlot: slot), bytes: bytes) { result in
+    /// Writes a sealed segment from its buffer's own memory, which stays untouched until the
+    /// completion returns the buffer to the free list.
+    func writeSegment(id: UInt64, slot: Int, bytes: UnsafeRawBufferPointer) {
+        let lengthBytes = bytes.count
+        cacheDevice.write(offset: geometry.offset(ofSlot: slot), unownedBytes: bytes) { result in
             switch result {
             case .success:
                 self.counters.cacheBytesWritten += UInt64(lengthBytes)

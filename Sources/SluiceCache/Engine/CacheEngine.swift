@@ -50,7 +50,7 @@ public final class CacheEngine {
     var sealedBySlot: [Int: SegmentBuffer] = [:]
     /// Sealed segments not yet written, by slot: they wait for readers of the slot's previous
     /// segment to finish.
-    var segmentWritesWaiting: [Int: ByteBuffer] = [:]
+    var segmentWritesWaiting: [Int: UnsafeRawBufferPointer] = [:]
     /// Discards started and not yet done placing their markers (their ids), and their block ranges.
     var discardRangesInFlight: [UInt64: Range<UInt64>] = [:]
     var nextDiscardID: UInt64 = 1

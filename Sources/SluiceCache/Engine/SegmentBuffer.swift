@@ -11,9 +11,10 @@ import SluiceFormat
 /// protocol.
 public final class SegmentBuffer: WriteBuffer {
     public let geometry: CacheGeometry
-    /// Header blocks followed by data blocks: the bytes of the segment on the device. Its storage is
-    /// allocated once and reused for every segment this buffer holds.
-    private var storage: ByteBuffer
+    /// Header blocks followed by data blocks: the bytes of the segment on the device. Allocated
+    /// once, 4 KiB-aligned so the cache device can be written with O_DIRECT straight from it, and
+    /// reused for every segment this buffer holds.
+    private let storage: UnsafeMutableRawBufferPointer
     public private(set) var entries: [SegmentHeader.Entry] = []
     /// Where each block number sits among the data blocks.
     private var slots: [UInt64: Int] = [:]
@@ -24,10 +25,14 @@ public final class SegmentBuffer: WriteBuffer {
 
     public init(geometry: CacheGeometry) {
         self.geometry = geometry
-        storage = ByteBufferAllocator().buffer(capacity: geometry.segmentBytes)
-        storage.writeRepeatingByte(0, count: geometry.segmentBytes)
+        storage = .allocate(byteCount: geometry.segmentBytes, alignment: CacheGeometry.blockBytes)
+        storage.initializeMemory(as: UInt8.self, repeating: 0)
         entries.reserveCapacity(geometry.dataBlocksPerSegment)
         slots.reserveCapacity(geometry.dataBlocksPerSegment)
+    }
+
+    deinit {
+        storage.deallocate()
     }
 
     public var isEmpty: Bool { entries.isEmpty }
@@ -57,7 +62,8 @@ public final class SegmentBuffer: WriteBuffer {
         let index = claim(blockNumber, sectorMask: sectorMask)
         let base = (geometry.headerBlocks + index) * CacheGeometry.blockBytes
         var source = 0
-        storage.withUnsafeMutableReadableBytes { destination in
+        do {
+            let destination = storage
             var sector = 0
             while sector < Self.sectorsPerBlock {
                 // Copy each run of consecutive sectors at once.
@@ -81,7 +87,8 @@ public final class SegmentBuffer: WriteBuffer {
         precondition(sectorMask != 0 && block.count == CacheGeometry.blockBytes)
         let index = claim(blockNumber, sectorMask: sectorMask)
         let base = (geometry.headerBlocks + index) * CacheGeometry.blockBytes
-        storage.withUnsafeMutableReadableBytes { destination in
+        do {
+            let destination = storage
             for sector in 0..<Self.sectorsPerBlock where sectorMask & (1 << sector) != 0 {
                 (destination.baseAddress! + base + sector * Self.sectorBytes)
                     .copyMemory(from: block.baseAddress! + sector * Self.sectorBytes, byteCount: Self.sectorBytes)
@@ -121,9 +128,7 @@ public final class SegmentBuffer: WriteBuffer {
     public func withBlock<Result>(at dataIndex: Int, _ body: (UnsafeRawBufferPointer) throws -> Result) rethrows -> Result {
         precondition(dataIndex < geometry.dataBlocksPerSegment)
         let base = (geometry.headerBlocks + dataIndex) * CacheGeometry.blockBytes
-        return try storage.withUnsafeReadableBytes {
-            try body(UnsafeRawBufferPointer(rebasing: $0[base..<(base + CacheGeometry.blockBytes)]))
-        }
+        return try body(UnsafeRawBufferPointer(rebasing: storage[base..<(base + CacheGeometry.blockBytes)]))
     }
 
     /// The sector mask and the 4 KiB of data of `blockNumber`, if it is here (for tests).
@@ -133,18 +138,16 @@ public final class SegmentBuffer: WriteBuffer {
     }
 
     /// Writes the header and returns the bytes to put on the device: the header and the used data
-    /// blocks (a partial segment is shorter than a full one). The returned buffer shares this
-    /// buffer's storage; the buffer must not be written again until ``reset()``.
-    public func seal(cacheUUID: [UInt8], isPartial: Bool) -> ByteBuffer {
+    /// blocks (a partial segment is shorter than a full one). They are this buffer's own memory:
+    /// valid, and unchanged, until ``reset()``.
+    public func seal(cacheUUID: [UInt8], isPartial: Bool) -> UnsafeRawBufferPointer {
         precondition(segmentID > 0, "sealing a buffer that was never opened")
         let header = SegmentHeader(segmentID: segmentID, cacheUUID: cacheUUID, isPartial: isPartial, entries: entries)
         let headerBytes = geometry.headerBlocks * CacheGeometry.blockBytes
         let usedBytes = headerBytes + entries.count * CacheGeometry.blockBytes
-        storage.withUnsafeMutableReadableBytes { raw in
-            header.encode(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<headerBytes]),
-                          data: UnsafeRawBufferPointer(rebasing: raw[headerBytes...]), geometry: geometry)
-        }
-        return storage.getSlice(at: 0, length: usedBytes)!
+        header.encode(into: UnsafeMutableRawBufferPointer(rebasing: storage[0..<headerBytes]),
+                      data: UnsafeRawBufferPointer(rebasing: storage[headerBytes...]), geometry: geometry)
+        return UnsafeRawBufferPointer(rebasing: storage[0..<usedBytes])
     }
 
     /// Empties the buffer for the next segment. The memory is kept.
@@ -171,6 +174,6 @@ public protocol WriteBuffer: AnyObject {
     @discardableResult func write(blockNumber: UInt64, sectorMask: UInt8, block: UnsafeRawBufferPointer) -> Int
     @discardableResult func markDiscarded(blockNumber: UInt64) -> Int
     func withBlock<Result>(at dataIndex: Int, _ body: (UnsafeRawBufferPointer) throws -> Result) rethrows -> Result
-    func seal(cacheUUID: [UInt8], isPartial: Bool) -> ByteBuffer
+    func seal(cacheUUID: [UInt8], isPartial: Bool) -> UnsafeRawBufferPointer
     func reset()
 }

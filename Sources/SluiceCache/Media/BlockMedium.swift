@@ -17,6 +17,11 @@ public protocol BlockMedium: AnyObject {
     /// ``synchronize(completion:)`` completes.
     func write(offset: UInt64, bytes: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void)
 
+    /// Writes `bytes`, which the caller keeps valid and unchanged until the completion runs.
+    /// Media that can write straight from it (O_DIRECT from 4 KiB-aligned memory) do; the others
+    /// copy it (the default).
+    func write(offset: UInt64, unownedBytes bytes: UnsafeRawBufferPointer, completion: @escaping (Result<Void, MediumError>) -> Void)
+
     /// Makes the range read as zeros (`zeroes`) or tells the medium it is no longer needed (reads
     /// then return the old bytes or zeros). Durable only after a later sync.
     func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void)
@@ -26,6 +31,10 @@ public protocol BlockMedium: AnyObject {
 }
 
 extension BlockMedium {
+    public func write(offset: UInt64, unownedBytes bytes: UnsafeRawBufferPointer, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        write(offset: offset, bytes: ByteBuffer(bytes: bytes), completion: completion)
+    }
+
     /// Writes an array of bytes (for metadata and tests; data paths pass `ByteBuffer`s).
     public func write(offset: UInt64, bytes: [UInt8], completion: @escaping (Result<Void, MediumError>) -> Void) {
         write(offset: offset, bytes: ByteBuffer(bytes: bytes), completion: completion)

@@ -82,7 +82,7 @@ extension CacheVolume {
             ])
             let engine = try eventLoop.submit { () throws -> CacheEngine in
                 let driver = try IOUringDrivers.shared.driver(for: eventLoop)
-                let cacheMedium = UringFileMedium(file: cacheFile, driver: driver)
+                let cacheMedium = UringFileMedium(file: cacheFile, driver: driver, directWrites: true)
                 let backingMedium: any BlockMedium = opened.nbd ?? UringFileMedium(file: opened.file!, driver: driver)
                 return CacheEngine(eventLoop: eventLoop, cacheDevice: cacheMedium, backingStore: backingMedium,
                                    opened: recovered.opened, recovered: recovered.state, tunables: tunables, logger: logger)
