@@ -18,7 +18,7 @@ final class RecoveredCacheTests: XCTestCase {
                 let data = [UInt8](repeating: UInt8(id), count: mask.nonzeroBitCount * 512)
                 data.withUnsafeBytes { _ = buffer.write(blockNumber: block, sectorMask: mask, sectors: $0) }
             }
-            let sealed = Array(buffer.seal(cacheUUID: uuid, isPartial: true).readableBytesView)
+            let sealed = Array(buffer.seal(cacheUUID: uuid, isPartial: true))
             ring[geometry.slot(ofSegment: id)].replaceSubrange(0..<sealed.count, with: sealed)
         }
         let chain = SegmentChain.scan(geometry: geometry, cacheUUID: uuid, lastWrittenBackSegmentID: 2) { ring[$0] }

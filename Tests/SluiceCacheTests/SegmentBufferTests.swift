@@ -29,7 +29,7 @@ final class SegmentBufferTests: XCTestCase {
         XCTAssertEqual(Array(data[3584..<4096]), [UInt8](repeating: 3, count: 512))
         XCTAssertNil(buffer.read(blockNumber: 8))
 
-        let sealed = Array(buffer.seal(cacheUUID: uuid, isPartial: true).readableBytesView)
+        let sealed = Array(buffer.seal(cacheUUID: uuid, isPartial: true))
         XCTAssertEqual(sealed.count, 3 * 4096, "a partial segment holds only its used blocks")
         let header = try sealed.withUnsafeBytes { try SegmentHeader(verifying: $0, geometry: geometry, cacheUUID: uuid) }
         XCTAssertEqual(header.segmentID, 9)
@@ -52,7 +52,7 @@ final class SegmentBufferTests: XCTestCase {
         XCTAssertTrue(buffer.isFull)
         XCTAssertFalse(buffer.canAccept(999))
         XCTAssertTrue(buffer.canAccept(3), "a block already here can still be rewritten")
-        let sealed = Array(buffer.seal(cacheUUID: uuid, isPartial: false).readableBytesView)
+        let sealed = Array(buffer.seal(cacheUUID: uuid, isPartial: false))
         XCTAssertEqual(sealed.count, geometry.segmentBytes)
         let header = try sealed.withUnsafeBytes { try SegmentHeader(verifying: $0, geometry: geometry, cacheUUID: uuid) }
         XCTAssertEqual(header.entries.count, geometry.dataBlocksPerSegment)
