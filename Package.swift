@@ -159,7 +159,7 @@ let package = Package(
         .testTarget(
             name: "NBDServerTests",
             dependencies: [
-                "NBDServer", "NBDProtocol", "SluiceVolume", "SluicePassthrough", "SluiceIO", "NBDClient",
+                "NBDServer", "NBDProtocol", "SluiceVolume", "SluicePassthrough", "SluiceIO", "NBDClient", "SluiceCache",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

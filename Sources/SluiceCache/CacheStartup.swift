@@ -18,7 +18,7 @@ public enum CacheStartup {
     }
 
     /// Recovers from any medium whose completions run before its calls return.
-    public static func recover<Device: BlockMedium & RecoveryDevice>(device: Device, expectation: CacheSuperblock.Expectation) throws -> Recovered {
+    public static func recover<Device: SynchronousBlockMedium>(device: Device, expectation: CacheSuperblock.Expectation) throws -> Recovered {
         let started = Date()
         var openResult: Result<CacheSuperblock.Opened, Error>?
         CacheSuperblock.open(device, expectation: expectation) { openResult = $0 }
@@ -59,7 +59,11 @@ public enum StartupError: Error, CustomStringConvertible {
     }
 }
 
-extension FileMedium: RecoveryDevice {
+/// A ``BlockMedium`` whose completions run before its calls return (``FileMedium``,
+/// ``SimulatedMedium``), which is what recovery's blocking interface needs.
+public protocol SynchronousBlockMedium: BlockMedium, RecoveryDevice {}
+
+extension SynchronousBlockMedium {
     public func readBytes(offset: UInt64, count: Int) throws -> [UInt8] {
         var result: Result<[UInt8], MediumError>?
         readBytes(offset: offset, count: count) { result = $0 }
@@ -79,22 +83,5 @@ extension FileMedium: RecoveryDevice {
     }
 }
 
-extension SimulatedMedium: RecoveryDevice {
-    public func readBytes(offset: UInt64, count: Int) throws -> [UInt8] {
-        var result: Result<[UInt8], MediumError>?
-        readBytes(offset: offset, count: count) { result = $0 }
-        return try result!.get()
-    }
-
-    public func writeBytes(offset: UInt64, bytes: [UInt8]) throws {
-        var result: Result<Void, MediumError>?
-        write(offset: offset, bytes: bytes) { result = $0 }
-        try result!.get()
-    }
-
-    public func synchronizeBytes() throws {
-        var result: Result<Void, MediumError>?
-        synchronize { result = $0 }
-        try result!.get()
-    }
-}
+extension FileMedium: SynchronousBlockMedium {}
+extension SimulatedMedium: SynchronousBlockMedium {}

@@ -1,5 +1,6 @@
 import Foundation
 import NBDClient
+import SluiceCache
 import XCTest
 
 /// `sluice format`, `sluice serve --cache` and the control commands, as a user runs them: refusals
@@ -130,7 +131,7 @@ final class CacheCommandLineTests: XCTestCase {
         // are known durable.
         var history = [[UInt32]](repeating: [0], count: sectors)
         var durableCount = [Int](repeating: 1, count: sectors)
-        var generator = SeededGenerator(seed: 2026)
+        var generator = SplitMix64(seed: 2026)
         var tag: UInt32 = 0
         func sectorBytes(_ tag: UInt32) -> [UInt8] {
             var bytes = [UInt8](repeating: 0, count: 512)
@@ -263,18 +264,5 @@ final class CacheCommandLineTests: XCTestCase {
         stop(server)
         let remote = try Data(contentsOf: URL(fileURLWithPath: image))
         XCTAssertEqual(Array(remote[0..<(1 << 20)]), expected, "the remote export holds the written-back data")
-    }
-}
-
-/// SplitMix64: a small seeded generator so a failing run replays.
-struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

@@ -30,7 +30,7 @@ final class CacheIndexTests: XCTestCase {
     /// Thousands of random operations against a dictionary model, filling the index completely.
     func testAgreesWithAModelUnderRandomOperations() {
         for seed in 1...5 as ClosedRange<UInt64> {
-            var random = SplitMix(seed: seed)
+            var random = SplitMix64(seed: seed)
             let capacity = 257
             var index = CacheIndex(capacity: capacity)
             var model: [UInt64: (CacheIndex.Position, UInt8)] = [:]
@@ -62,19 +62,6 @@ final class CacheIndexTests: XCTestCase {
             }
             XCTAssertEqual(Set(index.entries().map(\.blockNumber)), Set(model.keys))
         }
-    }
-}
-
-/// A small seeded generator, so any failing case replays.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
 

@@ -40,6 +40,37 @@ extension BlockMedium {
         write(offset: offset, bytes: ByteBuffer(bytes: bytes), completion: completion)
     }
 
+    /// Whether `offset ..< offset + count` lies inside the medium (and does not overflow).
+    public func contains(offset: UInt64, count: Int) -> Bool {
+        let (end, overflow) = offset.addingReportingOverflow(UInt64(max(count, 0)))
+        return count >= 0 && !overflow && end <= sizeBytes
+    }
+
+    /// Writes `count` zero bytes at `offset`, a megabyte at a time: the fallback of a medium that
+    /// cannot zero a range by itself. Writes that complete before `write` returns are continued in
+    /// a loop, not by recursion, so a synchronous medium zeroing gigabytes keeps a flat stack.
+    public func writeZeros(offset: UInt64, count: Int, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        var offset = offset
+        var remaining = count
+        while remaining > 0 {
+            let length = min(remaining, zeroChunk.readableBytes)
+            var returned = false
+            var inlineResult: Result<Void, MediumError>?
+            write(offset: offset, bytes: zeroChunk.getSlice(at: 0, length: length)!) { result in
+                guard returned else { return inlineResult = result }
+                // Completed later: go on from the completion.
+                if case .failure = result { return completion(result) }
+                self.writeZeros(offset: offset + UInt64(length), count: remaining - length, completion: completion)
+            }
+            returned = true
+            guard let inlineResult else { return }
+            if case .failure = inlineResult { return completion(inlineResult) }
+            offset += UInt64(length)
+            remaining -= length
+        }
+        completion(.success(()))
+    }
+
     /// Reads into an array of bytes (for metadata and tests).
     public func readBytes(offset: UInt64, count: Int, completion: @escaping (Result<[UInt8], MediumError>) -> Void) {
         read(offset: offset, count: count) { result in
@@ -47,6 +78,9 @@ extension BlockMedium {
         }
     }
 }
+
+/// A run of zeros that zero-filling writes come from. Shared and never written to.
+private let zeroChunk = ByteBuffer(repeating: 0, count: 1 << 20)
 
 /// A medium failed an operation.
 public enum MediumError: Error, Equatable, CustomStringConvertible {

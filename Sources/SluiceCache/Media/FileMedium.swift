@@ -53,7 +53,7 @@ public final class FileMedium: BlockMedium {
     }
 
     public func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void) {
-        guard isInRange(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
+        guard contains(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
         var buffer = ByteBufferAllocator().buffer(capacity: count)
         var status: Int32 = 0
         buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { raw in
@@ -64,38 +64,23 @@ public final class FileMedium: BlockMedium {
     }
 
     public func write(offset: UInt64, bytes: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        guard isInRange(offset: offset, count: bytes.readableBytes) else { return completion(.failure(.outOfRange)) }
+        guard contains(offset: offset, count: bytes.readableBytes) else { return completion(.failure(.outOfRange)) }
         let status = bytes.withUnsafeReadableBytes { BlockingIO.write(fileDescriptor: fileDescriptor, bytes: $0, offset: offset) }
         completion(status == 0 ? .success(()) : .failure(.inputOutput(errno: status)))
     }
 
     public func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        guard isInRange(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
+        guard contains(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
         // Punching a hole reads back as zeros on every filesystem that supports it; where it is not
         // supported, zeros are written (a trim may simply do nothing).
         if sluice_fallocate(fileDescriptor, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off_t(offset), off_t(count)) == 0 {
             return completion(.success(()))
         }
         guard zeroes else { return completion(.success(())) }
-        let zeros = [UInt8](repeating: 0, count: min(count, 1 << 20))
-        var done = 0
-        while done < count {
-            let length = min(zeros.count, count - done)
-            let status = zeros.withUnsafeBytes {
-                BlockingIO.write(fileDescriptor: fileDescriptor, bytes: UnsafeRawBufferPointer(rebasing: $0[0..<length]), offset: offset + UInt64(done))
-            }
-            if status != 0 { return completion(.failure(.inputOutput(errno: status))) }
-            done += length
-        }
-        completion(.success(()))
+        writeZeros(offset: offset, count: count, completion: completion)
     }
 
     public func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
         completion(fdatasync(fileDescriptor) == 0 ? .success(()) : .failure(.inputOutput(errno: errno)))
-    }
-
-    private func isInRange(offset: UInt64, count: Int) -> Bool {
-        let (end, overflow) = offset.addingReportingOverflow(UInt64(count))
-        return count >= 0 && !overflow && end <= sizeBytes
     }
 }

@@ -83,7 +83,7 @@ public final class NBDMedium: BlockMedium, @unchecked Sendable {
     }
 
     public func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void) {
-        guard isInRange(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
+        guard contains(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
         var buffer = ByteBufferAllocator().buffer(capacity: count)
         let base = buffer.withVeryUnsafeMutableBytes { $0.baseAddress! }
         issue(.read(buffer, count, completion)) { callback in
@@ -93,7 +93,7 @@ public final class NBDMedium: BlockMedium, @unchecked Sendable {
     }
 
     public func write(offset: UInt64, bytes: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        guard isInRange(offset: offset, count: bytes.readableBytes) else { return completion(.failure(.outOfRange)) }
+        guard contains(offset: offset, count: bytes.readableBytes) else { return completion(.failure(.outOfRange)) }
         // The buffer is kept in the pending entry until the command completes, so its storage stays put.
         let base = bytes.withUnsafeReadableBytes { $0.baseAddress! }
         let count = bytes.readableBytes
@@ -103,24 +103,13 @@ public final class NBDMedium: BlockMedium, @unchecked Sendable {
     }
 
     public func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        guard isInRange(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
+        guard contains(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
         if zeroes {
-            guard canZero else { return writeZeros(offset: offset, remaining: count, completion: completion) }
+            guard canZero else { return writeZeros(offset: offset, count: count, completion: completion) }
             issue(.done(completion)) { callback in nbd_aio_zero(self.handle, UInt64(count), offset, callback, 0) }
         } else {
             guard canTrim else { return completion(.success(())) }
             issue(.done(completion)) { callback in nbd_aio_trim(self.handle, UInt64(count), offset, callback, 0) }
-        }
-    }
-
-    private static let zeros = ByteBuffer(repeating: 0, count: 1 << 20)
-
-    private func writeZeros(offset: UInt64, remaining: Int, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        guard remaining > 0 else { return completion(.success(())) }
-        let length = min(remaining, Self.zeros.readableBytes)
-        write(offset: offset, bytes: Self.zeros.getSlice(at: 0, length: length)!) { result in
-            if case .failure = result { return completion(result) }
-            self.writeZeros(offset: offset + UInt64(length), remaining: remaining - length, completion: completion)
         }
     }
 
@@ -221,10 +210,5 @@ public final class NBDMedium: BlockMedium, @unchecked Sendable {
                 completion(status >= 0 ? .success(()) : .failure(error))
             }
         }
-    }
-
-    private func isInRange(offset: UInt64, count: Int) -> Bool {
-        let (end, overflow) = offset.addingReportingOverflow(UInt64(count))
-        return count >= 0 && !overflow && end <= sizeBytes
     }
 }

@@ -88,17 +88,13 @@ public final class SimulatedPersistentMemory: PersistentMemory {
     /// Cuts the power: returns what the memory holds afterwards. Every 8-byte word whose current
     /// value differs from its persistent one keeps the old or takes the new value, by `seed`.
     public func powerFail(seed: UInt64) -> [UInt8] {
-        var state = seed
+        var generator = SplitMix64(seed: seed)
         var survivor = persistent
         survivor.withUnsafeMutableBytes { target in
             for word in stride(from: 0, to: sizeBytes, by: 8) {
                 let current = baseAddress.load(fromByteOffset: word, as: UInt64.self)
                 guard current != target.load(fromByteOffset: word, as: UInt64.self) else { continue }
-                state &+= 0x9E37_79B9_7F4A_7C15
-                var z = state
-                z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-                z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-                if (z ^ (z >> 31)) & 1 == 1 { target.storeBytes(of: current, toByteOffset: word, as: UInt64.self) }
+                if generator.next() & 1 == 1 { target.storeBytes(of: current, toByteOffset: word, as: UInt64.self) }
             }
         }
         return survivor

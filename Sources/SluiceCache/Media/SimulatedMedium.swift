@@ -103,14 +103,8 @@ public final class SimulatedMedium: BlockMedium {
     /// answers nothing more.
     @discardableResult
     public func powerFail(seed: UInt64) -> [UInt8] {
-        var state = seed
-        func random() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
+        var generator = SplitMix64(seed: seed)
+        func random() -> UInt64 { generator.next() }
         var survivor = durable
         // Writes land in order; a device may reorder, so each write decides on its own.
         for write in unsynced {
@@ -134,8 +128,7 @@ public final class SimulatedMedium: BlockMedium {
     }
 
     private func range(offset: UInt64, count: Int) -> Range<Int>? {
-        let (end, overflow) = offset.addingReportingOverflow(UInt64(count))
-        guard count >= 0, !overflow, end <= sizeBytes else { return nil }
-        return Int(offset)..<Int(end)
+        guard contains(offset: offset, count: count) else { return nil }
+        return Int(offset)..<(Int(offset) + count)
     }
 }

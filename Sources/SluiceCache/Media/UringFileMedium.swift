@@ -42,7 +42,7 @@ public final class UringFileMedium: BlockMedium, IOCompletionHandler {
     }
 
     public func write(offset: UInt64, unownedBytes bytes: UnsafeRawBufferPointer, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        guard isInRange(offset: offset, count: bytes.count) else { return completion(.failure(.outOfRange)) }
+        guard contains(offset: offset, count: bytes.count) else { return completion(.failure(.outOfRange)) }
         let alignment = UInt(CacheGeometryAlignment.bytes)
         guard directFileDescriptor >= 0, offset % UInt64(alignment) == 0, UInt(bytes.count) % alignment == 0,
               UInt(bitPattern: bytes.baseAddress) % alignment == 0 else {
@@ -54,7 +54,7 @@ public final class UringFileMedium: BlockMedium, IOCompletionHandler {
     }
 
     public func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void) {
-        guard isInRange(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
+        guard contains(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
         var buffer = allocator.buffer(capacity: count)
         buffer.reserveCapacity(minimumWritableBytes: count)
         start(IOOperation(kind: .read, fileDescriptor: file.fileDescriptor, offset: offset, lengthBytes: UInt32(count), buffer: buffer),
@@ -62,13 +62,13 @@ public final class UringFileMedium: BlockMedium, IOCompletionHandler {
     }
 
     public func write(offset: UInt64, bytes: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        guard isInRange(offset: offset, count: bytes.readableBytes) else { return completion(.failure(.outOfRange)) }
+        guard contains(offset: offset, count: bytes.readableBytes) else { return completion(.failure(.outOfRange)) }
         start(IOOperation(kind: .write, fileDescriptor: file.fileDescriptor, offset: offset, lengthBytes: UInt32(bytes.readableBytes),
                           buffer: bytes), .done(completion))
     }
 
     public func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        guard isInRange(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
+        guard contains(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
         discardStep(offset: offset, count: count, zeroes: zeroes, step: 0, completion: completion)
     }
 
@@ -81,21 +81,10 @@ public final class UringFileMedium: BlockMedium, IOCompletionHandler {
         case (_, 0), (true, 1): mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
         case (false, _): return completion(.success(()))
         default:
-            return writeZeros(offset: offset, remaining: count, completion: completion)
+            return writeZeros(offset: offset, count: count, completion: completion)
         }
         start(IOOperation(kind: .fallocate, fileDescriptor: file.fileDescriptor, offset: offset, lengthBytes: UInt32(count), mode: mode),
               .discard(offset: offset, count: count, zeroes: zeroes, step: step, completion))
-    }
-
-    private static let zeros = ByteBuffer(repeating: 0, count: 1 << 20)
-
-    private func writeZeros(offset: UInt64, remaining: Int, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        guard remaining > 0 else { return completion(.success(())) }
-        let length = min(remaining, Self.zeros.readableBytes)
-        write(offset: offset, bytes: Self.zeros.getSlice(at: 0, length: length)!) { result in
-            if case .failure = result { return completion(result) }
-            self.writeZeros(offset: offset + UInt64(length), remaining: remaining - length, completion: completion)
-        }
     }
 
     public func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
@@ -130,9 +119,4 @@ public final class UringFileMedium: BlockMedium, IOCompletionHandler {
     }
 
     public func ioBurstEnded() {}
-
-    private func isInRange(offset: UInt64, count: Int) -> Bool {
-        let (end, overflow) = offset.addingReportingOverflow(UInt64(count))
-        return count >= 0 && !overflow && end <= sizeBytes
-    }
 }

@@ -11,7 +11,6 @@ public final class CacheVolume: Volume, @unchecked Sendable {
     public let sizeBytes: UInt64
     public let capabilities: VolumeCapabilities = [.flush, .fua, .trim, .writeZeroes, .multipleConnections]
     public let blockSizes = VolumeBlockSizes.standard
-    let requestsInFlight = ManagedAtomic<Int>(0)
     private let closed = ManagedAtomic<Bool>(false)
     /// Releases the media once the engine has shut down.
     var onClose: (() -> Void)?
@@ -74,7 +73,6 @@ final class CacheSession: VolumeSession {
             }
         }
         requestsInFlight += 1
-        volume.requestsInFlight.wrappingIncrement(ordering: .relaxed)
         let completion: (VolumeReply) -> Void
         if isOnEngineLoop {
             completion = { reply in self.deliver(reply, tag: tag, sink: sink) }
@@ -119,7 +117,6 @@ final class CacheSession: VolumeSession {
 
     private func deliver(_ reply: VolumeReply, tag: UInt32, sink: any VolumeCompletionSink) {
         requestsInFlight -= 1
-        volume.requestsInFlight.wrappingDecrement(ordering: .relaxed)
         sink.volumeRequestCompleted(tag: tag, reply: reply)
         // Completions during submit are flushed by the server when its read burst ends; later
         // ones are flushed together once the loop has delivered what is ready.
