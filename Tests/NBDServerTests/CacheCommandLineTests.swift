@@ -113,6 +113,15 @@ final class CacheCommandLineTests: XCTestCase {
         XCTAssertEqual(result.status, 1)
         XCTAssertTrue(result.errors.contains("truncated"), result.errors)
         XCTAssertFalse(FileManager.default.fileExists(atPath: socket), "nothing was served")
+
+        // A remote backing export that does not answer.
+        let nowhere = "nbd+unix:///?socket=\(directory)/nobody-listens.sock"
+        result = try run(["format", "--cache", cache, "--backing", nowhere, "--force"])
+        XCTAssertEqual(result.status, 1)
+        XCTAssertTrue(result.errors.contains("cannot connect to the backing export"), result.errors)
+        result = try run(["serve", "--cache", cache, "--backing", nowhere, "--volatile", "--socket", socket])
+        XCTAssertEqual(result.status, 1)
+        XCTAssertTrue(result.errors.contains("cannot connect to the backing export"), result.errors)
     }
 
     /// Random writes with FUA and flushes on a small cache whose ring wraps; kill -9; restart;
