@@ -63,7 +63,12 @@ struct FormatCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("Segment size, a power of two from 64K to 64M (default 1M).", valueName: "size"))
     var segmentSize: String = "1M"
 
-    @Flag(name: .long, help: "Erase a device that already holds a Sluice cache.")
+    @Option(name: .long, help: ArgumentHelp(
+        "Pmem mode: create this pmem file (a DAX file on persistent memory, or a file on /dev/shm for emulation) for the write buffer.",
+        valueName: "path"))
+    var pmem: String?
+
+    @Flag(name: .long, help: "Erase a device (or pmem file) that already holds a Sluice cache.")
     var force = false
 
     func validate() throws {
@@ -74,30 +79,99 @@ struct FormatCommand: ParsableCommand {
         let segmentBytes = try parseSize(segmentSize)
         let location = BackingLocation(backing)
         do {
-            let backingSize: UInt64
-            switch location {
-            case .file(let path):
-                // Open (and lock) the backing store only to learn its size and prove it is usable.
-                let file = try BlockFile(path: path, readOnly: false)
-                backingSize = file.sizeBytes
-                file.close()
-            case .nbd:
-                let group = MultiThreadedEventLoopGroupShim()
-                let opened = try OpenedBacking(location, eventLoop: group.loop)
-                backingSize = opened.sizeBytes
-                opened.close()
-                group.shutdown()
-            }
+            let backingSize = try backingSizeBytes(location)
             let cacheFile = try BlockFile(path: cache, readOnly: false)
             defer { cacheFile.close() }
-            let expectation = CacheSuperblock.Expectation(backingIdentity: location.identity, backingSizeBytes: backingSize, mode: .volatile)
-            let opened = try CacheStartup.format(cacheFile: cacheFile, segmentBytes: segmentBytes, expectation: expectation, force: force)
+            let expectation = CacheSuperblock.Expectation(backingIdentity: location.identity, backingSizeBytes: backingSize,
+                                                          mode: pmem == nil ? .volatile : .pmem)
+            let opened = try CacheStartup.format(cacheFile: cacheFile, segmentBytes: segmentBytes, expectation: expectation,
+                                                 force: force, pmemPath: pmem)
             print("formatted \(cache): \(opened.geometry.segmentCount) segments of \(opened.geometry.segmentBytes) bytes "
-                  + "(\(opened.geometry.cacheBlocks) cache blocks) for \(location.identity) (\(backingSize) bytes)")
+                  + "(\(opened.geometry.cacheBlocks) cache blocks) for \(location.identity) (\(backingSize) bytes)"
+                  + (pmem.map { ", write buffer in pmem file \($0)" } ?? ", volatile write buffer"))
         } catch let error as ValidationError {
             throw error
         } catch {
             FileHandle.standardError.write("sluice format: \(error)\n".data(using: .utf8)!)
+            throw ExitCode(1)
+        }
+    }
+}
+
+/// The size of a backing store, opened (and locked) only to learn it and prove it is usable.
+func backingSizeBytes(_ location: BackingLocation) throws -> UInt64 {
+    switch location {
+    case .file(let path):
+        // Open (and lock) the backing store only to learn its size and prove it is usable.
+        let file = try BlockFile(path: path, readOnly: false)
+        defer { file.close() }
+        return file.sizeBytes
+    case .nbd:
+        let group = MultiThreadedEventLoopGroupShim()
+        defer { group.shutdown() }
+        let opened = try OpenedBacking(location, eventLoop: group.loop)
+        defer { opened.close() }
+        return opened.sizeBytes
+    }
+}
+
+/// `sluice mode`: switches a cache between volatile and pmem mode, offline.
+struct ModeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mode",
+        abstract: "Switch a cache between volatile and pmem mode (offline).",
+        discussion: """
+            Run it while no server uses the cache. To leave pmem mode, give --volatile and the \
+            cache's pmem file: recovery first writes everything the pmem file holds to the cache \
+            device and syncs it; only then does the superblock say volatile, and the pmem file is \
+            invalidated. To enter pmem mode, give --pmem with a new pmem file: the cache is \
+            recovered, the file is created, and the superblock then names it.
+
+            Examples:
+              sluice mode --cache ssd.img --backing disk.img --pmem /dev/shm/sluice.pmem
+              sluice mode --cache ssd.img --backing disk.img --volatile --pmem /dev/shm/sluice.pmem
+            """
+    )
+
+    @Option(name: .long, help: ArgumentHelp("The cache device.", valueName: "path"))
+    var cache: String
+
+    @Option(name: .long, help: ArgumentHelp("The cache's backing store (checked against the superblock).", valueName: "path|uri"))
+    var backing: String
+
+    @Option(name: .long, help: ArgumentHelp("The pmem file: the new one when entering pmem mode, the cache's own when leaving it.", valueName: "path"))
+    var pmem: String?
+
+    @Flag(name: .long, help: "Switch to volatile mode (DRAM buffer).")
+    var volatile = false
+
+    @Flag(name: .long, help: "Replace a file at the --pmem path that already holds a Sluice write buffer.")
+    var force = false
+
+    func validate() throws {
+        guard pmem != nil else {
+            throw ValidationError("give the pmem file: --pmem PATH (a new one to enter pmem mode, or the cache's own with --volatile to leave it)")
+        }
+    }
+
+    func run() throws {
+        let location = BackingLocation(backing)
+        do {
+            let backingSize = try backingSizeBytes(location)
+            let cacheFile = try BlockFile(path: cache, readOnly: false)
+            defer { cacheFile.close() }
+            let expectation = CacheSuperblock.Expectation(backingIdentity: location.identity, backingSizeBytes: backingSize,
+                                                          mode: volatile ? .pmem : .volatile)
+            let result = try CacheStartup.switchMode(cacheFile: cacheFile, expectation: expectation, to: volatile ? .volatile : .pmem,
+                                                     pmemPath: pmem, force: force)
+            let report = result.report
+            print("switched \(cache) from \(result.from) to \(result.to) mode; \(report.chain.segments.count) segments in the log"
+                  + (report.pmemSealedSegmentsWritten.isEmpty && report.pmemOpenSegmentWritten == nil ? ""
+                     : ", \(report.pmemSealedSegmentsWritten.count) sealed and \(report.pmemOpenEntries) open-segment blocks moved from pmem"))
+        } catch let error as ValidationError {
+            throw error
+        } catch {
+            FileHandle.standardError.write("sluice mode: \(error)\n".data(using: .utf8)!)
             throw ExitCode(1)
         }
     }
@@ -163,12 +237,17 @@ struct StatusCommand: ParsableCommand {
             "ring                \(status.liveSegments) live, \(status.freeSegments) free",
             "dirty               \(status.dirtyBlocks) blocks (\(mib(UInt64(status.dirtyBlocks) * 4096)))",
             "writeback           \(status.writebackInProgress ? "running" : "idle"), \(status.writebackBatches) batches, \(status.writtenBackBlocks) blocks, \(status.backingWriteRequests) backing writes, \(status.writebackErrors) errors",
+            "write buffer        \(status.bufferBlocks) blocks in the open segment\(status.mode == "pmem" ? " (persistent memory)" : " (DRAM)"), \(status.bufferSegmentsUnsynced) sealed segments not yet synced on the cache device",
             "partial segments    \(status.partialSegments) of \(status.segmentsWritten) written",
+            "write amplification \(String(format: "%.4f", status.writeAmplification)) (cache-device bytes per user byte)",
             "bytes written       user \(mib(status.userBytesWritten)), cache device \(mib(status.cacheBytesWritten)), backing \(mib(status.backingBytesWritten))",
             "bytes read          user \(mib(status.userBytesRead)), cache device \(mib(status.cacheBytesRead)), backing \(mib(status.backingBytesRead))",
             "syncs               cache device \(status.cacheSyncs), backing \(status.backingSyncs)",
             "index memory        \(mib(UInt64(status.indexMemoryBytes)))",
         ]
+        if status.mode == "pmem" {
+            lines.append("pmem                \(status.pmemDrains) drains for \(status.pmemPersistedReplies) replies (\(String(format: "%.3f", status.drainsPerWrite)) drains per write)")
+        }
         if let failure = status.failure { lines.append("FAILED              \(failure)") }
         lines.append("counters")
         for (name, value) in status.blockCounts.sorted(by: { $0.key < $1.key }) {

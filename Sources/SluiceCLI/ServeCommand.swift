@@ -35,6 +35,8 @@ struct ServeCommand: ParsableCommand {
               sluice format --cache ssd.img --backing 'nbd+unix:///?socket=/tmp/hdd.sock'
               sluice serve --cache ssd.img --backing 'nbd+unix:///?socket=/tmp/hdd.sock' --volatile --socket /tmp/s.sock
                   then: sluice status --socket /tmp/s.sock
+              sluice format --cache ssd.img --backing disk.img --pmem /dev/shm/sluice.pmem
+              sluice serve --cache ssd.img --backing disk.img --pmem /dev/shm/sluice.pmem --socket /tmp/s.sock
 
             SIGINT or SIGTERM stops accepting clients, finishes the requests in flight, \
             flushes the backing store and exits 0.
@@ -68,6 +70,11 @@ struct ServeCommand: ParsableCommand {
 
     @Flag(name: .long, help: "Keep the write buffer in DRAM (volatile mode): FUA and FLUSH seal a partial segment and sync the cache device.")
     var volatile = false
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Keep the write buffer in this pmem file (pmem mode; the file the cache was formatted with): a write is durable once persisted there, so FUA and FLUSH cost a drain and segments are always full.",
+        valueName: "path"))
+    var pmem: String?
 
     @Option(name: .long, help: ArgumentHelp("The control endpoint's Unix socket (default: the NBD socket's path + .control).", valueName: "path"))
     var control: String?
@@ -105,12 +112,12 @@ struct ServeCommand: ParsableCommand {
         }
         if cache != nil {
             guard backing.count == 1 else { throw ValidationError("a cache sits in front of exactly one --backing") }
-            guard volatile else {
-                throw ValidationError("say which buffer the cache uses: --volatile (DRAM; FUA and FLUSH write partial segments)")
+            guard volatile != (pmem != nil) else {
+                throw ValidationError("say which buffer the cache uses: --pmem PATH (persistent memory; FUA and FLUSH cost a drain) or --volatile (DRAM; FUA and FLUSH write partial segments), not both")
             }
             _ = try tunableOptions.tunables()
         } else {
-            if volatile { throw ValidationError("--volatile applies to a cache; give the cache device with --cache PATH") }
+            if volatile || pmem != nil { throw ValidationError("--volatile and --pmem apply to a cache; give the cache device with --cache PATH") }
             if control != nil { throw ValidationError("--control applies to a cache; give the cache device with --cache PATH") }
             if backing.contains(where: { if case .nbd = BackingLocation($0) { return true } else { return false } }) {
                 throw ValidationError("an NBD export can be a backing store only behind a cache (--cache PATH)")
@@ -139,7 +146,7 @@ struct ServeCommand: ParsableCommand {
         if let cache {
             let volume: CacheVolume
             do {
-                volume = try CacheVolume.open(cachePath: cache, backing: BackingLocation(backing[0]), eventLoop: group.next(),
+                volume = try CacheVolume.open(cachePath: cache, backing: BackingLocation(backing[0]), pmemPath: pmem, eventLoop: group.next(),
                                               tunables: try tunableOptions.tunables(), logger: logger)
             } catch {
                 logger.critical("\(error)")

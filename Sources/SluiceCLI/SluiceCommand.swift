@@ -13,6 +13,6 @@ struct SluiceCommand: ParsableCommand {
 
             Start with `sluice serve --help`.
             """,
-        subcommands: [ServeCommand.self, FormatCommand.self, StatusCommand.self, SetCommand.self, DrainCommand.self]
+        subcommands: [ServeCommand.self, FormatCommand.self, ModeCommand.self, StatusCommand.self, SetCommand.self, DrainCommand.self]
     )
 }

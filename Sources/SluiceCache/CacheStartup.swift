@@ -11,27 +11,44 @@ public enum CacheStartup {
         public var state: RecoveredCache
         public var report: RecoveryReport
         public var durationSeconds: Double
+        /// Pmem mode: the pmem file's layout, checked against the superblock.
+        public var pmemLayout: PmemLayout?
     }
 
-    public static func recover(cacheFile: BlockFile, expectation: CacheSuperblock.Expectation) throws -> Recovered {
-        try recover(device: FileMedium(file: cacheFile), expectation: expectation)
+    public static func recover(cacheFile: BlockFile, expectation: CacheSuperblock.Expectation,
+                               pmem: PmemAttachment? = nil) throws -> Recovered {
+        try recover(device: FileMedium(file: cacheFile), expectation: expectation, pmem: pmem)
     }
 
-    /// Recovers from any medium whose completions run before its calls return.
-    public static func recover<Device: SynchronousBlockMedium>(device: Device, expectation: CacheSuperblock.Expectation) throws -> Recovered {
+    /// Recovers from any medium whose completions run before its calls return. In pmem mode the
+    /// pmem file is checked against the superblock and reconciled with the log.
+    public static func recover<Device: SynchronousBlockMedium>(device: Device, expectation: CacheSuperblock.Expectation,
+                                                               pmem: PmemAttachment? = nil) throws -> Recovered {
         let started = Date()
+        var expectation = expectation
+        expectation.mode = pmem == nil ? .volatile : .pmem
         var openResult: Result<CacheSuperblock.Opened, Error>?
         CacheSuperblock.open(device, expectation: expectation) { openResult = $0 }
         let opened = try openResult!.get()
-        let report = try RecoverCache.recover(device: device, header: opened.header, geometry: opened.geometry, record: opened.record)
+        var image: PmemImage?
+        if let pmem {
+            let layout = try pmem.checkedLayout(for: opened)
+            image = PmemImage(layout: layout, bytes: UnsafeRawBufferPointer(start: pmem.memory.baseAddress, count: pmem.memory.sizeBytes),
+                              path: pmem.path)
+        }
+        let report = try RecoverCache.recover(device: device, header: opened.header, geometry: opened.geometry, record: opened.record, pmem: image)
         let state = RecoveredCache(chain: report.chain, geometry: opened.geometry)
-        return Recovered(opened: opened, state: state, report: report, durationSeconds: Date().timeIntervalSince(started))
+        return Recovered(opened: opened, state: state, report: report, durationSeconds: Date().timeIntervalSince(started),
+                         pmemLayout: image?.layout)
     }
 
     /// Formats `cacheFile` for `expectation`. Refuses a device that already holds a Sluice cache
     /// unless `force` is set, so a cache with dirty data is never erased by mistake.
+    /// Formats `cacheFile` for `expectation`, with its write buffer in a new pmem file at
+    /// `pmemPath` if one is given (pmem mode). Refuses a device or pmem file that already holds a
+    /// Sluice cache unless `force` is set, so a cache with dirty data is never erased by mistake.
     public static func format(cacheFile: BlockFile, segmentBytes: Int, expectation: CacheSuperblock.Expectation,
-                              force: Bool) throws -> CacheSuperblock.Opened {
+                              force: Bool, pmemPath: String? = nil) throws -> CacheSuperblock.Opened {
         let device = FileMedium(file: cacheFile)
         if !force, device.sizeBytes >= 4096 {
             let first = try device.readBytes(offset: 0, count: 4096)
@@ -39,22 +56,41 @@ public enum CacheStartup {
                 throw StartupError.alreadyFormatted(path: cacheFile.path)
             }
         }
-        var uuid = [UInt8](repeating: 0, count: 16)
-        withUnsafeBytes(of: UUID().uuid) { uuid = Array($0) }
+        let uuid = newUUID()
+        var expectation = expectation
+        expectation.mode = pmemPath == nil ? .volatile : .pmem
+        var pmemUUID = [UInt8](repeating: 0, count: 16)
+        if let pmemPath {
+            // The pmem file first: a superblock never names a pmem file that does not exist.
+            let geometry = try CacheGeometry(segmentBytes: segmentBytes, deviceBytes: device.sizeBytes)
+            pmemUUID = newUUID()
+            try PmemFile.create(path: pmemPath, layout: PmemLayout(cacheUUID: uuid, pmemUUID: pmemUUID, segmentBytes: segmentBytes),
+                                geometry: geometry, force: force)
+        }
         var result: Result<CacheSuperblock.Opened, Error>?
         CacheSuperblock.format(device, segmentBytes: segmentBytes, expectation: expectation, uuid: uuid,
-                               nowSeconds: UInt64(Date().timeIntervalSince1970)) { result = $0 }
+                               nowSeconds: UInt64(Date().timeIntervalSince1970), pmemUUID: pmemUUID) { result = $0 }
         return try result!.get()
+    }
+
+    static func newUUID() -> [UInt8] {
+        withUnsafeBytes(of: UUID().uuid) { Array($0) }
     }
 }
 
 public enum StartupError: Error, CustomStringConvertible {
     case alreadyFormatted(path: String)
+    case pmemAlreadyFormatted(path: String)
+    case alreadyInMode(String)
 
     public var description: String {
         switch self {
         case .alreadyFormatted(let path):
             return "\(path) already holds a Sluice cache, which may have dirty data; drain it first (`sluice drain`), then format with --force to erase it"
+        case .pmemAlreadyFormatted(let path):
+            return "the pmem file \(path) already holds a Sluice write buffer, which may have acknowledged data; drain its cache first, then format with --force to erase it"
+        case .alreadyInMode(let mode):
+            return "the cache is already in \(mode) mode; nothing to do"
         }
     }
 }

@@ -28,7 +28,7 @@ public enum CacheSuperblock {
     /// segments on the device carry the previous cache's UUID and are never read as this cache's.
     public static func format(
         _ medium: any BlockMedium, segmentBytes: Int, expectation: Expectation, uuid: [UInt8], nowSeconds: UInt64,
-        completion: @escaping (Result<Opened, Error>) -> Void
+        pmemUUID: [UInt8] = [UInt8](repeating: 0, count: 16), completion: @escaping (Result<Opened, Error>) -> Void
     ) {
         let geometry: CacheGeometry
         do {
@@ -38,7 +38,7 @@ public enum CacheSuperblock {
         }
         let header = SuperblockHeader(uuid: uuid, geometry: geometry, mode: expectation.mode,
                                       backingSizeBytes: expectation.backingSizeBytes,
-                                      backingIdentity: expectation.backingIdentity, createdSeconds: nowSeconds)
+                                      backingIdentity: expectation.backingIdentity, pmemUUID: pmemUUID, createdSeconds: nowSeconds)
         // Both record slots are written, the second one newer, so no stale record of an earlier
         // format can ever win.
         let first = SuperblockRecord(sequence: 1, lastWrittenBackSegmentID: 0, lastFlushedSegmentID: 0, cleanShutdown: true)
@@ -51,6 +51,14 @@ public enum CacheSuperblock {
                 case .success: completion(.success(Opened(header: header, geometry: geometry, record: second)))
                 }
             }
+        }
+    }
+
+    /// Rewrites the header block (for a mode switch) and syncs it. The records are left alone.
+    public static func rewriteHeader(_ medium: any BlockMedium, header: SuperblockHeader, completion: @escaping (Result<Void, Error>) -> Void) {
+        medium.write(offset: 0, bytes: header.encoded()) { written in
+            if case .failure(let error) = written { return completion(.failure(error)) }
+            medium.synchronize { synced in completion(synced.mapError { $0 as Error }) }
         }
     }
 

@@ -34,7 +34,10 @@ public enum FormatError: Error, Equatable, CustomStringConvertible {
         case .backingSizeChanged(let expected, let found):
             return "the backing store was \(expected) bytes when the cache was formatted and is \(found) bytes now; give the right --backing, or drain the cache and format it again"
         case .wrongMode(let recorded, let requested):
-            return "the cache was formatted for \(recorded) mode, but \(requested) mode was asked for; switch modes with the mode-switch command, or serve in \(recorded) mode"
+            if recorded == "pmem" {
+                return "this cache keeps its write buffer in a pmem file, and \(requested) mode was asked for; pass --pmem PATH with the pmem file it was formatted with, or switch it to volatile mode with `sluice mode --volatile --pmem PATH`"
+            }
+            return "this cache was formatted in \(recorded) mode, and \(requested) mode was asked for; switch it first with `sluice mode --pmem PATH`, or serve it without --pmem"
         case .logShorterThanRecorded(let flushed, let found):
             return "the cache was shut down cleanly with segments up to \(flushed), but the log ends at \(found): the device was changed or damaged since; check it with `sluice-recover check`"
         }

@@ -32,7 +32,7 @@ final class CacheEngineCrashTests: XCTestCase {
     /// random turn of the loop), each followed by recovery and a check of every sector; sometimes
     /// a power failure during recovery, or a second one right after it.
     @discardableResult
-    private func runCrashSeed(_ seed: UInt64, shuffled: Bool, rounds: Int, outcome: inout Outcome) throws -> Bool {
+    func runCrashSeed(_ seed: UInt64, shuffled: Bool, rounds: Int, pmemMode: Bool = false, outcome: inout Outcome) throws -> Bool {
         var rng = SplitMix64(seed: seed &* 0x2545_F491_4F6C_DD1D)
         var tunables = CacheTunables()
         tunables.writebackThresholdPercent = [0, 70, 100][rng.below(3)]
@@ -40,9 +40,10 @@ final class CacheEngineCrashTests: XCTestCase {
         // turn that issues a burst: the power is cut at a random media operation instead.
         let cut = PowerCut()
         let harness = try EngineHarness(cacheBytes: Self.cacheBytes, backingBytes: Self.backingBytes, segmentBytes: 64 * 1024,
-                                        tunables: tunables, periodicWork: false, wrapMedia: shuffled ? ShuffledScheduler.wrapper(seed: seed) : cut.wrapper())
+                                        tunables: tunables, periodicWork: false, pmemMode: pmemMode, pmemAreas: pmemMode ? 2 + rng.below(7) : 8,
+                                        wrapMedia: shuffled ? ShuffledScheduler.wrapper(seed: seed) : cut.wrapper())
         defer { harness.close() }
-        let workload = Workload(harness: harness, sectorCount: Self.sectorCount)
+        let workload = Workload(harness: harness, sectorCount: Self.sectorCount, everyAcknowledgementIsDurable: pmemMode)
         var cutSeed: UInt64 = 0
         cut.trigger = { workload.powerFail(afterHops: 0, seed: cutSeed) }
         var shape = WorkloadShape(sectorCount: Self.sectorCount)
@@ -53,7 +54,7 @@ final class CacheEngineCrashTests: XCTestCase {
             shape.trimPercent = discard
             shape.zeroPercent = discard
         }
-        let tag = "seed \(seed)\(shuffled ? " (shuffled completions)" : ""), writeback_threshold \(tunables.writebackThresholdPercent)"
+        let tag = "seed \(seed)\(shuffled ? " (shuffled completions)" : "")\(pmemMode ? " (pmem mode)" : ""), writeback_threshold \(tunables.writebackThresholdPercent)"
 
         for round in 0..<rounds {
             for _ in 0..<rng.below(4) {
@@ -124,6 +125,34 @@ final class CacheEngineCrashTests: XCTestCase {
             if try !runCrashSeed(seed, shuffled: true, rounds: 3, outcome: &outcome) { outcome.failedSeeds.append(seed) }
         }
         print("crash test (reordered media): \(outcome.crashes) crashes, \(outcome.interruptedRecoveries) interrupted recoveries, failed seeds: \(outcome.failedSeeds)")
+    }
+}
+
+/// The same power failures in pmem mode, where the write buffers live in simulated persistent
+/// memory that keeps, at a power failure, what was drained and a seeded old-or-new choice for every
+/// other 8-byte word. The check is stronger: every acknowledged write is durable, FUA or not.
+/// `SLUICE_CRASH_SEEDS` and `SLUICE_CRASH_FIRST_SEED` work as above; seeds are N + 2000 (in order)
+/// and N + 3000 (reordered).
+final class PmemCrashTests: XCTestCase {
+    func testPmemPowerFailuresAtRandomPointsKeepEveryAcknowledgedWrite() throws {
+        try run(shuffled: false, offset: 2000)
+    }
+
+    func testPmemPowerFailuresWithReorderedCompletionsKeepEveryAcknowledgedWrite() throws {
+        try run(shuffled: true, offset: 3000)
+    }
+
+    private func run(shuffled: Bool, offset: UInt64) throws {
+        var outcome = CacheEngineCrashTests.Outcome()
+        let crashTests = CacheEngineCrashTests()
+        let first = CacheEngineCrashTests.firstSeed + offset
+        for seed in first..<(first + CacheEngineCrashTests.seedCount) {
+            if try !crashTests.runCrashSeed(seed, shuffled: shuffled, rounds: 3, pmemMode: true, outcome: &outcome) {
+                outcome.failedSeeds.append(seed)
+            }
+        }
+        XCTAssertGreaterThan(outcome.crashes, 0)
+        print("pmem crash test (\(shuffled ? "reordered" : "in-order") media): \(outcome.crashes) crashes (\(outcome.cutsAtMediaOperations) at a media operation), \(outcome.interruptedRecoveries) interrupted recoveries, failed seeds: \(outcome.failedSeeds)")
     }
 }
 

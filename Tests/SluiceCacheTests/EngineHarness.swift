@@ -34,8 +34,14 @@ final class EngineHarness {
     /// run depends on nothing but its seeds: no timer fires at a moment set by the wall clock.
     let periodicWork: Bool
 
+    /// Pmem mode: the simulated persistent memory holding the write buffers (nil in volatile mode),
+    /// which at a power failure keeps what was drained and a seeded choice of every other word.
+    private(set) var pmem: SimulatedPersistentMemory?
+    private var pmemSurvivor: [UInt8]?
+    static let pmemPath = "simulated.pmem"
+
     init(cacheBytes: Int = 4 << 20, backingBytes: Int = 8 << 20, segmentBytes: Int = 64 * 1024,
-         tunables: CacheTunables = CacheTunables(), periodicWork: Bool = true,
+         tunables: CacheTunables = CacheTunables(), periodicWork: Bool = true, pmemMode: Bool = false, pmemAreas: Int = 8,
          wrapMedia: ((SimulatedMedium, SimulatedMedium, any EventLoop) -> (any BlockMedium, any BlockMedium))? = nil) throws {
         cache = SimulatedMedium(sizeBytes: cacheBytes)
         backing = SimulatedMedium(sizeBytes: backingBytes)
@@ -43,13 +49,27 @@ final class EngineHarness {
         self.tunables = tunables
         self.periodicWork = periodicWork
         self.wrapMedia = wrapMedia
-        expectation = CacheSuperblock.Expectation(backingIdentity: "simulated-backing", backingSizeBytes: UInt64(backingBytes), mode: .volatile)
+        expectation = CacheSuperblock.Expectation(backingIdentity: "simulated-backing", backingSizeBytes: UInt64(backingBytes),
+                                                  mode: pmemMode ? .pmem : .volatile)
+        let uuid = [UInt8](repeating: 0x5A, count: 16)
+        var pmemUUID = [UInt8](repeating: 0, count: 16)
+        if pmemMode {
+            pmemUUID = [UInt8](repeating: 0xA5, count: 16)
+            let geometry = try CacheGeometry(segmentBytes: segmentBytes, deviceBytes: UInt64(cacheBytes))
+            let layout = PmemLayout(cacheUUID: uuid, pmemUUID: pmemUUID, segmentBytes: segmentBytes, areaCount: pmemAreas)
+            let memory = SimulatedPersistentMemory(sizeBytes: layout.fileBytes(for: geometry))
+            layout.encodedHeader().withUnsafeBytes { memory.copyAndFlush(to: 0, from: $0) }
+            memory.drain()
+            pmem = memory
+        }
         var formatted: Result<CacheSuperblock.Opened, Error>?
         CacheSuperblock.format(cache, segmentBytes: segmentBytes, expectation: expectation,
-                               uuid: Array(repeating: 0x5A, count: 16), nowSeconds: 0) { formatted = $0 }
+                               uuid: uuid, nowSeconds: 0, pmemUUID: pmemUUID) { formatted = $0 }
         _ = try formatted!.get()
         try startEngine()
     }
+
+    var pmemAttachment: PmemAttachment? { pmem.map { PmemAttachment(memory: $0, path: Self.pmemPath) } }
 
     private var isClosed = false
 
@@ -67,8 +87,10 @@ final class EngineHarness {
 
     /// Recovers the cache from the media as they are and starts a new engine on them.
     func startEngine() throws {
-        let recovered = try CacheStartup.recover(device: cache, expectation: expectation)
+        let recovered = try CacheStartup.recover(device: cache, expectation: expectation, pmem: pmemAttachment)
         lastRecovery = recovered
+        var placement = CacheEngine.BufferPlacement.volatile
+        if let pmem, let layout = recovered.pmemLayout { placement = .persistent(memory: pmem, layout: layout) }
         if let wrapMedia {
             (cacheMedium, backingMedium) = wrapMedia(cache, backing, loop)
         } else {
@@ -76,7 +98,7 @@ final class EngineHarness {
         }
         let engine = try loop.submit {
             CacheEngine(eventLoop: self.loop, cacheDevice: self.cacheMedium, backingStore: self.backingMedium, opened: recovered.opened,
-                        recovered: recovered.state, tunables: self.tunables, logger: Logger(label: "test-engine"))
+                        recovered: recovered.state, tunables: self.tunables, logger: Logger(label: "test-engine"), buffers: placement)
         }.wait()
         try loop.flatSubmit { engine.start() }.wait()
         if !periodicWork { try loop.submit { engine.periodicTask?.cancel() }.wait() }
@@ -104,6 +126,7 @@ final class EngineHarness {
         let cacheBytes = cache.powerFail(seed: seed)
         let backingBytes = backing.powerFail(seed: seed &* 31 &+ 7)
         survivors = (cacheBytes, backingBytes)
+        pmemSurvivor = pmem?.powerFail(seed: seed &* 131 &+ 3)
     }
 
     /// Puts what survived the last ``powerFailOnLoop(seed:)`` on fresh media, recovers and starts a
@@ -116,6 +139,11 @@ final class EngineHarness {
     func recoverFromPowerFailure(interruptRecoveryAfterWrites: Int? = nil, seed: UInt64 = 0) throws -> Bool {
         guard var survivors else { throw HarnessError.failed("no power failure to recover from") }
         self.survivors = nil
+        if let pmemSurvivor {
+            // The next engine (and any recovery) runs on what persistent memory kept.
+            pmem = SimulatedPersistentMemory(persistentBytes: pmemSurvivor)
+            self.pmemSurvivor = nil
+        }
         var interrupted = false
         if let limit = interruptRecoveryAfterWrites {
             let medium = SimulatedMedium(durableBytes: survivors.cache)
@@ -124,7 +152,12 @@ final class EngineHarness {
             let opened = try openResult!.get()
             let device = InterruptingRecoveryDevice(medium, writesBeforePowerFailure: limit)
             do {
-                _ = try RecoverCache.recover(device: device, header: opened.header, geometry: opened.geometry, record: opened.record)
+                var image: PmemImage?
+                if let pmem {
+                    let layout = try pmemAttachment!.checkedLayout(for: opened)
+                    image = PmemImage(layout: layout, bytes: UnsafeRawBufferPointer(start: pmem.baseAddress, count: pmem.sizeBytes), path: Self.pmemPath)
+                }
+                _ = try RecoverCache.recover(device: device, header: opened.header, geometry: opened.geometry, record: opened.record, pmem: image)
             } catch is InterruptingRecoveryDevice.PowerFailed {
                 interrupted = true
             }

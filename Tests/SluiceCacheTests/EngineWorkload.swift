@@ -87,9 +87,14 @@ final class Workload {
     /// Operations acknowledged since tracking began (for statistics).
     private(set) var acknowledged = 0
 
-    init(harness: EngineHarness, sectorCount: Int) {
+    /// Pmem mode's stronger promise: every acknowledged write (not only FUA ones and those before
+    /// an acknowledged flush) is durable the moment it is acknowledged.
+    let everyAcknowledgementIsDurable: Bool
+
+    init(harness: EngineHarness, sectorCount: Int, everyAcknowledgementIsDurable: Bool = false) {
         self.harness = harness
         self.sectorCount = sectorCount
+        self.everyAcknowledgementIsDurable = everyAcknowledgementIsDurable
         history = SectorHistory(sectorCount: sectorCount)
     }
 
@@ -149,7 +154,7 @@ final class Workload {
         guard !crashed else { return }
         if case .done = reply {
             acknowledged += 1
-            if fua { makeDurable([id]) } else { ackedNotDurable.append(id) }
+            if fua || everyAcknowledgementIsDurable { makeDurable([id]) } else { ackedNotDurable.append(id) }
         } else {
             unexpectedFailures.append("operation \(id) \(op): \(reply)")
         }

@@ -9,14 +9,15 @@ import XCTest
 final class PmemSegmentBufferTests: XCTestCase {
     func testEveryPersistedAppendSurvivesAndNothingIsInvented() throws {
         let geometry = try CacheGeometry(segmentBytes: 64 * 1024, deviceBytes: 1 << 20)
-        let areaBytes = PmemSegmentBuffer.areaBytes(for: geometry)
+        let layout = PmemLayout(cacheUUID: [UInt8](repeating: 1, count: 16), pmemUUID: [UInt8](repeating: 2, count: 16),
+                                segmentBytes: geometry.segmentBytes, areaCount: 1)
         var checkedCuts = 0
         // Seeded: a failing seed replays.
         for seed in UInt64(1)...300 {
             var rng = SplitMix64(seed: seed)
-            let memory = SimulatedPersistentMemory(sizeBytes: areaBytes)
+            let memory = SimulatedPersistentMemory(sizeBytes: layout.fileBytes(for: geometry))
             // A previous segment left stale entries in this area.
-            let previous = PmemSegmentBuffer(memory: memory, areaOffset: 0, geometry: geometry)
+            let previous = PmemSegmentBuffer(memory: memory, layout: layout, area: 0, geometry: geometry)
             previous.open(segmentID: seed)
             for block in 0..<5 {
                 let bytes = [UInt8](repeating: 0xEE, count: 4096)
@@ -24,7 +25,7 @@ final class PmemSegmentBufferTests: XCTestCase {
             }
             previous.persist()
 
-            let buffer = PmemSegmentBuffer(memory: memory, areaOffset: 0, geometry: geometry)
+            let buffer = PmemSegmentBuffer(memory: memory, layout: layout, area: 0, geometry: geometry)
             buffer.open(segmentID: seed + 1000)
             var persistedCount = 0
             var written: [(UInt64, UInt8, UInt8)] = []   // block, mask, fill byte
@@ -42,9 +43,9 @@ final class PmemSegmentBufferTests: XCTestCase {
                 }
             }
             let survivor = memory.powerFail(seed: seed)
-            let recovered = PmemSegmentBuffer.recover(memory: SimulatedPersistentMemory(persistentBytes: survivor), areaOffset: 0, geometry: geometry)
+            let recovered = survivor.withUnsafeBytes { layout.decodeArea(0, in: $0, geometry: geometry) }
             XCTAssertEqual(recovered.segmentID, seed + 1000)
-            XCTAssertEqual(recovered.state, 1)
+            XCTAssertEqual(recovered.state, .open)
             let validIndexes = Set(recovered.validEntries.map(\.index))
             for index in 0..<persistedCount {
                 XCTAssertTrue(validIndexes.contains(index), "seed \(seed): persisted append \(index) was lost")
@@ -56,7 +57,7 @@ final class PmemSegmentBufferTests: XCTestCase {
                 XCTAssertEqual(entry.blockNumber, written[index].0)
                 XCTAssertEqual(entry.sectorMask, written[index].1)
                 // The data of a valid entry is the data that was appended, in every masked sector.
-                let offset = PmemSegmentBuffer.areaBytes(for: geometry) - geometry.segmentBytes + (geometry.headerBlocks + index) * 4096
+                let offset = layout.dataOffset(0, index: index, geometry: geometry)
                 let data = Array(UnsafeRawBufferPointer(start: reloaded.baseAddress + offset, count: 4096))
                 for sector in 0..<8 where entry.sectorMask & (1 << sector) != 0 {
                     XCTAssertEqual(Array(data[(sector * 512)..<((sector + 1) * 512)]), [UInt8](repeating: written[index].2, count: 512),

@@ -24,6 +24,10 @@ public struct CacheCounters: Codable, Sendable, Equatable {
     public var writesThrottled: UInt64 = 0
     /// Writeback batches that failed and were retried.
     public var writebackErrors: UInt64 = 0
+    /// Pmem mode: drains of persistent memory (each one a group commit), and the replies they
+    /// made durable (writes, discards and flushes).
+    public var pmemDrains: UInt64 = 0
+    public var pmemPersistedReplies: UInt64 = 0
 
     public init() {}
 

@@ -6,7 +6,43 @@ extension CacheEngine {
     func submitFlush(completion: @escaping (VolumeReply) -> Void) {
         eventLoop.preconditionInEventLoop()
         if let failure { return completion(.failed(.io(errno: failure.errnoValue))) }
-        addBarrierWaiter(completion)
+        addDurabilityWaiter(completion)
+    }
+
+    /// Completes `completion` once everything acknowledged so far is durable: after the next drain
+    /// of persistent memory in pmem mode, after a barrier in volatile mode.
+    func addDurabilityWaiter(_ completion: @escaping (VolumeReply) -> Void) {
+        if isPmemMode { addPersistWaiter(completion) } else { addBarrierWaiter(completion) }
+    }
+
+    /// Pmem mode: completes `completion` after the next drain. Every reply that comes due in one
+    /// turn of the event loop shares that drain (group commit), so the cost per write falls as the
+    /// load rises.
+    func addPersistWaiter(_ completion: @escaping (VolumeReply) -> Void) {
+        persistWaiters.append(completion)
+        guard !persistScheduled else { return }
+        persistScheduled = true
+        eventLoop.execute { self.runPersist() }
+    }
+
+    func runPersist() {
+        persistScheduled = false
+        swap(&persistWaiters, &persistReplying)
+        defer { persistReplying.removeAll(keepingCapacity: true) }
+        if let failure {
+            for waiter in persistReplying { waiter(.failed(.io(errno: failure.errnoValue))) }
+            return
+        }
+        persistNow()
+        counters.pmemPersistedReplies += UInt64(persistReplying.count)
+        for waiter in persistReplying { waiter(.done) }
+    }
+
+    /// Drains persistent memory: every append flushed so far becomes durable.
+    func persistNow() {
+        guard let persistentMemory else { return }
+        persistentMemory.drain()
+        counters.pmemDrains += 1
     }
 
     /// Adds a FUA write or flush to the barrier being gathered. In volatile mode a barrier seals the
@@ -59,6 +95,25 @@ extension CacheEngine {
             startBarrierSync()
             return
         }
+        // Pmem mode: a written segment's area is reused only once the device has synced it.
+        if !cacheSyncInFlight, failure == nil,
+           buffersAwaitingSync.contains(where: { $0.segmentID <= writtenThroughID && $0.segmentID > syncedThroughID }) {
+            startBarrierSync()
+        }
+    }
+
+    /// Pmem mode: returns the areas of segments the cache device has synced to the free list.
+    private func releaseSyncedBuffers() {
+        guard !buffersAwaitingSync.isEmpty else { return }
+        var released = false
+        buffersAwaitingSync.removeAll { buffer in
+            guard buffer.segmentID <= syncedThroughID else { return false }
+            buffer.reset()
+            freeBuffers.append(buffer)
+            released = true
+            return true
+        }
+        if released { processWaitingUpdates() }
     }
 
     private func startBarrierSync() {
@@ -72,6 +127,7 @@ extension CacheEngine {
                 return self.fail(error, doing: "syncing the cache device")
             }
             self.syncedThroughID = max(self.syncedThroughID, coveredID)
+            self.releaseSyncedBuffers()
             while let head = self.barriersWaiting.first, head.throughID <= coveredID {
                 self.barriersWaiting.removeFirst()
                 for waiter in head.waiters { waiter.completion(.done) }

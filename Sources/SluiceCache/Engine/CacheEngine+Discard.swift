@@ -33,7 +33,7 @@ extension CacheEngine {
         }
         guard !parts.isEmpty else { return completion(.done) }
         let join = CompletionJoin(outstanding: parts.count) { reply in
-            if fua, case .done = reply { self.addBarrierWaiter(completion) } else { completion(reply) }
+            if fua, case .done = reply { self.addDurabilityWaiter(completion) } else { completion(reply) }
         }
         for (kind, partOffset) in zip(parts, offsets) {
             waitingUpdates.append(PendingUpdate(kind: kind, offset: partOffset, completion: join.partCompleted))

@@ -35,7 +35,7 @@ extension CacheEngine {
                 backingMask = piece.sectorMask & ~cachedMask
                 let cacheSlot = self.slot(of: position)
                 let dataIndex = Int(position) - firstPosition(ofSlot: cacheSlot)
-                let memory: SegmentBuffer? = sealedBySlot[cacheSlot]
+                let memory: (any WriteBuffer)? = sealedBySlot[cacheSlot]
                     ?? (openBuffer.map { geometry.slot(ofSegment: $0.segmentID) == cacheSlot ? $0 : nil } ?? nil)
                 counters.count(write: false, hit: true, inBuffer: memory != nil, fullBlock: piece.sectorMask == 0xFF)
                 if covered != 0 {

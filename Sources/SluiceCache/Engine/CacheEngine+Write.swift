@@ -57,7 +57,14 @@ extension CacheEngine {
         unsyncedWritesSinceBarrier = true
         switch update.kind {
         case .write(_, let fua), .discard(_, _, let fua):
-            if fua { addBarrierWaiter(update.completion) } else { update.completion(.done) }
+            if isPmemMode {
+                // Every write is persisted before its reply, so a FUA write needs nothing more.
+                addPersistWaiter(update.completion)
+            } else if fua {
+                addBarrierWaiter(update.completion)
+            } else {
+                update.completion(.done)
+            }
         }
     }
 
@@ -85,20 +92,24 @@ extension CacheEngine {
             let start = data.readerIndex + update.appliedBytes
 
             let oldCopy = buffer.dataIndex(of: blockNumber) == nil ? index.lookup(blockNumber) : nil
-            if let dataIndex = buffer.dataIndex(of: blockNumber) {
-                // Still in the open buffer: update it in place.
-                let position = CacheIndex.Position(firstPosition(ofSlot: openSlot) + dataIndex)
-                data.withUnsafeReadableBytes { raw in
-                    _ = buffer.write(blockNumber: blockNumber, sectorMask: mask,
-                                     sectors: UnsafeRawBufferPointer(rebasing: raw[(start - data.readerIndex)..<(start - data.readerIndex + lengthBytes)]))
+            if let previousIndex = buffer.dataIndex(of: blockNumber) {
+                // Still in the open buffer: the DRAM buffer updates it in place; the pmem buffer
+                // appends a merged copy, so the persisted one is never overwritten.
+                let previousPosition = CacheIndex.Position(firstPosition(ofSlot: openSlot) + previousIndex)
+                let previousIsLive = index.resident(at: previousPosition) != nil
+                let dataIndex = data.withUnsafeReadableBytes { raw in
+                    buffer.write(blockNumber: blockNumber, sectorMask: mask,
+                                 sectors: UnsafeRawBufferPointer(rebasing: raw[(start - data.readerIndex)..<(start - data.readerIndex + lengthBytes)]))
                 }
+                let position = CacheIndex.Position(firstPosition(ofSlot: openSlot) + dataIndex)
                 let newMask = buffer.sectorMask(at: dataIndex)
-                if index.resident(at: position) != nil {
+                if dataIndex == previousIndex && previousIsLive {
                     index.updateMask(at: position, to: newMask)
                 } else {
-                    // The block was discarded earlier in this segment; it is cached again.
+                    // A new copy, or the block was discarded earlier in this segment and is cached again.
                     let replaced = index.insert(blockNumber, sectorMask: newMask, at: position)
-                    precondition(replaced == nil, "a discarded block still had an index entry")
+                    precondition(replaced == (previousIsLive ? previousPosition : nil),
+                                 "a rewrite in the open buffer replaced another copy than the previous one")
                 }
                 counters.count(write: true, hit: true, inBuffer: true, fullBlock: isFullBlock)
             } else if let old = oldCopy, old.sectorMask & ~mask != 0 {
@@ -172,16 +183,16 @@ extension CacheEngine {
 
     /// The open buffer if `blockNumber` fits in it; otherwise opens the next segment, if a ring slot
     /// and a buffer are free. Returns nil when writes must wait for writeback or a segment write.
-    func openBufferAccepting(_ blockNumber: UInt64) -> SegmentBuffer? {
+    func openBufferAccepting(_ blockNumber: UInt64) -> (any WriteBuffer)? {
         if let buffer = openBuffer {
-            if !buffer.isFull || buffer.dataIndex(of: blockNumber) != nil { return buffer }
+            if buffer.canAccept(blockNumber) { return buffer }
             sealOpenBuffer(isPartial: false)
         }
         return openNextSegment()
     }
 
     /// Opens segment `nextSegmentID` in its ring slot, if the slot is free and a buffer is idle.
-    func openNextSegment() -> SegmentBuffer? {
+    func openNextSegment() -> (any WriteBuffer)? {
         guard failure == nil, openBuffer == nil, !freeBuffers.isEmpty else { return nil }
         guard nextSegmentID - lastWrittenBackID <= UInt64(geometry.segmentCount) else {
             // The ring is full: writeback must free the oldest segment first.
@@ -238,9 +249,14 @@ extension CacheEngine {
                     preconditionFailure("segment \(id) was written but its buffer is gone")
                 }
                 precondition(buffer.segmentID == id)
-                buffer.reset()
-                self.freeBuffers.append(buffer)
                 self.markWritten(id)
+                if self.isPmemMode {
+                    // The pmem area holds the only durable copy until the device has synced it.
+                    self.buffersAwaitingSync.append(buffer)
+                } else {
+                    buffer.reset()
+                    self.freeBuffers.append(buffer)
+                }
                 self.driveBarriers()
                 self.kickWriteback()
                 self.processWaitingUpdates()

@@ -208,6 +208,12 @@ extension CacheEngine {
     /// retired them first, a crash could lose both and the block would fall back to what the
     /// backing store held before either. So a barrier runs first when anything is not yet synced.
     private func finishWriteback(_ batch: WritebackBatch) {
+        if isPmemMode {
+            // Every newer copy and marker is in a pmem area, or synced on the cache device before
+            // its area was reused; one drain makes the appends not drained yet durable too.
+            persistNow()
+            return recordWriteback(batch)
+        }
         let lastSealedID = (openBuffer?.segmentID ?? nextSegmentID) - 1
         let everythingDurable = (openBuffer?.isEmpty ?? true) && lastSealedID <= syncedThroughID && !barrierScheduled
         guard everythingDurable else {

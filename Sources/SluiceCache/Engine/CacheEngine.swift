@@ -42,12 +42,15 @@ public final class CacheEngine {
     /// The id the next opened segment gets.
     var nextSegmentID: UInt64
     /// The buffer writes go to; nil while no slot or buffer is free.
-    var openBuffer: SegmentBuffer?
+    var openBuffer: (any WriteBuffer)?
     /// Buffers not in use. The engine owns `bufferCount` buffers in all.
-    var freeBuffers: [SegmentBuffer]
+    var freeBuffers: [any WriteBuffer]
     /// Sealed segments whose device write has not completed, by ring slot (reads are served from
     /// them while they are in flight).
-    var sealedBySlot: [Int: SegmentBuffer] = [:]
+    var sealedBySlot: [Int: any WriteBuffer] = [:]
+    /// Pmem mode: sealed segments written to the cache device but not yet synced there. Their
+    /// pmem areas still hold the only durable copy, so they are reused only after a sync.
+    var buffersAwaitingSync: [any WriteBuffer] = []
     /// Sealed segments not yet written, by slot: they wait for readers of the slot's previous
     /// segment to finish.
     var segmentWritesWaiting: [Int: UnsafeRawBufferPointer] = [:]
@@ -72,6 +75,14 @@ public final class CacheEngine {
     var mergeReadInFlight = false
     /// An old copy fetched for a merge: the cache position and its 4 KiB.
     var fetchedOldCopy: (position: CacheIndex.Position, block: ByteBuffer)?
+
+    /// The persistent memory holding the write buffers, in pmem mode; nil in volatile mode.
+    public let persistentMemory: (any PersistentMemory)?
+    /// Pmem mode: replies waiting for the next drain (group commit), and whether it is scheduled.
+    var persistWaiters: [(VolumeReply) -> Void] = []
+    var persistScheduled = false
+    /// The replies being completed by a drain (kept to reuse its storage).
+    var persistReplying: [(VolumeReply) -> Void] = []
 
     /// FUA writes and flushes gathering for the next barrier.
     var barrierGathering: [BarrierWaiter] = []
@@ -111,11 +122,24 @@ public final class CacheEngine {
     /// How many segment buffers the engine uses: one open, the rest sealed and being written.
     public static let bufferCount = 8
 
+    /// Where the engine keeps its write buffers.
+    public enum BufferPlacement {
+        /// DRAM: a FUA write or FLUSH seals a partial segment and syncs the cache device.
+        case volatile
+        /// The areas of a pmem file: a write is durable once persisted there, so FUA and FLUSH
+        /// need only a drain and segments are always written full.
+        case persistent(memory: any PersistentMemory, layout: PmemLayout)
+    }
+
+    /// Whether the write buffers are in persistent memory.
+    public var isPmemMode: Bool { persistentMemory != nil }
+
     /// Creates an engine for a cache whose state recovery rebuilt. `opened` is the superblock that
     /// was read, `recovered` the index and log position. Call ``start()`` before submitting.
     public init(
         eventLoop: any EventLoop, cacheDevice: any BlockMedium, backingStore: any BlockMedium,
-        opened: CacheSuperblock.Opened, recovered: RecoveredCache, tunables: CacheTunables, logger: Logger
+        opened: CacheSuperblock.Opened, recovered: RecoveredCache, tunables: CacheTunables, logger: Logger,
+        buffers placement: BufferPlacement = .volatile
     ) {
         self.eventLoop = eventLoop
         self.cacheDevice = cacheDevice
@@ -131,7 +155,18 @@ public final class CacheEngine {
         self.writtenThroughID = recovered.nextSegmentID - 1
         self.syncedThroughID = recovered.nextSegmentID - 1
         self.readersPerSlot = [UInt16](repeating: 0, count: opened.geometry.segmentCount)
-        freeBuffers = (0..<Self.bufferCount).map { _ in SegmentBuffer(geometry: opened.geometry) }
+        switch placement {
+        case .volatile:
+            persistentMemory = nil
+            freeBuffers = (0..<Self.bufferCount).map { _ in SegmentBuffer(geometry: opened.geometry) }
+        case .persistent(let memory, let layout):
+            precondition(layout.areaCount >= 2, "pmem mode needs an open area and at least one sealed one")
+            persistentMemory = memory
+            // Popped from the end: area 0 is used first, which keeps tests easy to follow.
+            freeBuffers = (0..<layout.areaCount).reversed().map {
+                PmemSegmentBuffer(memory: memory, layout: layout, area: $0, geometry: opened.geometry)
+            }
+        }
         precondition(nextSegmentID > lastWrittenBackID, "the log cannot end before the last written-back segment")
         precondition(nextSegmentID - 1 - lastWrittenBackID <= UInt64(geometry.segmentCount), "more live segments than slots")
     }

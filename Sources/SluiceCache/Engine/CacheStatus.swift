@@ -16,6 +16,11 @@ public struct CacheStatus: Codable, Sendable, Equatable {
     public var lastFlushedSegmentID: UInt64
     public var lastWrittenBackSegmentID: UInt64
     public var dirtyBlocks: Int
+    /// Blocks (copies and discard markers) in the open segment, in DRAM or persistent memory.
+    public var bufferBlocks: Int
+    /// Sealed segments whose cache-device write or sync is still to come (in pmem mode their areas
+    /// hold them until then).
+    public var bufferSegmentsUnsynced: Int
     public var indexMemoryBytes: Int
     public var writebackInProgress: Bool
     public var backingBusyPercent: Int
@@ -36,6 +41,13 @@ public struct CacheStatus: Codable, Sendable, Equatable {
     public var backingSyncs: UInt64
     public var mergeReads: UInt64
     public var writesThrottled: UInt64
+    /// Pmem mode: drains of persistent memory, replies they made durable, and drains per reply
+    /// (below 1 when concurrent writes share a drain).
+    public var pmemDrains: UInt64
+    public var pmemPersistedReplies: UInt64
+    public var drainsPerWrite: Double
+    /// Cache-device bytes written (segments) per user byte written.
+    public var writeAmplification: Double
     /// dm-writeboost's sixteen counters by name (`write_hit_buffer_full`, ...).
     public var blockCounts: [String: UInt64]
     public var tunables: [String: Int]
@@ -54,7 +66,9 @@ extension CacheEngine {
             blockSizeBytes: CacheGeometry.blockBytes, segmentSizeBytes: geometry.segmentBytes, segmentCount: geometry.segmentCount,
             liveSegments: liveSegments, freeSegments: freeSegments,
             currentSegmentID: openBuffer?.segmentID ?? nextSegmentID, lastFlushedSegmentID: syncedThroughID,
-            lastWrittenBackSegmentID: lastWrittenBackID, dirtyBlocks: dirtyBlocks, indexMemoryBytes: index.memoryBytes,
+            lastWrittenBackSegmentID: lastWrittenBackID, dirtyBlocks: dirtyBlocks,
+            bufferBlocks: openBuffer?.blockCount ?? 0, bufferSegmentsUnsynced: sealedBySlot.count + buffersAwaitingSync.count,
+            indexMemoryBytes: index.memoryBytes,
             writebackInProgress: writeback != nil, backingBusyPercent: backingLoad.busyPercent(nowNs: uptimeNs()),
             failure: failure.map { "\($0)" },
             partialSegments: counters.partialSegments, segmentsWritten: counters.segmentsWritten,
@@ -64,7 +78,11 @@ extension CacheEngine {
             backingWriteRequests: counters.backingWriteRequests, writtenBackBlocks: counters.writtenBackBlocks,
             writebackBatches: counters.writebackBatches, writebackErrors: counters.writebackErrors,
             cacheSyncs: counters.cacheSyncs, backingSyncs: counters.backingSyncs, mergeReads: counters.mergeReads,
-            writesThrottled: counters.writesThrottled, blockCounts: counts, tunables: tunableValues)
+            writesThrottled: counters.writesThrottled,
+            pmemDrains: counters.pmemDrains, pmemPersistedReplies: counters.pmemPersistedReplies,
+            drainsPerWrite: counters.pmemPersistedReplies == 0 ? 0 : Double(counters.pmemDrains) / Double(counters.pmemPersistedReplies),
+            writeAmplification: counters.userBytesWritten == 0 ? 0 : Double(counters.cacheBytesWritten) / Double(counters.userBytesWritten),
+            blockCounts: counts, tunables: tunableValues)
     }
 
     /// Changes a tunable at run time. Call on the engine's loop.

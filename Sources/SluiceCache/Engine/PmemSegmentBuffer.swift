@@ -1,66 +1,66 @@
 import SluiceFormat
 
-/// One segment buffer in persistent memory (pmem mode, issue 4; not yet used by the engine): the
-/// same segment image as ``SegmentBuffer``, plus a control word and a per-block entry table that
-/// make every write recoverable after a power failure.
-///
-/// Layout of a buffer area (offsets from the area's start, all 8-byte aligned):
-///
-/// | offset | size | field |
-/// |---|---|---|
-/// | 0 | 8 | segment id (0: free) |
-/// | 8 | 8 | state: 0 free, 1 open, 2 sealed |
-/// | 4096 | 16 × n | entries: word 0 = LBA << 8 \| sector mask; word 1 = low 32 bits of the segment id << 32 \| CRC-32C of word 0 and the masked sectors |
-/// | after the table | segment bytes | the segment image: header blocks, then data blocks |
+/// One segment buffer in persistent memory (pmem mode): an area of the pmem file (see
+/// ``PmemLayout``) holding the segment image exactly as it will be written to the cache device,
+/// plus a control word and a per-block entry table that make every write recoverable after a
+/// power failure.
 ///
 /// The persistence protocol, safe at every instant:
 /// - Writes only append: a rewrite of a block takes a new data block (merged with the older
 ///   copy's sectors), so a persisted block is never overwritten while it may be the only durable
 ///   copy, and a torn write can only damage a block that no valid entry describes yet.
 /// - An entry is valid only if word 1 carries this segment's id and the CRC of word 0 and the data.
-///   A torn entry, a stale entry from the segment this buffer held before, or an entry whose data
-///   did not fully reach persistence fails that check. Data and entry are flushed together and
+///   A torn entry, a stale entry from the segment this area held before, or an entry whose data
+///   did not fully reach persistence fails that check. Data and entry are flushed together, and
 ///   one drain (``persist()``) makes a whole group of writes durable: group commit.
-/// - Sealing writes the segment header into the image, persists it, then the state word.
-public final class PmemSegmentBuffer {
+/// - Opening and sealing store the control word (one atomic 8-byte store) and drain. Sealing
+///   first writes and persists the segment header in the image, so a sealed area always holds a
+///   complete, verifiable segment.
+public final class PmemSegmentBuffer: WriteBuffer {
     public let geometry: CacheGeometry
     public let memory: any PersistentMemory
-    public let areaOffset: Int
+    public let layout: PmemLayout
+    public let area: Int
     public private(set) var segmentID: UInt64 = 0
     public private(set) var entries: [SegmentHeader.Entry] = []
+    /// The data-block index of the newest copy (or discard marker) of each block.
     private var latest: [UInt64: Int] = [:]
+    private let areaOffset: Int
+    private let tableOffset: Int
+    private let imageOffset: Int
+    /// Appends flushed but not yet drained.
+    public private(set) var unpersistedAppends = 0
 
-    static let controlBytes = 4096
-    static let entryBytes = 16
-
-    /// Bytes one buffer area takes for `geometry`.
-    public static func areaBytes(for geometry: CacheGeometry) -> Int {
-        let table = (geometry.dataBlocksPerSegment * entryBytes + 4095) / 4096 * 4096
-        return controlBytes + table + geometry.segmentBytes
-    }
-
-    private var tableOffset: Int { areaOffset + Self.controlBytes }
-    private var imageOffset: Int { areaOffset + Self.areaBytes(for: geometry) - geometry.segmentBytes }
-    private func dataOffset(_ index: Int) -> Int { imageOffset + (geometry.headerBlocks + index) * CacheGeometry.blockBytes }
-
-    public init(memory: any PersistentMemory, areaOffset: Int, geometry: CacheGeometry) {
-        precondition(areaOffset % 4096 == 0 && areaOffset + Self.areaBytes(for: geometry) <= memory.sizeBytes, "pmem area out of range")
+    public init(memory: any PersistentMemory, layout: PmemLayout, area: Int, geometry: CacheGeometry) {
+        precondition(layout.fileBytes(for: geometry) <= memory.sizeBytes, "the pmem mapping is smaller than its layout")
         self.memory = memory
-        self.areaOffset = areaOffset
+        self.layout = layout
+        self.area = area
         self.geometry = geometry
+        areaOffset = layout.areaOffset(area, geometry: geometry)
+        tableOffset = layout.tableOffset(area, geometry: geometry)
+        imageOffset = layout.imageOffset(area, geometry: geometry)
+        precondition(imageOffset % CacheGeometry.blockBytes == 0, "a pmem segment image must be 4 KiB-aligned")
+        entries.reserveCapacity(geometry.dataBlocksPerSegment)
+        latest.reserveCapacity(geometry.dataBlocksPerSegment)
     }
+
+    private func dataOffset(_ index: Int) -> Int { imageOffset + (geometry.headerBlocks + index) * CacheGeometry.blockBytes }
 
     public var isFull: Bool { entries.count == geometry.dataBlocksPerSegment }
     public var isEmpty: Bool { entries.isEmpty }
+    public var blockCount: Int { entries.count }
     public func dataIndex(of blockNumber: UInt64) -> Int? { latest[blockNumber] }
+    public func sectorMask(at dataIndex: Int) -> UInt8 { entries[dataIndex].sectorMask }
+    /// A rewrite appends too, so only a free data block makes room.
+    public func canAccept(_ blockNumber: UInt64) -> Bool { !isFull }
 
-    /// Opens the buffer for segment `id` and persists that.
+    /// Opens the area for segment `id` and persists that.
     public func open(segmentID id: UInt64) {
-        precondition(id > 0 && entries.isEmpty)
+        precondition(id > 0 && entries.isEmpty, "opening a pmem buffer that still holds a segment")
         segmentID = id
-        memory.storeWord(id, at: areaOffset)
-        memory.storeWord(1, at: areaOffset + 8)
-        memory.flush(offset: areaOffset, count: 16)
+        memory.storeWord(PmemLayout.controlWord(segmentID: id, state: .open), at: areaOffset)
+        memory.flush(offset: areaOffset, count: 8)
         memory.drain()
     }
 
@@ -69,77 +69,122 @@ public final class PmemSegmentBuffer {
     /// acknowledging. Returns the data-block index used.
     @discardableResult
     public func append(blockNumber: UInt64, sectorMask: UInt8, block: UnsafeRawBufferPointer) -> Int {
-        precondition(!isFull && block.count == CacheGeometry.blockBytes)
+        precondition(!isFull && block.count == CacheGeometry.blockBytes && segmentID > 0)
         let index = entries.count
         memory.copyAndFlush(to: dataOffset(index), from: block)
         commitEntry(index: index, blockNumber: blockNumber, sectorMask: sectorMask)
         return index
     }
 
+    /// Writes the sectors of `sectorMask` from `sectors` (exactly those sectors, in order) as a new
+    /// copy, merged over the sectors of the block's previous copy in this buffer.
+    @discardableResult
+    public func write(blockNumber: UInt64, sectorMask: UInt8, sectors: UnsafeRawBufferPointer) -> Int {
+        precondition(sectorMask != 0 && sectors.count == sectorMask.nonzeroBitCount * SegmentBuffer.sectorBytes,
+                     "sector data does not match the mask")
+        precondition(!isFull && segmentID > 0, "write to a full or closed pmem buffer")
+        let index = entries.count
+        let target = dataOffset(index)
+        var mask = sectorMask
+        if let previous = latest[blockNumber], entries[previous].sectorMask & ~sectorMask != 0 {
+            // Carry the sectors this write does not cover from the previous copy.
+            let previousMask = entries[previous].sectorMask
+            let source = UnsafeRawBufferPointer(start: memory.baseAddress + dataOffset(previous), count: CacheGeometry.blockBytes)
+            forEachRun(of: previousMask & ~sectorMask) { first, count in
+                memory.copyAndFlush(to: target + first * SegmentBuffer.sectorBytes,
+                                    from: UnsafeRawBufferPointer(rebasing: source[(first * SegmentBuffer.sectorBytes)...].prefix(count * SegmentBuffer.sectorBytes)))
+            }
+            mask |= previousMask
+        }
+        var consumed = 0
+        forEachRun(of: sectorMask) { first, count in
+            let length = count * SegmentBuffer.sectorBytes
+            memory.copyAndFlush(to: target + first * SegmentBuffer.sectorBytes,
+                                from: UnsafeRawBufferPointer(rebasing: sectors[consumed..<(consumed + length)]))
+            consumed += length
+        }
+        commitEntry(index: index, blockNumber: blockNumber, sectorMask: mask)
+        return index
+    }
+
+    /// Writes a merged copy: the sectors of `sectorMask` from the whole 4 KiB `block`.
+    @discardableResult
+    public func write(blockNumber: UInt64, sectorMask: UInt8, block: UnsafeRawBufferPointer) -> Int {
+        append(blockNumber: blockNumber, sectorMask: sectorMask, block: block)
+    }
+
     /// Appends a discard marker for `blockNumber`.
     @discardableResult
-    public func appendDiscardMarker(blockNumber: UInt64) -> Int {
-        precondition(!isFull)
+    public func markDiscarded(blockNumber: UInt64) -> Int {
+        precondition(!isFull && segmentID > 0, "discard marker in a full or closed pmem buffer")
         let index = entries.count
         commitEntry(index: index, blockNumber: blockNumber, sectorMask: 0)
         return index
     }
 
+    /// Calls `body` with each run of consecutive set bits of `mask`: its first sector and length.
+    private func forEachRun(of mask: UInt8, _ body: (Int, Int) -> Void) {
+        var sector = 0
+        while sector < SegmentBuffer.sectorsPerBlock {
+            guard mask & (1 << sector) != 0 else { sector += 1; continue }
+            var end = sector
+            while end < SegmentBuffer.sectorsPerBlock && mask & (1 << end) != 0 { end += 1 }
+            body(sector, end - sector)
+            sector = end
+        }
+    }
+
     private func commitEntry(index: Int, blockNumber: UInt64, sectorMask: UInt8) {
         let word0 = blockNumber << 8 | UInt64(sectorMask)
-        let crc = Self.entryChecksum(word0: word0, data: UnsafeRawBufferPointer(start: memory.baseAddress + dataOffset(index), count: CacheGeometry.blockBytes))
-        let word1 = (segmentID & 0xFFFF_FFFF) << 32 | UInt64(crc)
-        let entryOffset = tableOffset + index * Self.entryBytes
+        let block = UnsafeRawBufferPointer(start: memory.baseAddress + dataOffset(index), count: CacheGeometry.blockBytes)
+        let word1 = PmemLayout.entryWord1(segmentID: segmentID, word0: word0, block: block)
+        let entryOffset = tableOffset + index * PmemLayout.entryBytes
         memory.storeWord(word0, at: entryOffset)
         memory.storeWord(word1, at: entryOffset + 8)
-        memory.flush(offset: entryOffset, count: Self.entryBytes)
+        memory.flush(offset: entryOffset, count: PmemLayout.entryBytes)
         entries.append(SegmentHeader.Entry(blockNumber: blockNumber, sectorMask: sectorMask))
         latest[blockNumber] = index
+        unpersistedAppends += 1
     }
 
     /// Makes every append so far durable (one drain for the whole group).
     public func persist() {
         memory.drain()
+        unpersistedAppends = 0
     }
 
-    static func entryChecksum(word0: UInt64, data: UnsafeRawBufferPointer) -> UInt32 {
-        var crc = withUnsafeBytes(of: word0.littleEndian) { CRC32C.checksum($0) }
-        let mask = UInt8(truncatingIfNeeded: word0)
-        for sector in 0..<8 where mask & (1 << sector) != 0 {
-            crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: data[(sector * 512)..<((sector + 1) * 512)]), continuing: crc)
-        }
-        return crc
+    public func withBlock<Result>(at dataIndex: Int, _ body: (UnsafeRawBufferPointer) throws -> Result) rethrows -> Result {
+        precondition(dataIndex < geometry.dataBlocksPerSegment)
+        return try body(UnsafeRawBufferPointer(start: memory.baseAddress + dataOffset(dataIndex), count: CacheGeometry.blockBytes))
     }
 
-    /// What a buffer area holds after a power failure: its state and segment id, and every entry
-    /// whose check passes, in order (a later valid entry of a block replaces an earlier one).
-    public struct Recovered: Equatable {
-        public var state: UInt64
-        public var segmentID: UInt64
-        public var validEntries: [(index: Int, entry: SegmentHeader.Entry)]
-
-        public static func == (left: Recovered, right: Recovered) -> Bool {
-            left.state == right.state && left.segmentID == right.segmentID
-                && left.validEntries.map(\.index) == right.validEntries.map(\.index)
-                && left.validEntries.map(\.entry) == right.validEntries.map(\.entry)
-        }
+    /// Writes the segment header into the image and persists it, then marks the area sealed.
+    /// Returns the segment's bytes (header and used data blocks), which stay untouched in
+    /// persistent memory until ``reset()``.
+    public func seal(cacheUUID: [UInt8], isPartial: Bool) -> UnsafeRawBufferPointer {
+        precondition(segmentID > 0, "sealing a pmem buffer that was never opened")
+        let header = SegmentHeader(segmentID: segmentID, cacheUUID: cacheUUID, isPartial: isPartial, entries: entries)
+        let headerBytes = geometry.headerBlocks * CacheGeometry.blockBytes
+        let usedBytes = headerBytes + entries.count * CacheGeometry.blockBytes
+        let image = memory.baseAddress + imageOffset
+        header.encode(into: UnsafeMutableRawBufferPointer(start: image, count: headerBytes),
+                      data: UnsafeRawBufferPointer(start: image + headerBytes, count: geometry.segmentBytes - headerBytes),
+                      geometry: geometry)
+        memory.flush(offset: imageOffset, count: headerBytes)
+        memory.drain()
+        memory.storeWord(PmemLayout.controlWord(segmentID: segmentID, state: .sealed), at: areaOffset)
+        memory.flush(offset: areaOffset, count: 8)
+        memory.drain()
+        unpersistedAppends = 0
+        return UnsafeRawBufferPointer(start: image, count: usedBytes)
     }
 
-    public static func recover(memory: any PersistentMemory, areaOffset: Int, geometry: CacheGeometry) -> Recovered {
-        let buffer = PmemSegmentBuffer(memory: memory, areaOffset: areaOffset, geometry: geometry)
-        let id = memory.loadWord(at: areaOffset)
-        let state = memory.loadWord(at: areaOffset + 8)
-        var valid: [(Int, SegmentHeader.Entry)] = []
-        guard id > 0, state != 0 else { return Recovered(state: state, segmentID: id, validEntries: []) }
-        for index in 0..<geometry.dataBlocksPerSegment {
-            let entryOffset = buffer.tableOffset + index * entryBytes
-            let word0 = memory.loadWord(at: entryOffset)
-            let word1 = memory.loadWord(at: entryOffset + 8)
-            guard word1 >> 32 == id & 0xFFFF_FFFF else { continue }
-            let data = UnsafeRawBufferPointer(start: memory.baseAddress + buffer.dataOffset(index), count: CacheGeometry.blockBytes)
-            guard UInt32(truncatingIfNeeded: word1) == entryChecksum(word0: word0, data: data) else { continue }
-            valid.append((index, SegmentHeader.Entry(blockNumber: word0 >> 8, sectorMask: UInt8(truncatingIfNeeded: word0))))
-        }
-        return Recovered(state: state, segmentID: id, validEntries: valid)
+    /// Empties the buffer for the next segment. The area's control word is left as it is: a sealed
+    /// segment the cache device has synced is found there by recovery too, and never taken.
+    public func reset() {
+        entries.removeAll(keepingCapacity: true)
+        latest.removeAll(keepingCapacity: true)
+        segmentID = 0
+        unpersistedAppends = 0
     }
 }

@@ -168,6 +168,8 @@ public protocol WriteBuffer: AnyObject {
     var isFull: Bool { get }
     var blockCount: Int { get }
     func open(segmentID: UInt64)
+    /// Whether a write to `blockNumber` fits without sealing.
+    func canAccept(_ blockNumber: UInt64) -> Bool
     func dataIndex(of blockNumber: UInt64) -> Int?
     func sectorMask(at dataIndex: Int) -> UInt8
     @discardableResult func write(blockNumber: UInt64, sectorMask: UInt8, sectors: UnsafeRawBufferPointer) -> Int

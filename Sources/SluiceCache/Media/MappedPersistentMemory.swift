@@ -17,6 +17,12 @@ public final class MappedPersistentMemory: PersistentMemory {
 
     /// Maps `path`, creating it with `createBytes` if it does not exist and `createBytes` is given.
     public init(path: String, createBytes: Int? = nil) throws {
+        if createBytes == nil {
+            var status = stat()
+            guard stat(path, &status) == 0 else {
+                throw MappingError(description: "the pmem file \(path) cannot be opened: \(String(cString: strerror(errno))); give the pmem file this cache was formatted with")
+            }
+        }
         var mappedLength = 0
         var isPmem: Int32 = 0
         let flags: Int32 = createBytes == nil ? 0 : Int32(PMEM_FILE_CREATE)
@@ -41,7 +47,7 @@ public final class MappedPersistentMemory: PersistentMemory {
             pmem_memcpy(baseAddress + offset, bytes.baseAddress, bytes.count, UInt32(PMEM_F_MEM_NONTEMPORAL | PMEM_F_MEM_NODRAIN))
         } else {
             (baseAddress + offset).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
-            pmem_msync(baseAddress + offset, bytes.count)
+            noteFlushed(offset: offset, count: bytes.count)
         }
     }
 
@@ -50,11 +56,28 @@ public final class MappedPersistentMemory: PersistentMemory {
         if isPersistentMemory {
             pmem_flush(baseAddress + offset, count)
         } else {
-            pmem_msync(baseAddress + offset, count)
+            noteFlushed(offset: offset, count: count)
         }
     }
 
     public func drain() {
-        if isPersistentMemory { pmem_drain() }
+        if isPersistentMemory {
+            pmem_drain()
+        } else if flushedEnd > flushedStart {
+            // Without real pmem a flush is an msync, which is also the drain; one msync over the
+            // span of everything flushed since the last drain serves a whole group of writes.
+            pmem_msync(baseAddress + flushedStart, flushedEnd - flushedStart)
+            flushedStart = Int.max
+            flushedEnd = 0
+        }
+    }
+
+    /// The span flushed since the last drain, when the mapping is not real pmem.
+    private var flushedStart = Int.max
+    private var flushedEnd = 0
+
+    private func noteFlushed(offset: Int, count: Int) {
+        flushedStart = min(flushedStart, offset)
+        flushedEnd = max(flushedEnd, offset + count)
     }
 }

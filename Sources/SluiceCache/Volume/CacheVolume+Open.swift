@@ -65,27 +65,34 @@ extension CacheVolume {
     /// Opens a formatted cache device in front of its backing store: checks both, recovers the log,
     /// and starts the engine on `eventLoop`. Blocking; call it before serving, off the event loop.
     public static func open(
-        cachePath: String, backing: BackingLocation, mode: SuperblockHeader.Mode = .volatile, eventLoop: any EventLoop,
+        cachePath: String, backing: BackingLocation, pmemPath: String? = nil, eventLoop: any EventLoop,
         tunables: CacheTunables, logger: Logger
     ) throws -> CacheVolume {
         let cacheFile = try BlockFile(path: cachePath, readOnly: false)
         let opened = try OpenedBacking(backing, eventLoop: eventLoop)
         do {
-            let expectation = CacheSuperblock.Expectation(backingIdentity: backing.identity, backingSizeBytes: opened.sizeBytes, mode: mode)
-            let recovered = try CacheStartup.recover(cacheFile: cacheFile, expectation: expectation)
+            let pmem = try pmemPath.map { PmemAttachment(memory: try PmemFile.open(path: $0), path: $0) }
+            let expectation = CacheSuperblock.Expectation(backingIdentity: backing.identity, backingSizeBytes: opened.sizeBytes,
+                                                          mode: pmem == nil ? .volatile : .pmem)
+            let recovered = try CacheStartup.recover(cacheFile: cacheFile, expectation: expectation, pmem: pmem)
             let report = recovered.report
             logger.info("recovered the cache log", metadata: [
                 "clean_shutdown": "\(report.cleanShutdown)", "segments": "\(report.chain.segments.count)",
                 "end": "\(report.chain.end)", "dirty_blocks": "\(recovered.state.index.count)",
                 "erased_stale_segments": "\(report.erasedSlots.count)",
+                "pmem_sealed_segments_written": "\(report.pmemSealedSegmentsWritten.count)",
+                "pmem_open_entries_written": "\(report.pmemOpenEntries)",
                 "seconds": "\(String(format: "%.3f", recovered.durationSeconds))",
             ])
+            var placement = CacheEngine.BufferPlacement.volatile
+            if let pmem, let layout = recovered.pmemLayout { placement = .persistent(memory: pmem.memory, layout: layout) }
             let engine = try eventLoop.submit { () throws -> CacheEngine in
                 let driver = try IOUringDrivers.shared.driver(for: eventLoop)
                 let cacheMedium = UringFileMedium(file: cacheFile, driver: driver, directWrites: true)
                 let backingMedium: any BlockMedium = opened.nbd ?? UringFileMedium(file: opened.file!, driver: driver)
                 return CacheEngine(eventLoop: eventLoop, cacheDevice: cacheMedium, backingStore: backingMedium,
-                                   opened: recovered.opened, recovered: recovered.state, tunables: tunables, logger: logger)
+                                   opened: recovered.opened, recovered: recovered.state, tunables: tunables, logger: logger,
+                                   buffers: placement)
             }.wait()
             try eventLoop.flatSubmit { engine.start() }.wait()
             let volume = CacheVolume(engine: engine)
