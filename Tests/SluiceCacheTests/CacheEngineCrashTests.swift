@@ -17,6 +17,9 @@ final class CacheEngineCrashTests: XCTestCase {
     /// `SLUICE_CRASH_FIRST_SEED` moves the window. Seed N of the reordered test is N + 1000, so
     /// `SLUICE_CRASH_FIRST_SEED=7 SLUICE_CRASH_SEEDS=1` replays seed 7 (in order) and 1007 (reordered).
     static var seedCount: UInt64 { UInt64(ProcessInfo.processInfo.environment["SLUICE_CRASH_SEEDS"].flatMap(Int.init) ?? 150) }
+    /// Seeds per pmem-mode test: more than volatile mode's, since pmem mode is what Sluice is for
+    /// (`SLUICE_CRASH_SEEDS` sets both).
+    static var pmemSeedCount: UInt64 { UInt64(ProcessInfo.processInfo.environment["SLUICE_CRASH_SEEDS"].flatMap(Int.init) ?? 350) }
     static var firstSeed: UInt64 { UInt64(ProcessInfo.processInfo.environment["SLUICE_CRASH_FIRST_SEED"].flatMap(Int.init) ?? 1) }
     /// Extra weight on trims and write-zeroes (percent each), for soaks.
     static var discardPercent: Int? { ProcessInfo.processInfo.environment["SLUICE_CRASH_DISCARD_PERCENT"].flatMap(Int.init) }
@@ -26,6 +29,9 @@ final class CacheEngineCrashTests: XCTestCase {
         var interruptedRecoveries = 0
         var cutsAtMediaOperations = 0
         var failedSeeds: [UInt64] = []
+        /// Pmem mode: recoveries that wrote sealed segments from pmem, and that replayed an open one.
+        var sealedSegmentRecoveries = 0
+        var openSegmentReplays = 0
     }
 
     /// One seed: a few rounds of (some completed bursts, then a burst cut by a power failure at a
@@ -85,6 +91,10 @@ final class CacheEngineCrashTests: XCTestCase {
                 outcome.interruptedRecoveries += 1
             }
             outcome.crashes += 1
+            if let report = harness.lastRecovery?.report {
+                if !report.pmemSealedSegmentsWritten.isEmpty { outcome.sealedSegmentRecoveries += 1 }
+                if report.pmemOpenSegmentWritten != nil { outcome.openSegmentReplays += 1 }
+            }
             let observed = try workload.readAll()
             let bad = try workload.violations(observed, afterCrash: true)
             guard bad.isEmpty else {
@@ -126,33 +136,31 @@ final class CacheEngineCrashTests: XCTestCase {
         }
         print("crash test (reordered media): \(outcome.crashes) crashes, \(outcome.interruptedRecoveries) interrupted recoveries, failed seeds: \(outcome.failedSeeds)")
     }
-}
 
-/// The same power failures in pmem mode, where the write buffers live in simulated persistent
-/// memory that keeps, at a power failure, what was drained and a seeded old-or-new choice for every
-/// other 8-byte word. The check is stronger: every acknowledged write is durable, FUA or not.
-/// `SLUICE_CRASH_SEEDS` and `SLUICE_CRASH_FIRST_SEED` work as above; seeds are N + 2000 (in order)
-/// and N + 3000 (reordered).
-final class PmemCrashTests: XCTestCase {
+    // MARK: Pmem mode
+    //
+    // The same power failures with the write buffers in simulated persistent memory, which at a
+    // power failure keeps what was drained and a seeded old-or-new choice for every other 8-byte
+    // word. The check is stronger: every acknowledged write is durable, FUA or not. Seeds are
+    // N + 2000 (in order) and N + 3000 (reordered); the pmem file has 2 to 8 areas.
+
     func testPmemPowerFailuresAtRandomPointsKeepEveryAcknowledgedWrite() throws {
-        try run(shuffled: false, offset: 2000)
+        try runPmem(shuffled: false, offset: 2000)
     }
 
     func testPmemPowerFailuresWithReorderedCompletionsKeepEveryAcknowledgedWrite() throws {
-        try run(shuffled: true, offset: 3000)
+        try runPmem(shuffled: true, offset: 3000)
     }
 
-    private func run(shuffled: Bool, offset: UInt64) throws {
-        var outcome = CacheEngineCrashTests.Outcome()
-        let crashTests = CacheEngineCrashTests()
-        let first = CacheEngineCrashTests.firstSeed + offset
-        for seed in first..<(first + CacheEngineCrashTests.seedCount) {
-            if try !crashTests.runCrashSeed(seed, shuffled: shuffled, rounds: 3, pmemMode: true, outcome: &outcome) {
-                outcome.failedSeeds.append(seed)
-            }
+    private func runPmem(shuffled: Bool, offset: UInt64) throws {
+        var outcome = Outcome()
+        let first = Self.firstSeed + offset
+        for seed in first..<(first + Self.pmemSeedCount) {
+            if try !runCrashSeed(seed, shuffled: shuffled, rounds: 3, pmemMode: true, outcome: &outcome) { outcome.failedSeeds.append(seed) }
         }
         XCTAssertGreaterThan(outcome.crashes, 0)
-        print("pmem crash test (\(shuffled ? "reordered" : "in-order") media): \(outcome.crashes) crashes (\(outcome.cutsAtMediaOperations) at a media operation), \(outcome.interruptedRecoveries) interrupted recoveries, failed seeds: \(outcome.failedSeeds)")
+        print("pmem crash test (\(shuffled ? "reordered" : "in-order") media): \(outcome.crashes) crashes (\(outcome.cutsAtMediaOperations) at a media operation), \(outcome.interruptedRecoveries) interrupted recoveries, \(outcome.sealedSegmentRecoveries) recoveries wrote sealed segments from pmem, \(outcome.openSegmentReplays) replayed an open one; failed seeds: \(outcome.failedSeeds)")
+        XCTAssertGreaterThan(outcome.openSegmentReplays, 0, "no recovery replayed an open pmem segment: the test exercises nothing")
     }
 }
 

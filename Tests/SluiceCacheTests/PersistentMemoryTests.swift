@@ -47,7 +47,7 @@ final class PersistentMemoryTests: XCTestCase {
         XCTAssertEqual(again.loadWord(at: 0), 42)
         XCTAssertEqual(Array(UnsafeRawBufferPointer(start: again.baseAddress + 8192, count: 4096)), [UInt8](repeating: 0x5C, count: 4096))
         XCTAssertThrowsError(try MappedPersistentMemory(path: "/dev/shm/no-such-dir/x.pmem")) { error in
-            XCTAssertTrue("\(error)".contains("cannot map the pmem file"), "\(error)")
+            XCTAssertTrue("\(error)".contains("the pmem file /dev/shm/no-such-dir/x.pmem cannot be opened"), "\(error)")
         }
     }
 }
