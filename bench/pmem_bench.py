@@ -139,7 +139,7 @@ def ratios(results):
         top, bottom = results.get(numerator), results.get(denominator)
         if top is None or bottom is None:
             missing = numerator[0] if top is None else denominator[0]
-            output.append((description, None, f"{missing} was not run"))
+            output.append((description, None, f"no result for {missing}"))
         elif bottom["iops"] <= 0:
             output.append((description, None, f"{denominator[0]} made no progress"))
         else:
