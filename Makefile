@@ -9,7 +9,7 @@ PACKAGES := pkg-config liburing-dev libpmem-dev libnbd-dev libisal-dev \
 VAR := $(CURDIR)/var
 SOCKET := $(VAR)/sluice.sock
 
-.PHONY: run test bench bench-cache deps build release clean
+.PHONY: run test bench bench-cache bench-pmem deps build release clean
 
 ## Install the Debian packages that are missing.
 deps:
@@ -44,9 +44,21 @@ test: deps
 bench: release
 	python3 bench/bench.py $(BENCH_ARGS)
 
-## The cache over slow disks, side by side with nbdkit's cache filter and qemu-nbd.
-bench-cache: release
+## The cache over slow disks, side by side with nbdkit's cache filter and qemu-nbd; then the
+## persistent buffer against the volatile one and the peers under FUA and FLUSH (bench-pmem).
+bench-cache: release .build/fua_load
 	python3 bench/cache_bench.py $(BENCH_ARGS)
+	python3 bench/pmem_bench.py $(PMEM_BENCH_ARGS)
+
+## Only the persistent-memory comparison of issue 4.
+bench-pmem: release .build/fua_load
+	python3 bench/pmem_bench.py $(PMEM_BENCH_ARGS)
+
+# The FUA load generator (fio's nbd engine never sends FUA). libnbd comes from `make deps`; an
+# order-only prerequisite, so installing nothing new does not rebuild the tool.
+.build/fua_load: bench/fua_load.c | deps
+	@mkdir -p .build
+	cc -O2 -Wall -Wextra -pthread -o $@ bench/fua_load.c $$(pkg-config --cflags --libs libnbd)
 
 clean:
 	rm -rf .build var

@@ -142,12 +142,22 @@ def run_fio(uri, arguments, runtime_s, size_bytes):
     side = job["write"] if job["write"]["io_bytes"] > 0 else job["read"]
     latency = side.get("clat_ns", {})
     percentiles = latency.get("percentile", {})
-    return {
+    result = {
         "iops": side["iops"],
         "mib_s": side["bw_bytes"] / (1024 * 1024),
         "mean_us": side["lat_ns"]["mean"] / 1000.0,
+        "p50_us": percentiles.get("50.000000", 0) / 1000.0,
         "p99_us": percentiles.get("99.000000", 0) / 1000.0,
     }
+    # With --fsync, fio times each FLUSH on its own, apart from the write before it, so the
+    # FLUSH latency is reported beside the write's.
+    sync = job.get("sync", {})
+    if sync.get("total_ios", 0) > 0:
+        sync_percentiles = sync["lat_ns"].get("percentile", {})
+        result["flush_mean_us"] = sync["lat_ns"]["mean"] / 1000.0
+        result["flush_p50_us"] = sync_percentiles.get("50.000000", 0) / 1000.0
+        result["flush_p99_us"] = sync_percentiles.get("99.000000", 0) / 1000.0
+    return result
 
 
 def prefill(uri, size_bytes):

@@ -89,6 +89,91 @@ def sluice_status(binary, socket):
     return json.loads(result.stdout)
 
 
+def sparse_file(path, size_bytes):
+    with open(path, "wb") as f:
+        f.truncate(size_bytes)
+    return path
+
+
+def run_checked(command):
+    """Runs a set-up command, and fails with its own message when it fails."""
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()[:500]}")
+    return result
+
+
+# Each start_* function starts one system on fresh images in `directory`, appending every process it
+# starts to `processes` as soon as it runs (so the caller stops them even when a later step fails),
+# and returns the URI clients connect to.
+
+def start_sluice_cache(processes, directory, name, size_bytes, binary, cache_mib, segment_size,
+                       format_extra=(), serve_extra=()):
+    """Sluice's cache in front of a slow disk of its own; the NBD socket is `<name>.sock`."""
+    hdd = slow_disk(directory, name, size_bytes)
+    processes.append(hdd)
+    hdd.start()
+    cache = sparse_file(os.path.join(directory, f"{name}-ssd.img"), cache_mib << 20)
+    backing = unix_uri(hdd.socket)
+    run_checked([binary, "format", "--cache", cache, "--backing", backing, "--segment-size", segment_size, *format_extra])
+    socket = os.path.join(directory, f"{name}.sock")
+    server = Process(name, directory, [binary, "serve", "--cache", cache, "--backing", backing, "--socket", socket,
+                                       "--log-level", "warning", *serve_extra], socket)
+    processes.append(server)
+    server.start()
+    return unix_uri(socket)
+
+
+def start_nbdkit_cache(processes, directory, size_bytes, name="nbdkit-cache"):
+    """nbdkit's cache filter over a delayed, serialized file, as in shared/TESTBED.md."""
+    image = sparse_file(os.path.join(directory, f"{name}-hdd.img"), size_bytes)
+    socket = os.path.join(directory, f"{name}.sock")
+    server = Process(name, directory, ["nbdkit", "-f", "-U", socket, "--filter=cache", "--filter=noparallel",
+                                       "--filter=delay", "file", image, "cache=writeback", "cache-min-block-size=4K",
+                                       "serialize=all-requests", "rdelay=8ms", "wdelay=8ms"], socket,
+                     env={"TMPDIR": "/dev/shm"})
+    processes.append(server)
+    server.start()
+    return unix_uri(socket)
+
+
+def start_qemu_nbd(processes, directory, size_bytes, name="qemu-nbd"):
+    """qemu-nbd --cache=writeback with a slow disk of its own as its image."""
+    hdd = slow_disk(directory, "qemu", size_bytes)
+    processes.append(hdd)
+    hdd.start()
+    socket = os.path.join(directory, f"{name}.sock")
+    server = Process(name, directory, ["qemu-nbd", "-t", "-e", "8", "-k", socket, "-f", "raw", "--cache=writeback",
+                                       unix_uri(hdd.socket)], socket)
+    processes.append(server)
+    server.start()
+    return unix_uri(socket)
+
+
+def start_sluice_passthrough(processes, directory, size_bytes, binary, name="sluice-passthrough"):
+    """Sluice without a cache over a fast file on the local disk."""
+    image = sparse_file(os.path.join(directory, "fast.img"), size_bytes)
+    socket = os.path.join(directory, f"{name}.sock")
+    server = Process(name, directory, [binary, "serve", "--backing", image, "--socket", socket, "--log-level", "warning"],
+                     socket)
+    processes.append(server)
+    server.start()
+    return unix_uri(socket)
+
+
+def kill_processes(processes):
+    """Kills every process in reverse order of start and empties the list.
+
+    A write-back cache holding dirty data would write it back for minutes at shutdown; the images
+    are thrown away, so the servers are killed instead of stopped."""
+    for process in reversed(processes):
+        if process.process is not None:
+            process.process.kill()
+            process.process.wait()
+            process.process = None
+    processes.clear()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--directory", default="/var/tmp/sluice-cache-bench", help="local-disk folder for images and sockets")
@@ -123,65 +208,18 @@ def main():
             os.unlink(os.path.join(d, name))
         uris = {}
         if "sluice-cache" in wanted:
-            hdd = slow_disk(d, "sluice", size_bytes)
-            hdd.start()
-            processes.append(hdd)
-            cache = os.path.join(d, "sluice-ssd.img")
-            with open(cache, "wb") as f:
-                f.truncate(args.cache_size << 20)
-            backing = unix_uri(hdd.socket)
-            subprocess.run([args.sluice, "format", "--cache", cache, "--backing", backing, "--segment-size", args.segment_size],
-                           check=True, capture_output=True)
-            socket = os.path.join(d, "sluice-cache.sock")
-            server = Process("sluice-cache", d, [args.sluice, "serve", "--cache", cache, "--backing", backing, "--volatile",
-                                                 "--socket", socket, "--log-level", "warning", *sluice_extra], socket)
-            server.start()
-            processes.append(server)
-            uris["sluice-cache"] = unix_uri(socket)
+            uris["sluice-cache"] = start_sluice_cache(processes, d, "sluice-cache", size_bytes, args.sluice, args.cache_size,
+                                                      args.segment_size, serve_extra=("--volatile", *sluice_extra))
         if "nbdkit-cache" in wanted:
-            image = os.path.join(d, "nbdkit-cache-hdd.img")
-            with open(image, "wb") as f:
-                f.truncate(size_bytes)
-            socket = os.path.join(d, "nbdkit-cache.sock")
-            # As in shared/TESTBED.md: the cache filter over a delayed, serialized file.
-            server = Process("nbdkit-cache", d, ["nbdkit", "-f", "-U", socket, "--filter=cache", "--filter=noparallel",
-                                                 "--filter=delay", "file", image, "cache=writeback", "cache-min-block-size=4K",
-                                                 "serialize=all-requests", "rdelay=8ms", "wdelay=8ms"], socket,
-                             env={"TMPDIR": "/dev/shm"})
-            server.start()
-            processes.append(server)
-            uris["nbdkit-cache"] = unix_uri(socket)
+            uris["nbdkit-cache"] = start_nbdkit_cache(processes, d, size_bytes)
         if "qemu-nbd" in wanted:
-            hdd = slow_disk(d, "qemu", size_bytes)
-            hdd.start()
-            processes.append(hdd)
-            socket = os.path.join(d, "qemu-nbd.sock")
-            server = Process("qemu-nbd", d, ["qemu-nbd", "-t", "-e", "8", "-k", socket, "-f", "raw", "--cache=writeback",
-                                             unix_uri(hdd.socket)], socket)
-            server.start()
-            processes.append(server)
-            uris["qemu-nbd"] = unix_uri(socket)
+            uris["qemu-nbd"] = start_qemu_nbd(processes, d, size_bytes)
         if "sluice-passthrough" in wanted:
-            image = os.path.join(d, "fast.img")
-            with open(image, "wb") as f:
-                f.truncate(size_bytes)
-            socket = os.path.join(d, "sluice-passthrough.sock")
-            server = Process("sluice-passthrough", d, [args.sluice, "serve", "--backing", image, "--socket", socket,
-                                                       "--log-level", "warning"], socket)
-            server.start()
-            processes.append(server)
-            uris["sluice-passthrough"] = unix_uri(socket)
+            uris["sluice-passthrough"] = start_sluice_passthrough(processes, d, size_bytes, args.sluice)
         return uris
 
     def stop_systems():
-        # A write-back cache holding dirty data would write it back for minutes at shutdown; the
-        # images are thrown away, so the servers are killed instead.
-        for process in reversed(processes):
-            if process.process is not None:
-                process.process.kill()
-                process.process.wait()
-                process.process = None
-        processes.clear()
+        kill_processes(processes)
 
     systems = [s for s in wanted]
     samples = {}
