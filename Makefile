@@ -29,11 +29,25 @@ RELEASE_FLAGS := -c release -Xswiftc -enforce-exclusivity=unchecked
 release: deps
 	swift build $(RELEASE_FLAGS) --product sluice
 
-## Serve the embedded default: a 1 GiB backing file under var/, on var/sluice.sock.
+## Serve the embedded default stack: a 1 GiB backing file and a 256 MiB cache file under var/,
+## with the write buffer in a pmem file on /dev/shm, on var/sluice.sock. The cache is formatted
+## on the first run and recovered on later ones.
+PMEM ?= /dev/shm/sluice-$(shell id -u)-default.pmem
 run: release
 	@mkdir -p $(VAR)
 	@[ -e $(VAR)/disk.img ] || truncate -s 1G $(VAR)/disk.img
-	.build/release/sluice serve --backing $(VAR)/disk.img --socket $(SOCKET) --description "Sluice default export"
+	@if [ -e $(VAR)/cache.img ] && [ ! -e $(PMEM) ]; then \
+		echo "the pmem file $(PMEM) is gone (a reboot empties /dev/shm); re-creating it, which is safe only after a clean shutdown:"; \
+		.build/release/sluice mode --cache $(VAR)/cache.img --backing $(VAR)/disk.img --volatile --pmem $(PMEM) && \
+		.build/release/sluice mode --cache $(VAR)/cache.img --backing $(VAR)/disk.img --pmem $(PMEM) || exit 1; \
+	fi
+	@if [ ! -e $(VAR)/cache.img ]; then \
+		truncate -s 256M $(VAR)/cache.img && \
+		.build/release/sluice format --cache $(VAR)/cache.img --backing $(VAR)/disk.img --pmem $(PMEM) \
+			|| { rm -f $(VAR)/cache.img; exit 1; }; \
+	fi
+	.build/release/sluice serve --cache $(VAR)/cache.img --backing $(VAR)/disk.img --pmem $(PMEM) \
+		--socket $(SOCKET) --description "Sluice default export"
 
 ## Run the whole test suite.
 test: deps

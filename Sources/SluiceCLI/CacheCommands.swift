@@ -145,7 +145,7 @@ struct ModeCommand: ParsableCommand {
     @Flag(name: .long, help: "Switch to volatile mode (DRAM buffer).")
     var volatile = false
 
-    @Flag(name: .long, help: "Replace a file at the --pmem path that already holds a Sluice write buffer.")
+    @Flag(name: .long, help: "Replace a file at the --pmem path that already holds a Sluice write buffer; or leave pmem mode without the pmem file after a crash, losing what only it held.")
     var force = false
 
     func validate() throws {

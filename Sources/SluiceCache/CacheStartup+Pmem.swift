@@ -99,6 +99,9 @@ extension CacheStartup {
         switch target {
         case .volatile:
             guard let pmemPath else { throw FormatError.wrongMode(recorded: "pmem", requested: "volatile") }
+            if !FileManager.default.fileExists(atPath: pmemPath) {
+                return try leavePmemWithoutItsFile(device: device, expectation: expectation, pmemPath: pmemPath, force: force)
+            }
             let memory = try PmemFile.open(path: pmemPath)
             let recovered = try recover(device: device, expectation: expectation, pmem: PmemAttachment(memory: memory, path: pmemPath))
             var header = recovered.opened.header
@@ -119,6 +122,27 @@ extension CacheStartup {
             try rewrite(device, header: header)
             return ModeSwitch(from: .volatile, to: .pmem, report: recovered.report)
         }
+    }
+
+    /// Leaves pmem mode when the pmem file is gone (a tmpfs emulation after a reboot). After a
+    /// clean shutdown that loses nothing: the open segment was written to the cache device and
+    /// synced before the clean record. After a crash the acknowledged writes that were only in
+    /// the pmem file are lost, so that takes `force`.
+    private static func leavePmemWithoutItsFile(device: FileMedium, expectation: CacheSuperblock.Expectation, pmemPath: String,
+                                                force: Bool) throws -> ModeSwitch {
+        var expectation = expectation
+        expectation.mode = .pmem
+        var openResult: Result<CacheSuperblock.Opened, Error>?
+        CacheSuperblock.open(device, expectation: expectation) { openResult = $0 }
+        let opened = try openResult!.get()
+        guard opened.record.cleanShutdown || force else { throw StartupError.pmemLostAfterCrash(path: pmemPath) }
+        var header = opened.header
+        header.mode = .volatile
+        header.pmemUUID = [UInt8](repeating: 0, count: 16)
+        try rewrite(device, header: header)
+        expectation.mode = .volatile
+        let recovered = try recover(device: device, expectation: expectation)
+        return ModeSwitch(from: .pmem, to: .volatile, report: recovered.report)
     }
 
     private static func rewrite(_ device: FileMedium, header: SuperblockHeader) throws {

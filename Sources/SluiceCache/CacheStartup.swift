@@ -82,6 +82,7 @@ public enum StartupError: Error, CustomStringConvertible {
     case alreadyFormatted(path: String)
     case pmemAlreadyFormatted(path: String)
     case alreadyInMode(String)
+    case pmemLostAfterCrash(path: String)
 
     public var description: String {
         switch self {
@@ -89,6 +90,8 @@ public enum StartupError: Error, CustomStringConvertible {
             return "\(path) already holds a Sluice cache, which may have dirty data; drain it first (`sluice drain`), then format with --force to erase it"
         case .pmemAlreadyFormatted(let path):
             return "the pmem file \(path) already holds a Sluice write buffer, which may have acknowledged data; drain its cache first, then format with --force to erase it"
+        case .pmemLostAfterCrash(let path):
+            return "the pmem file \(path) is gone and the cache was not shut down cleanly, so writes acknowledged from it would be lost; restore the file, or give --force to leave pmem mode with what the cache device holds"
         case .alreadyInMode(let mode):
             return "the cache is already in \(mode) mode; nothing to do"
         }
