@@ -54,6 +54,13 @@ test: deps
 	swift build --build-tests
 	swift test --skip-build --disable-swift-testing
 
+## A longer power-failure soak of the simulated crash tests, both modes (seeds per test: SOAK_SEEDS).
+SOAK_SEEDS ?= 2000
+soak: deps
+	swift build --build-tests
+	SLUICE_CRASH_SEEDS=$(SOAK_SEEDS) SLUICE_CRASH_FIRST_SEED=$${SLUICE_CRASH_FIRST_SEED:-1} \
+		swift test --skip-build --disable-swift-testing --filter 'CacheEngineCrashTests.testP' 2>&1 | grep -E 'crash test|error|Executed'
+
 ## Benchmark Sluice against nbdkit and qemu-nbd, side by side (not a test: no timing assertions).
 bench: release
 	python3 bench/bench.py $(BENCH_ARGS)
