@@ -9,7 +9,7 @@ PACKAGES := pkg-config liburing-dev libpmem-dev libnbd-dev libisal-dev \
 VAR := $(CURDIR)/var
 SOCKET := $(VAR)/sluice.sock
 
-.PHONY: run test bench bench-cache bench-pmem deps build release clean
+.PHONY: run test soak bench bench-cache bench-pmem deps build release clean
 
 ## Install the Debian packages that are missing.
 deps:
