@@ -49,6 +49,7 @@ public enum CacheStartup {
     /// Sluice cache unless `force` is set, so a cache with dirty data is never erased by mistake.
     public static func format(cacheFile: BlockFile, segmentBytes: Int, expectation: CacheSuperblock.Expectation,
                               force: Bool, pmemPath: String? = nil) throws -> CacheSuperblock.Opened {
+        try expectation.checkRecordable()
         let device = FileMedium(file: cacheFile)
         if !force, device.sizeBytes >= 4096 {
             let first = try device.readBytes(offset: 0, count: 4096)

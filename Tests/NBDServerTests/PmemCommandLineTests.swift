@@ -261,6 +261,20 @@ final class PmemCommandLineTests: XCTestCase {
         try refuse(["serve", "--cache", otherCache, "--backing", otherBacking, "--pmem", otherPmem, "--socket", otherSocket],
                    saying: ["the pmem file \(otherPmem) belongs to another cache"], socket: otherSocket)
 
+        // A backing store whose canonical path is longer than the superblock records whole: once
+        // formatted, the cache could never be served (the shortened identity never matches), so
+        // format refuses it before it creates the pmem file.
+        var deep = directory
+        for level in 0..<5 { deep += "/" + String(repeating: Character(String(level)), count: 240) }
+        try FileManager.default.createDirectory(atPath: deep, withIntermediateDirectories: true)
+        let deepBacking = try SluiceBinary.makeFile(deep + "/backing.img", sizeBytes: 8 << 20)
+        let deepCache = try file("deep-cache.img", sizeBytes: 8 << 20)
+        let deepPmem = pmemPath("deep")
+        try refuse(["format", "--cache", deepCache, "--backing", deepBacking, "--segment-size", "64K", "--pmem", deepPmem],
+                   saying: ["the backing store's canonical path or URI is \(deepBacking.utf8.count) bytes long", "at most 1024"])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: deepPmem), "a refused format creates no pmem file")
+        XCTAssertTrue(try bytes(deepCache).allSatisfy { $0 == 0 }, "a refused format writes no superblock")
+
         // The first cache is still whole.
         server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket)
         try verify(socket: socket, image: image, "at the end")
