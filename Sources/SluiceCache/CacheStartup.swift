@@ -89,7 +89,7 @@ public enum StartupError: Error, CustomStringConvertible {
         case .alreadyFormatted(let path):
             return "\(path) already holds a Sluice cache, which may have dirty data; drain it first (`sluice drain`), then format with --force to erase it"
         case .pmemAlreadyFormatted(let path):
-            return "the pmem file \(path) already holds a Sluice write buffer, which may have acknowledged data; drain its cache first, then format with --force to erase it"
+            return "the pmem file \(path) already holds a Sluice write buffer, which may have acknowledged data; drain its cache first, then repeat the command with --force to erase it"
         case .alreadyInMode(let mode):
             return "the cache is already in \(mode) mode; nothing to do"
         }

@@ -380,6 +380,14 @@ final class PmemCommandLineTests: XCTestCase {
         try write(socket: socket, image: image, seed: 8, count: 300, kind: "mixed")
         stop(server)
 
+        // Entering pmem mode onto another cache's pmem file is refused without --force.
+        let otherCache = try file("other-cache.img", sizeBytes: 8 << 20)
+        let otherPmem = pmemPath("other")
+        try succeed(["format", "--cache", otherCache, "--backing", try file("other-backing.img", sizeBytes: 8 << 20),
+                     "--segment-size", "64K", "--pmem", otherPmem])
+        try refuse(["mode", "--cache", cache, "--backing", backing, "--pmem", otherPmem],
+                   saying: ["the pmem file \(otherPmem) already holds a Sluice write buffer", "repeat the command with --force"])
+
         // Enter pmem mode with a new file; the old, invalidated one is refused.
         let entered = try succeed(["mode", "--cache", cache, "--backing", backing, "--pmem", second])
         XCTAssertTrue(entered.contains("from volatile to pmem mode"), entered)
