@@ -79,9 +79,11 @@ struct FormatCommand: ParsableCommand {
         let segmentBytes = try parseSize(segmentSize)
         let location = BackingLocation(backing)
         do {
-            let backingSize = try backingSizeBytes(location)
+            // The cache device first: while a server holds it, the refusal names the cache (the
+            // file this command changes), not the backing store the server also holds.
             let cacheFile = try BlockFile(path: cache, readOnly: false)
             defer { cacheFile.close() }
+            let backingSize = try backingSizeBytes(location)
             let expectation = CacheSuperblock.Expectation(backingIdentity: location.identity, backingSizeBytes: backingSize,
                                                           mode: pmem == nil ? .volatile : .pmem)
             let opened = try CacheStartup.format(cacheFile: cacheFile, segmentBytes: segmentBytes, expectation: expectation,
@@ -157,9 +159,11 @@ struct ModeCommand: ParsableCommand {
     func run() throws {
         let location = BackingLocation(backing)
         do {
-            let backingSize = try backingSizeBytes(location)
+            // The cache device first: while a server holds it, the refusal names the cache (the
+            // file this command changes), not the backing store the server also holds.
             let cacheFile = try BlockFile(path: cache, readOnly: false)
             defer { cacheFile.close() }
+            let backingSize = try backingSizeBytes(location)
             let expectation = CacheSuperblock.Expectation(backingIdentity: location.identity, backingSizeBytes: backingSize,
                                                           mode: volatile ? .pmem : .volatile)
             let result = try CacheStartup.switchMode(cacheFile: cacheFile, expectation: expectation, to: volatile ? .volatile : .pmem,

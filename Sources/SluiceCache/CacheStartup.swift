@@ -49,6 +49,7 @@ public enum CacheStartup {
     /// Sluice cache unless `force` is set, so a cache with dirty data is never erased by mistake.
     public static func format(cacheFile: BlockFile, segmentBytes: Int, expectation: CacheSuperblock.Expectation,
                               force: Bool, pmemPath: String? = nil) throws -> CacheSuperblock.Opened {
+        try expectation.checkRecordable()
         let device = FileMedium(file: cacheFile)
         if !force, device.sizeBytes >= 4096 {
             let first = try device.readBytes(offset: 0, count: 4096)
@@ -89,7 +90,7 @@ public enum StartupError: Error, CustomStringConvertible {
         case .alreadyFormatted(let path):
             return "\(path) already holds a Sluice cache, which may have dirty data; drain it first (`sluice drain`), then format with --force to erase it"
         case .pmemAlreadyFormatted(let path):
-            return "the pmem file \(path) already holds a Sluice write buffer, which may have acknowledged data; drain its cache first, then format with --force to erase it"
+            return "the pmem file \(path) already holds a Sluice write buffer, which may have acknowledged data; drain its cache first, then repeat the command with --force to erase it"
         case .pmemLostAfterCrash(let path):
             return "the pmem file \(path) is gone and the cache was not shut down cleanly, so writes acknowledged from it would be lost; restore the file, or give --force to leave pmem mode with what the cache device holds"
         case .alreadyInMode(let mode):

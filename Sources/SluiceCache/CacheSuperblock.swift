@@ -22,6 +22,15 @@ public enum CacheSuperblock {
             self.backingSizeBytes = backingSizeBytes
             self.mode = mode
         }
+
+        /// Throws unless the superblock can record this backing store's identity whole: a
+        /// shortened one would never match again, so the cache could never be served.
+        public func checkRecordable() throws {
+            let bytes = backingIdentity.utf8.count
+            guard bytes <= SuperblockHeader.backingIdentityBytesMax else {
+                throw FormatError.backingIdentityTooLong(bytes: bytes, maximum: SuperblockHeader.backingIdentityBytesMax)
+            }
+        }
     }
 
     /// Writes a new superblock (header and a first record) for `expectation` and syncs it. Old
@@ -32,6 +41,7 @@ public enum CacheSuperblock {
     ) {
         let geometry: CacheGeometry
         do {
+            try expectation.checkRecordable()
             geometry = try CacheGeometry(segmentBytes: segmentBytes, deviceBytes: medium.sizeBytes)
         } catch {
             return completion(.failure(error))

@@ -6,11 +6,6 @@ import XCTest
 /// `sluice format`, `sluice serve --cache` and the control commands, as a user runs them: refusals
 /// with their messages, kill -9 in the middle of a workload, recovery, status, set and drain.
 final class CacheCommandLineTests: XCTestCase {
-    private var binary: String {
-        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-        return root.appendingPathComponent(".build/debug/sluice").path
-    }
-
     private var directory = ""
 
     override func setUpWithError() throws {
@@ -22,53 +17,21 @@ final class CacheCommandLineTests: XCTestCase {
     }
 
     private func makeFile(_ name: String, sizeBytes: Int) throws -> String {
-        let path = directory + "/" + name
-        FileManager.default.createFile(atPath: path, contents: nil)
-        let handle = try XCTUnwrap(FileHandle(forWritingAtPath: path))
-        try handle.truncate(atOffset: UInt64(sizeBytes))
-        try handle.close()
-        return path
+        try SluiceBinary.makeFile(directory + "/" + name, sizeBytes: sizeBytes)
     }
 
-    /// Runs sluice to completion; returns its exit status, standard output and standard error.
     @discardableResult
     private func run(_ arguments: [String]) throws -> (status: Int32, output: String, errors: String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = arguments
-        let output = Pipe()
-        let errors = Pipe()
-        process.standardOutput = output
-        process.standardError = errors
-        try process.run()
-        let outputData = output.fileHandleForReading.readDataToEndOfFile()
-        let errorData = errors.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return (process.terminationStatus, String(decoding: outputData, as: UTF8.self), String(decoding: errorData, as: UTF8.self))
+        try SluiceBinary.run(arguments)
     }
 
     private func startServer(cache: String, backing: String, socket: String, extra: [String] = []) throws -> Process {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = ["serve", "--cache", cache, "--backing", backing, "--volatile", "--socket", socket, "--log-level", "warning"] + extra
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        for _ in 0..<1000 {
-            if FileManager.default.fileExists(atPath: socket), (try? NBDClient(uri: "nbd+unix:///?socket=\(socket)")) != nil { return process }
-            if !process.isRunning { break }
-            usleep(20_000)
-        }
-        XCTFail("the cache server never listened on \(socket)")
-        return process
+        try SluiceBinary.startServer(["serve", "--cache", cache, "--backing", backing, "--volatile", "--socket", socket, "--log-level", "warning"] + extra,
+                                     socket: socket)
     }
 
     private func stop(_ process: Process, signal: Int32 = SIGTERM) {
-        kill(process.processIdentifier, signal)
-        let deadline = Date().addingTimeInterval(60)
-        while process.isRunning && Date() < deadline { usleep(20_000) }
-        XCTAssertFalse(process.isRunning, "sluice did not exit")
-        process.waitUntilExit()
+        SluiceBinary.stop(process, signal: signal)
     }
 
     func testEveryWrongCacheIsRefusedWithItsReasonAndNothingIsFormattedImplicitly() throws {

@@ -36,6 +36,23 @@ final class CacheSuperblockTests: XCTestCase {
         XCTAssertEqual(opened.record.lastWrittenBackSegmentID, 0)
     }
 
+    func testABackingIdentityTooLongToRecordWholeIsRefusedAtFormat() throws {
+        // Recorded shortened, it would never match the backing store again: the cache could be
+        // formatted but never served.
+        let medium = SimulatedMedium(sizeBytes: 16 << 20)
+        var long = expectation
+        long.backingIdentity = "nbd+unix:///" + String(repeating: "e", count: 1100) + "?socket=/run/disk.sock"
+        var result: Result<CacheSuperblock.Opened, Error>?
+        CacheSuperblock.format(medium, segmentBytes: 1 << 20, expectation: long, uuid: uuid, nowSeconds: 1) { result = $0 }
+        XCTAssertEqual(refusal(try XCTUnwrap(result)), .backingIdentityTooLong(bytes: long.backingIdentity.utf8.count, maximum: 1024))
+        XCTAssertEqual(refusal(open(medium, long)), .notFormatted, "nothing was written")
+        long.backingIdentity = String(repeating: "f", count: 1024)
+        let exact = SimulatedMedium(sizeBytes: 16 << 20)
+        CacheSuperblock.format(exact, segmentBytes: 1 << 20, expectation: long, uuid: uuid, nowSeconds: 1) { result = $0 }
+        XCTAssertNoThrow(try XCTUnwrap(result).get())
+        XCTAssertNoThrow(try open(exact, long).get(), "1024 bytes are recorded whole and match")
+    }
+
     func testEveryWrongCacheIsRefusedWithItsReason() throws {
         XCTAssertEqual(refusal(open(SimulatedMedium(sizeBytes: 16 << 20))), .notFormatted)
         XCTAssertEqual(refusal(open(SimulatedMedium(sizeBytes: 4096))), .notFormatted)
