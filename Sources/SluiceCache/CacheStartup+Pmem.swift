@@ -32,9 +32,16 @@ public enum PmemFile {
     @discardableResult
     public static func create(path: String, layout: PmemLayout, geometry: CacheGeometry, force: Bool) throws -> MappedPersistentMemory {
         if FileManager.default.fileExists(atPath: path) {
-            if !force, let existing = try? MappedPersistentMemory(path: path), existing.sizeBytes >= PmemLayout.magic.count,
-               Array(UnsafeRawBufferPointer(start: existing.baseAddress, count: PmemLayout.magic.count)) == PmemLayout.magic {
-                throw StartupError.pmemAlreadyFormatted(path: path)
+            // Mapping takes the file's lock: a pmem file a server is using is refused, even with
+            // force. A file that cannot be mapped at all (empty, say) holds no write buffer.
+            do {
+                let existing = try MappedPersistentMemory(path: path)
+                if !force, existing.sizeBytes >= PmemLayout.magic.count,
+                   Array(UnsafeRawBufferPointer(start: existing.baseAddress, count: PmemLayout.magic.count)) == PmemLayout.magic {
+                    throw StartupError.pmemAlreadyFormatted(path: path)
+                }
+            } catch let error as MappedPersistentMemory.MappingError where !error.isInUse {
+                // Not mappable: nothing in it to protect.
             }
             guard unlink(path) == 0 else {
                 throw MappedPersistentMemory.MappingError(description: "cannot replace the pmem file \(path): \(String(cString: strerror(errno)))")

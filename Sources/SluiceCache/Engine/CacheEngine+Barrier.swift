@@ -6,6 +6,11 @@ extension CacheEngine {
     func submitFlush(completion: @escaping (VolumeReply) -> Void) {
         eventLoop.preconditionInEventLoop()
         if let failure { return completion(.failed(.io(errno: failure.errnoValue))) }
+        if isPmemMode && persistWaiters.isEmpty {
+            // Every write acknowledged so far was persisted before its reply, so a flush (which
+            // covers only acknowledged writes) has nothing to wait for.
+            return completion(.done)
+        }
         addDurabilityWaiter(completion)
     }
 
@@ -25,8 +30,15 @@ extension CacheEngine {
         eventLoop.execute { self.runPersist() }
     }
 
+    /// Pmem mode: drains now for the replies waiting, if any (at the end of a connection's burst).
+    public func persistPendingReplies() {
+        eventLoop.preconditionInEventLoop()
+        if !persistWaiters.isEmpty { runPersist() }
+    }
+
     func runPersist() {
         persistScheduled = false
+        guard !persistWaiters.isEmpty else { return }
         swap(&persistWaiters, &persistReplying)
         defer { persistReplying.removeAll(keepingCapacity: true) }
         if let failure {

@@ -13,21 +13,33 @@ public final class MappedPersistentMemory: PersistentMemory {
     /// Why a pmem file could not be mapped.
     public struct MappingError: Error, CustomStringConvertible {
         public let description: String
+        /// Another process holds the file's lock.
+        public var isInUse = false
     }
 
+    /// The file held open for its lock: one pmem file serves one process at a time.
+    private let lockDescriptor: Int32
+
     /// Maps `path`, creating it with `createBytes` if it does not exist and `createBytes` is given.
+    /// The file is locked (`flock`, exclusive) while mapped; a file another process holds is
+    /// refused, so two servers, or a format and a server, never share a write buffer.
     public init(path: String, createBytes: Int? = nil) throws {
-        if createBytes == nil {
-            var status = stat()
-            guard stat(path, &status) == 0 else {
-                throw MappingError(description: "the pmem file \(path) cannot be opened: \(String(cString: strerror(errno))); give the pmem file this cache was formatted with")
-            }
+        let descriptor = open(path, createBytes == nil ? O_RDWR : (O_RDWR | O_CREAT), 0o600)
+        guard descriptor >= 0 else {
+            throw MappingError(description: "the pmem file \(path) cannot be opened: \(String(cString: strerror(errno))); give the pmem file this cache was formatted with")
         }
+        guard flock(descriptor, LOCK_EX | LOCK_NB) == 0 else {
+            close(descriptor)
+            throw MappingError(description: "the pmem file \(path) is already in use by another process (a server using it); stop that first",
+                               isInUse: true)
+        }
+        lockDescriptor = descriptor
         var mappedLength = 0
         var isPmem: Int32 = 0
         let flags: Int32 = createBytes == nil ? 0 : Int32(PMEM_FILE_CREATE)
         guard let address = pmem_map_file(path, createBytes ?? 0, flags, 0o600, &mappedLength, &isPmem) else {
             let reason = String(cString: pmem_errormsg())
+            close(descriptor)
             throw MappingError(description: "cannot map the pmem file \(path): \(reason)")
         }
         self.path = path
@@ -38,6 +50,7 @@ public final class MappedPersistentMemory: PersistentMemory {
 
     deinit {
         pmem_unmap(baseAddress, sizeBytes)
+        close(lockDescriptor)
     }
 
     public func copyAndFlush(to offset: Int, from bytes: UnsafeRawBufferPointer) {

@@ -131,7 +131,15 @@ final class CacheSession: VolumeSession {
         }
     }
 
-    func submitBatch() {}
+    /// The end of a burst of requests from this connection. In pmem mode the writes of the burst
+    /// are persisted here, with one drain, so their replies go out with the server's flush that
+    /// follows; a drain scheduled on the engine's loop covers anything that completes later.
+    func submitBatch() {
+        guard isOnEngineLoop, engine.isPmemMode else { return }
+        isSubmitting = true
+        engine.persistPendingReplies()
+        isSubmitting = false
+    }
 
     func close() {}
 }
