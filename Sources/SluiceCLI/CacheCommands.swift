@@ -79,17 +79,12 @@ struct FormatCommand: ParsableCommand {
         let segmentBytes = try parseSize(segmentSize)
         let location = BackingLocation(backing)
         do {
-            // The cache device first: while a server holds it, the refusal names the cache (the
-            // file this command changes), not the backing store the server also holds.
-            let cacheFile = try BlockFile(path: cache, readOnly: false)
+            let (cacheFile, expectation) = try openOffline(cachePath: cache, backing: location, mode: pmem == nil ? .volatile : .pmem)
             defer { cacheFile.close() }
-            let backingSize = try backingSizeBytes(location)
-            let expectation = CacheSuperblock.Expectation(backingIdentity: location.identity, backingSizeBytes: backingSize,
-                                                          mode: pmem == nil ? .volatile : .pmem)
             let opened = try CacheStartup.format(cacheFile: cacheFile, segmentBytes: segmentBytes, expectation: expectation,
                                                  force: force, pmemPath: pmem)
             print("formatted \(cache): \(opened.geometry.segmentCount) segments of \(opened.geometry.segmentBytes) bytes "
-                  + "(\(opened.geometry.cacheBlocks) cache blocks) for \(location.identity) (\(backingSize) bytes)"
+                  + "(\(opened.geometry.cacheBlocks) cache blocks) for \(location.identity) (\(expectation.backingSizeBytes) bytes)"
                   + (pmem.map { ", write buffer in pmem file \($0)" } ?? ", volatile write buffer"))
         } catch let error as ValidationError {
             throw error
@@ -97,6 +92,23 @@ struct FormatCommand: ParsableCommand {
             FileHandle.standardError.write("sluice format: \(error)\n".data(using: .utf8)!)
             throw ExitCode(1)
         }
+    }
+}
+
+/// Opens a cache device for an offline command, and what it must match: the backing store's
+/// identity and size, and `mode`. The cache device is opened first: while a server holds it, the
+/// refusal names the cache (the file the command changes), not the backing store the server also
+/// holds.
+func openOffline(cachePath: String, backing location: BackingLocation,
+                 mode: SuperblockHeader.Mode) throws -> (BlockFile, CacheSuperblock.Expectation) {
+    let cacheFile = try BlockFile(path: cachePath, readOnly: false)
+    do {
+        let expectation = CacheSuperblock.Expectation(backingIdentity: location.identity,
+                                                      backingSizeBytes: try backingSizeBytes(location), mode: mode)
+        return (cacheFile, expectation)
+    } catch {
+        cacheFile.close()
+        throw error
     }
 }
 
@@ -159,13 +171,8 @@ struct ModeCommand: ParsableCommand {
     func run() throws {
         let location = BackingLocation(backing)
         do {
-            // The cache device first: while a server holds it, the refusal names the cache (the
-            // file this command changes), not the backing store the server also holds.
-            let cacheFile = try BlockFile(path: cache, readOnly: false)
+            let (cacheFile, expectation) = try openOffline(cachePath: cache, backing: location, mode: volatile ? .pmem : .volatile)
             defer { cacheFile.close() }
-            let backingSize = try backingSizeBytes(location)
-            let expectation = CacheSuperblock.Expectation(backingIdentity: location.identity, backingSizeBytes: backingSize,
-                                                          mode: volatile ? .pmem : .volatile)
             let result = try CacheStartup.switchMode(cacheFile: cacheFile, expectation: expectation, to: volatile ? .volatile : .pmem,
                                                      pmemPath: pmem, force: force)
             let report = result.report
