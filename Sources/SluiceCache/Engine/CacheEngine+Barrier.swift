@@ -25,7 +25,9 @@ extension CacheEngine {
     /// load rises.
     func addPersistWaiter(_ completion: @escaping (VolumeReply) -> Void) {
         persistWaiters.append(completion)
-        guard !persistScheduled else { return }
+        // A connection's burst ends with ``persistPendingReplies()``; only replies due outside
+        // one need a drain scheduled at the end of the turn.
+        guard !persistScheduled, !isInsideSessionBurst else { return }
         persistScheduled = true
         eventLoop.execute { self.runPersist() }
     }

@@ -82,7 +82,9 @@ final class CacheSession: VolumeSession {
         }
         if isOnEngineLoop {
             isSubmitting = true
+            engine.isInsideSessionBurst = true
             Self.perform(request, on: engine, completion: completion)
+            engine.isInsideSessionBurst = false
             isSubmitting = false
         } else {
             let engine = self.engine
