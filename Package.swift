@@ -16,6 +16,7 @@ let package = Package(
     platforms: [.macOS(.v13)],
     products: [
         .executable(name: "sluice", targets: ["SluiceCLI"]),
+        .executable(name: "sluice-recover", targets: ["SluiceRecover"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -82,6 +83,28 @@ let package = Package(
             name: "RecoverCache",
             dependencies: ["SluiceFormat"],
             path: "Recovery/RecoverCache"
+        ),
+        // The offline recovery tool's work: check, dump, drain and detach a cache without a
+        // server, on the same recovery code the server runs.
+        .target(
+            name: "CacheRepair",
+            dependencies: [
+                "SluiceCache", "RecoverCache", "SluiceFormat", "SluiceIO",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Recovery/CacheRepair"
+        ),
+        // `sluice-recover`, the offline recovery tool.
+        .executableTarget(
+            name: "SluiceRecover",
+            dependencies: [
+                "CacheRepair", "SluiceCache", "SluiceFormat",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Recovery/SluiceRecover"
         ),
         // The control endpoint of a running cache (HTTP+JSON on a Unix socket) and its client.
         .target(

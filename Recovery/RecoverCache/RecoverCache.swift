@@ -60,7 +60,7 @@ public enum RecoverCache {
     public static let readAheadSegments = 8
 
     public static func recover(device: any RecoveryDevice, header: SuperblockHeader, geometry: CacheGeometry,
-                               record: SuperblockRecord, pmem: PmemImage? = nil) throws -> RecoveryReport {
+                               record: SuperblockRecord, pmem: PmemImage? = nil, verifyAll: Bool = false) throws -> RecoveryReport {
         var bytesRead: UInt64 = 0
         // Pmem areas: sealed segments by id (those already written back are stale), and the open one.
         var sealedAreas: [UInt64: Int] = [:]
@@ -81,7 +81,9 @@ public enum RecoverCache {
         }
         var sealedWritten: [UInt64] = []
         let headerBytes = geometry.headerBlocks * CacheGeometry.blockBytes
-        let trustedThroughID = record.cleanShutdown ? record.lastFlushedSegmentID : 0
+        // After a clean shutdown the segments up to the last flushed one are taken from their
+        // headers alone, unless every checksum is wanted (`sluice-recover check`).
+        let trustedThroughID = record.cleanShutdown && !verifyAll ? record.lastFlushedSegmentID : 0
         var prefetched: [Int: Result<[UInt8], Error>] = [:]
 
         // Reads the slot a scan asks for, together with the next few, in parallel.
@@ -127,6 +129,12 @@ public enum RecoverCache {
             sealedWritten.append(expectedID)
             return image
         }
+        // Segments up to the recorded last flushed id were synced: a log that ends before it is
+        // damaged, not torn by a crash, and recovering it would silently lose synced writes.
+        guard chain.lastSegmentID >= record.lastFlushedSegmentID else {
+            throw FormatError.logShorterThanRecorded(lastFlushedID: record.lastFlushedSegmentID, foundID: chain.lastSegmentID,
+                                                     reason: "\(chain.end)")
+        }
         var openWritten: UInt64?
         var openEntries = 0
         if let pmem {
@@ -153,9 +161,6 @@ public enum RecoverCache {
             if !sealedWritten.isEmpty || openWritten != nil { try device.synchronizeBytes() }
         }
         if record.cleanShutdown {
-            guard chain.lastSegmentID >= record.lastFlushedSegmentID else {
-                throw FormatError.logShorterThanRecorded(lastFlushedID: record.lastFlushedSegmentID, foundID: chain.lastSegmentID)
-            }
             return RecoveryReport(cleanShutdown: true, chain: chain, erasedSlots: [], bytesRead: bytesRead,
                                   pmemSealedSegmentsWritten: sealedWritten, pmemOpenSegmentWritten: openWritten, pmemOpenEntries: openEntries)
         }

@@ -15,7 +15,7 @@ public struct PmemAttachment {
 
     /// The file's layout, after checking that it is a Sluice pmem file, undamaged, and the one
     /// the cache device's superblock names.
-    func checkedLayout(for opened: CacheSuperblock.Opened) throws -> PmemLayout {
+    public func checkedLayout(for opened: CacheSuperblock.Opened) throws -> PmemLayout {
         guard memory.sizeBytes >= PmemLayout.headerBytes else {
             throw PmemError.notFormatted(path: path)
         }

@@ -9,6 +9,12 @@ public enum CacheSuperblock {
         public var header: SuperblockHeader
         public var geometry: CacheGeometry
         public var record: SuperblockRecord
+
+        public init(header: SuperblockHeader, geometry: CacheGeometry, record: SuperblockRecord) {
+            self.header = header
+            self.geometry = geometry
+            self.record = record
+        }
     }
 
     /// What the caller expects to find.

@@ -12,7 +12,7 @@ public enum FormatError: Error, Equatable, CustomStringConvertible {
     case backingSizeChanged(expected: UInt64, found: UInt64)
     case wrongMode(recorded: String, requested: String)
     case backingIdentityTooLong(bytes: Int, maximum: Int)
-    case logShorterThanRecorded(lastFlushedID: UInt64, foundID: UInt64)
+    case logShorterThanRecorded(lastFlushedID: UInt64, foundID: UInt64, reason: String)
 
     public var description: String {
         switch self {
@@ -41,8 +41,8 @@ public enum FormatError: Error, Equatable, CustomStringConvertible {
             return "this cache was formatted in \(recorded) mode, and \(requested) mode was asked for; switch it first with `sluice mode --pmem PATH`, or serve it without --pmem"
         case .backingIdentityTooLong(let bytes, let maximum):
             return "the backing store's canonical path or URI is \(bytes) bytes long, and a cache records at most \(maximum); give the backing store a shorter path or URI"
-        case .logShorterThanRecorded(let flushed, let found):
-            return "the cache was shut down cleanly with segments up to \(flushed), but the log ends at \(found): the device was changed or damaged since; check it with `sluice-recover check`"
+        case .logShorterThanRecorded(let flushed, let found, let reason):
+            return "the cache's record says segments up to \(flushed) were synced, but the log ends at \(found) (\(reason)): the device was changed or damaged since; check it with `sluice-recover check`"
         }
     }
 }

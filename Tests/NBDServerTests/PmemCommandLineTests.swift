@@ -6,7 +6,7 @@ import XCTest
 /// with the built binary, python3-libnbd as the client, kill -9 and the files on disk checked
 /// byte for byte. Pmem files live in /dev/shm under unique names and are removed in tearDown.
 final class PmemCommandLineTests: XCTestCase {
-    private var directory = ""
+    var directory = ""
     /// Every pmem path a test named (created or not), removed in tearDown.
     private var pmemPaths: [String] = []
     /// Every server a test started, killed in tearDown if a failing test left one running.
@@ -29,27 +29,27 @@ final class PmemCommandLineTests: XCTestCase {
 
     // MARK: - Helpers
 
-    private var writerPath: String { directory + "/writer.py" }
+    var writerPath: String { directory + "/writer.py" }
 
-    private func file(_ name: String, sizeBytes: Int) throws -> String {
+    func file(_ name: String, sizeBytes: Int) throws -> String {
         try SluiceBinary.makeFile(directory + "/" + name, sizeBytes: sizeBytes)
     }
 
     /// A unique pmem path in /dev/shm (not created).
-    private func pmemPath(_ name: String) -> String {
+    func pmemPath(_ name: String) -> String {
         let path = "/dev/shm/sluice-test-\(getpid())-\(unique)-\(name).pmem"
         pmemPaths.append(path)
         return path
     }
 
     @discardableResult
-    private func sluice(_ arguments: [String], file: StaticString = #filePath, line: UInt = #line) throws -> (status: Int32, output: String, errors: String) {
+    func sluice(_ arguments: [String], file: StaticString = #filePath, line: UInt = #line) throws -> (status: Int32, output: String, errors: String) {
         try SluiceBinary.run(arguments, file: file, line: line)
     }
 
     /// Runs sluice and asserts exit status 0.
     @discardableResult
-    private func succeed(_ arguments: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
+    func succeed(_ arguments: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
         let result = try sluice(arguments, file: file, line: line)
         XCTAssertEqual(result.status, 0, "sluice \(arguments.joined(separator: " ")) failed: \(result.errors)", file: file, line: line)
         return result.output
@@ -57,7 +57,7 @@ final class PmemCommandLineTests: XCTestCase {
 
     /// Runs sluice, asserts it exits with `status` and says every one of `phrases` on standard
     /// error, and that no server came up on `socket`.
-    private func refuse(_ arguments: [String], status: Int32 = 1, saying phrases: [String], socket: String? = nil,
+    func refuse(_ arguments: [String], status: Int32 = 1, saying phrases: [String], socket: String? = nil,
                         file: StaticString = #filePath, line: UInt = #line) throws {
         let result = try sluice(arguments, file: file, line: line)
         XCTAssertEqual(result.status, status, "sluice \(arguments.joined(separator: " ")): \(result.errors)", file: file, line: line)
@@ -70,7 +70,7 @@ final class PmemCommandLineTests: XCTestCase {
         }
     }
 
-    private func serve(cache: String, backing: String, buffer: [String], socket: String, extra: [String] = [],
+    func serve(cache: String, backing: String, buffer: [String], socket: String, extra: [String] = [],
                        file: StaticString = #filePath, line: UInt = #line) throws -> Process {
         let log = directory + "/server-\(servers.count).log"
         let server = try SluiceBinary.startServer(["serve", "--cache", cache, "--backing", backing] + buffer
@@ -81,7 +81,7 @@ final class PmemCommandLineTests: XCTestCase {
     }
 
     /// Stops a server with SIGTERM and asserts it exited 0 (a clean shutdown), or kills it with SIGKILL.
-    private func stop(_ server: Process, signal: Int32 = SIGTERM, file: StaticString = #filePath, line: UInt = #line) {
+    func stop(_ server: Process, signal: Int32 = SIGTERM, file: StaticString = #filePath, line: UInt = #line) {
         let status = SluiceBinary.stop(server, signal: signal, file: file, line: line)
         if signal == SIGTERM {
             XCTAssertEqual(server.terminationReason, .exit, file: file, line: line)
@@ -102,7 +102,7 @@ final class PmemCommandLineTests: XCTestCase {
     /// that may cross a block boundary), in flight together where their sectors do not overlap.
     /// `image` (the expected volume) is updated with every acknowledged write.
     @discardableResult
-    private func write(socket: String, image: String, seed: Int, count: Int, kind: String,
+    func write(socket: String, image: String, seed: Int, count: Int, kind: String,
                        file: StaticString = #filePath, line: UInt = #line) throws -> [String: Any] {
         let result = try SluiceBinary.runProgram("/usr/bin/python3", [writerPath, "nbd+unix:///?socket=\(socket)", image, "\(seed)", "\(count)", kind],
                                                  file: file, line: line)
@@ -114,7 +114,7 @@ final class PmemCommandLineTests: XCTestCase {
 
     /// Reads the whole volume and asserts that every sector holds what `image` says (the last
     /// acknowledged write to it); names the first wrong sectors with the tags found and expected.
-    private func verify(socket: String, image: String, _ context: String, file: StaticString = #filePath, line: UInt = #line) throws {
+    func verify(socket: String, image: String, _ context: String, file: StaticString = #filePath, line: UInt = #line) throws {
         let expected = [UInt8](try Data(contentsOf: URL(fileURLWithPath: image)))
         let client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
         XCTAssertEqual(Int(client.sizeBytes), expected.count, file: file, line: line)
@@ -141,16 +141,16 @@ final class PmemCommandLineTests: XCTestCase {
                        file: file, line: line)
     }
 
-    private func status(socket: String, file: StaticString = #filePath, line: UInt = #line) throws -> [String: Any] {
+    func status(socket: String, file: StaticString = #filePath, line: UInt = #line) throws -> [String: Any] {
         let output = try succeed(["status", "--json", "--socket", socket], file: file, line: line)
         return try XCTUnwrap(JSONSerialization.jsonObject(with: Data(output.utf8)) as? [String: Any], output, file: file, line: line)
     }
 
-    private func bytes(_ path: String) throws -> Data {
+    func bytes(_ path: String) throws -> Data {
         try Data(contentsOf: URL(fileURLWithPath: path))
     }
 
-    private func copy(_ source: String, to destination: String) throws {
+    func copy(_ source: String, to destination: String) throws {
         try? FileManager.default.removeItem(atPath: destination)
         try FileManager.default.copyItem(atPath: source, toPath: destination)
     }

@@ -1,0 +1,189 @@
+import ArgumentParser
+import CacheRepair
+import Foundation
+import Logging
+import SluiceCache
+import SluiceFormat
+
+/// `sluice-recover`: checks, dumps, drains and detaches a cache without a server, on the same
+/// recovery code `sluice serve` runs. Each command refuses a cache a running server holds.
+@main
+struct SluiceRecoverCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sluice-recover",
+        abstract: "Check, dump, drain or detach a Sluice cache offline (no server running).",
+        discussion: """
+            After a crash: `check` says whether the cache is clean, dirty but consistent, or \
+            damaged; `drain` writes every dirty block back to the backing store without a server. \
+            To remove a cache: `detach` drains it and erases its superblock. Every command refuses \
+            a cache that a running server holds.
+            """,
+        subcommands: [CheckCommand.self, DumpCommand.self, DrainCommand.self, DetachCommand.self]
+    )
+}
+
+struct CacheLocation: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp("The cache device.", valueName: "path"))
+    var cache: String
+
+    @Option(name: .long, help: ArgumentHelp("The cache's pmem file (pmem mode).", valueName: "path"))
+    var pmem: String?
+}
+
+/// Prints `error` as the tool's message and exits with `code`.
+func fail(_ command: String, _ error: Error, code: Int32 = 2) -> ExitCode {
+    FileHandle.standardError.write("sluice-recover \(command): \(error)\n".data(using: .utf8)!)
+    return ExitCode(code)
+}
+
+struct CheckCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "check",
+        abstract: "Verify the superblock, the pmem buffers and the ring; exit 0 clean, 1 dirty but consistent, 2 damaged, 3 could not check (in use, missing file).")
+
+    @OptionGroup var location: CacheLocation
+
+    func run() throws {
+        let inspection: CacheInspection
+        do {
+            inspection = try CacheInspection.inspect(cachePath: location.cache, pmemPath: location.pmem)
+        } catch {
+            throw fail("check", error, code: 3)
+        }
+        var lines = ["\(location.cache): \(inspection.verdict)"]
+        if let report = inspection.report {
+            let chain = report.chain
+            let range = chain.segments.isEmpty ? "none" : "segments \(chain.segments.first!.segmentID)...\(chain.lastSegmentID)"
+            lines.append("  log: \(chain.segments.count) segments (\(range)) after last written-back segment \(chain.lastWrittenBackSegmentID); ends: \(chain.end)")
+            lines.append("  shutdown: \(report.cleanShutdown ? "clean" : "not clean (crashed, or still in use)")")
+            lines.append("  dirty blocks: \(inspection.dirtyBlocks) (\(inspection.dirtyBlocks * 4096) bytes)")
+        }
+        if let header = inspection.header {
+            lines.append("  mode: \(header.mode); backing: \(header.backingIdentity) (\(header.backingSizeBytes) bytes)")
+        }
+        for note in inspection.notes { lines.append("  note: \(note)") }
+        for problem in inspection.problems { lines.append("  PROBLEM: \(problem)") }
+        print(lines.joined(separator: "\n"))
+        throw ExitCode(inspection.verdict.rawValue)
+    }
+}
+
+struct DumpCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dump",
+        abstract: "Show the superblock, records, segments, per-block metadata and pmem entries.")
+
+    @OptionGroup var location: CacheLocation
+
+    @Option(name: .long, help: ArgumentHelp("Only this segment, with its blocks.", valueName: "id"))
+    var segment: UInt64?
+
+    @Flag(name: .long, help: "List every segment's blocks.")
+    var entries = false
+
+    @Flag(name: .long, help: "JSON output (snake_case keys).")
+    var json = false
+
+    func run() throws {
+        let inspection: CacheInspection
+        do {
+            inspection = try CacheInspection.inspect(cachePath: location.cache, pmemPath: location.pmem)
+        } catch {
+            throw fail("dump", error, code: 3)
+        }
+        let dump = CacheDump(inspection, segmentID: segment, entries: entries)
+        if json {
+            let encoder = JSONEncoder()
+            encoder.keyEncodingStrategy = .convertToSnakeCase
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(dump), as: UTF8.self))
+        } else {
+            print(dump.rendered())
+        }
+    }
+}
+
+struct DrainOptions: ParsableArguments {
+    @OptionGroup var location: CacheLocation
+
+    @Option(name: .long, help: ArgumentHelp("The backing store the cache was formatted for.", valueName: "path|uri"))
+    var backing: String
+}
+
+/// Progress of a drain: a bar on a terminal, a plain line otherwise.
+final class ProgressPrinter {
+    let isTerminal = isatty(STDERR_FILENO) != 0
+    private var printedLine = false
+
+    func show(_ progress: OfflineDrain.Progress) {
+        let percent = progress.totalBytes == 0 ? 100 : Int(progress.doneBytes * 100 / progress.totalBytes)
+        let mib = { (bytes: UInt64) in String(format: "%.1f MiB", Double(bytes) / 1_048_576) }
+        let rate = String(format: "%.1f MiB/s", progress.bytesPerSecond / 1_048_576)
+        let eta = progress.etaSeconds.map { String(format: "ETA %.0f s", $0) } ?? "ETA -"
+        let text = "\(mib(progress.doneBytes)) of \(mib(progress.totalBytes)) written back (\(percent)%), \(rate), \(eta)"
+        if isTerminal {
+            let filled = percent * 30 / 100
+            let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: 30 - filled)
+            FileHandle.standardError.write("\r[\(bar)] \(text)   ".data(using: .utf8)!)
+            printedLine = true
+        } else {
+            FileHandle.standardError.write("drain: \(text)\n".data(using: .utf8)!)
+        }
+    }
+
+    func finish() {
+        if printedLine { FileHandle.standardError.write("\n".data(using: .utf8)!) }
+    }
+}
+
+func quietLogger() -> Logger {
+    var logger = Logger(label: "sluice-recover")
+    logger.logLevel = .warning
+    return logger
+}
+
+struct DrainCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "drain",
+        abstract: "Recover the cache and write every dirty block back to the backing store, then mark it clean.",
+        discussion: "Safe to interrupt: run it again and it recovers and goes on.")
+
+    @OptionGroup var options: DrainOptions
+
+    func run() throws {
+        let printer = ProgressPrinter()
+        do {
+            let result = try OfflineDrain.drain(cachePath: options.location.cache, backing: BackingLocation(options.backing),
+                                                pmemPath: options.location.pmem, logger: quietLogger(), progress: printer.show)
+            printer.finish()
+            print("drained \(options.location.cache): \(result.dirtyBlocksAtStart) dirty blocks written back to \(options.backing) "
+                  + "with \(result.backingWriteRequests) writes in \(String(format: "%.1f", result.seconds)) s; the cache is clean")
+        } catch {
+            printer.finish()
+            throw fail("drain", error, code: 1)
+        }
+    }
+}
+
+struct DetachCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "detach",
+        abstract: "Drain the cache, then erase its superblock so the backing store stands alone.",
+        discussion: "Afterwards the backing store holds every write, and the cache device is no longer a Sluice cache (format it to use it again).")
+
+    @OptionGroup var options: DrainOptions
+
+    func run() throws {
+        let printer = ProgressPrinter()
+        do {
+            let result = try OfflineDrain.detach(cachePath: options.location.cache, backing: BackingLocation(options.backing),
+                                                 pmemPath: options.location.pmem, logger: quietLogger(), progress: printer.show)
+            printer.finish()
+            print("detached \(options.location.cache) from \(options.backing): \(result.dirtyBlocksAtStart) dirty blocks written back; "
+                  + "the backing store is complete on its own and the cache device no longer holds a cache")
+        } catch {
+            printer.finish()
+            throw fail("detach", error, code: 1)
+        }
+    }
+}

@@ -1,0 +1,138 @@
+import Foundation
+import NBDClient
+import XCTest
+
+/// `sluice-recover`, the offline tool, on caches left by kill -9 and on media damaged on purpose.
+extension PmemCommandLineTests {
+    /// Runs the built sluice-recover.
+    func recoverTool(_ arguments: [String], file: StaticString = #filePath, line: UInt = #line) throws -> (status: Int32, output: String, errors: String) {
+        let path = URL(fileURLWithPath: SluiceBinary.path).deletingLastPathComponent().appendingPathComponent("sluice-recover").path
+        return try SluiceBinary.runProgram(path, arguments, file: file, line: line)
+    }
+
+    /// After a kill -9, in either mode, `sluice-recover drain` alone (no server) leaves the backing
+    /// file equal, byte for byte, to every write the clients had made durable; `check` says dirty
+    /// before and clean after; a second drain has nothing to do.
+    func testOfflineDrainAfterKillNineLeavesTheBackingEqualToEveryWrite() throws {
+        for mode in ["pmem", "volatile"] {
+            let volumeBytes = 32 << 20
+            let backing = try file("drain-\(mode)-backing.img", sizeBytes: volumeBytes)
+            let cache = try file("drain-\(mode)-cache.img", sizeBytes: 64 << 20)
+            let image = try file("drain-\(mode)-expected.img", sizeBytes: volumeBytes)
+            let socket = directory + "/drain-\(mode).sock"
+            let pmem = pmemPath("drain")
+            let buffer = mode == "pmem" ? ["--pmem", pmem] : ["--volatile"]
+            try succeed(["format", "--cache", cache, "--backing", backing, "--segment-size", "256K"] + (mode == "pmem" ? ["--pmem", pmem] : []))
+            let server = try serve(cache: cache, backing: backing, buffer: buffer, socket: socket, extra: ["--writeback-threshold", "0"])
+            try write(socket: socket, image: image, seed: 7, count: 6000, kind: "mixed")
+            if mode == "volatile" {
+                // Plain writes are durable in volatile mode only once a flush covers them.
+                try NBDClient(uri: "nbd+unix:///?socket=\(socket)").flush()
+            }
+            stop(server, signal: SIGKILL)
+
+            let pmemArguments = mode == "pmem" ? ["--pmem", pmem] : []
+            let before = try recoverTool(["check", "--cache", cache] + pmemArguments)
+            XCTAssertEqual(before.status, 1, "\(mode): a cache left by kill -9 is dirty but consistent: \(before.output) \(before.errors)")
+            XCTAssertTrue(before.output.contains("dirty but consistent"), before.output)
+            XCTAssertFalse(sameBytes([UInt8](try bytes(backing)), [UInt8](try bytes(image))), "\(mode): the writes are still only in the cache")
+
+            let drained = try recoverTool(["drain", "--cache", cache, "--backing", backing] + pmemArguments)
+            XCTAssertEqual(drained.status, 0, "\(mode): \(drained.errors)")
+            XCTAssertTrue(drained.output.contains("the cache is clean"), drained.output)
+            XCTAssertTrue(drained.errors.contains("written back (100%)"), "progress lines on a non-terminal: \(drained.errors)")
+            XCTAssertTrue(sameBytes([UInt8](try bytes(backing)), [UInt8](try bytes(image))),
+                          "\(mode): after an offline drain the backing file holds every durable write")
+
+            let after = try recoverTool(["check", "--cache", cache] + pmemArguments)
+            XCTAssertEqual(after.status, 0, "\(mode): \(after.output) \(after.errors)")
+            XCTAssertTrue(after.output.contains("dirty blocks: 0"), after.output)
+            let again = try recoverTool(["drain", "--cache", cache, "--backing", backing] + pmemArguments)
+            XCTAssertEqual(again.status, 0, again.errors)
+            XCTAssertTrue(again.output.contains(": 0 dirty blocks written back"), again.output)
+
+            // The cache serves again, with everything.
+            let restarted = try serve(cache: cache, backing: backing, buffer: buffer, socket: socket)
+            try verify(socket: socket, image: image, "\(mode): served after the offline drain")
+            stop(restarted)
+        }
+    }
+
+    /// `check` tells clean, dirty and damaged apart, on media damaged on purpose; `dump` shows
+    /// the log and the pmem entries; every command refuses a cache a server holds.
+    func testCheckTellsCleanDirtyAndDamagedApart() throws {
+        let volumeBytes = 16 << 20
+        let backing = try file("check-backing.img", sizeBytes: volumeBytes)
+        let cache = try file("check-cache.img", sizeBytes: 16 << 20)
+        let image = try file("check-expected.img", sizeBytes: volumeBytes)
+        let socket = directory + "/check.sock"
+        let pmem = pmemPath("check")
+        try succeed(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K", "--pmem", pmem])
+        func check(_ cachePath: String, pmem pmemPath: String? = pmem) throws -> (status: Int32, output: String, errors: String) {
+            try recoverTool(["check", "--cache", cachePath] + (pmemPath.map { ["--pmem", $0] } ?? []))
+        }
+        XCTAssertEqual(try check(cache).status, 0, "a new cache is clean")
+
+        // A server holds the cache: every command refuses it.
+        var server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket, extra: ["--writeback-threshold", "0"])
+        let held = try check(cache)
+        XCTAssertEqual(held.status, 3, held.output)
+        XCTAssertTrue(held.errors.contains("already in use"), held.errors)
+        let heldDrain = try recoverTool(["drain", "--cache", cache, "--backing", backing, "--pmem", pmem])
+        XCTAssertNotEqual(heldDrain.status, 0)
+        XCTAssertTrue(heldDrain.errors.contains("already in use"), heldDrain.errors)
+
+        try write(socket: socket, image: image, seed: 3, count: 1507, kind: "aligned")
+        stop(server, signal: SIGKILL)
+        let dirty = try check(cache)
+        XCTAssertEqual(dirty.status, 1, dirty.output)
+        XCTAssertTrue(dirty.output.contains("recovery would write the open pmem segment"), dirty.output)
+        let dump = try recoverTool(["dump", "--cache", cache, "--pmem", pmem, "--json"])
+        XCTAssertEqual(dump.status, 0, dump.errors)
+        let parsed = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(dump.output.utf8)) as? [String: Any])
+        let areas = try XCTUnwrap(parsed["pmem_areas"] as? [[String: Any]])
+        XCTAssertTrue(areas.contains { $0["state"] as? String == "open" && (($0["valid_entries"] as? [Any])?.count ?? 0) > 0 }, "\(areas)")
+        XCTAssertGreaterThan((parsed["segments"] as? [Any])?.count ?? 0, 5)
+        XCTAssertEqual(parsed["verdict"] as? String, "dirty but consistent")
+
+        // A clean shutdown: clean. Then damage copies of the media on purpose.
+        server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket, extra: ["--writeback-threshold", "0"])
+        try verify(socket: socket, image: image, "before the damage")
+        stop(server)
+        let cleanAgain = try check(cache)
+        XCTAssertEqual(cleanAgain.status, 0, cleanAgain.output)
+        let text = try recoverTool(["dump", "--cache", cache, "--pmem", pmem, "--segment", "2"])
+        XCTAssertTrue(text.output.contains("segment 2  slot 1"), text.output)
+        XCTAssertTrue(text.output.contains("xxxxxxxx"), text.output)
+
+        let segmentBytes = 64 * 1024
+        let firstSegment = try XCTUnwrap((parsed["superblock"] as? [String: Any])?["first_segment_offset"] as? Int)
+        func damagedCopy(_ name: String, _ damage: (inout [UInt8]) -> Void) throws -> String {
+            var bytes = [UInt8](try self.bytes(cache))
+            damage(&bytes)
+            let path = directory + "/" + name
+            try Data(bytes).write(to: URL(fileURLWithPath: path))
+            return path
+        }
+        let badCRC = try damagedCopy("bad-crc.img") { bytes in bytes[firstSegment + 2 * segmentBytes + 5000] ^= 0x40 }
+        let torn = try damagedCopy("torn.img") { bytes in
+            for index in (firstSegment + 3 * segmentBytes + segmentBytes / 2)..<(firstSegment + 4 * segmentBytes) { bytes[index] = 0 }
+        }
+        let truncated = try damagedCopy("truncated.img") { bytes in bytes.removeLast(bytes.count / 2) }
+        for (what, path, phrase) in [("a bad CRC", badCRC, "log ends at 2"), ("a torn segment", torn, "log ends at 3"),
+                                     ("a truncated device", truncated, "truncated")] {
+            let result = try check(path)
+            XCTAssertEqual(result.status, 2, "\(what): \(result.output)")
+            XCTAssertTrue(result.output.contains("damaged") && result.output.contains(phrase), "\(what): \(result.output) \(result.errors)")
+        }
+        // Another cache's pmem file.
+        let otherCache = try file("other-cache.img", sizeBytes: 16 << 20)
+        let otherPmem = pmemPath("other")
+        try succeed(["format", "--cache", otherCache, "--backing", try file("other-backing.img", sizeBytes: volumeBytes), "--pmem", otherPmem])
+        let wrongPmem = try check(cache, pmem: otherPmem)
+        XCTAssertEqual(wrongPmem.status, 2, wrongPmem.output)
+        XCTAssertTrue(wrongPmem.output.contains("belongs to another cache"), wrongPmem.output)
+        // The undamaged original is still clean.
+        XCTAssertEqual(try check(cache).status, 0)
+    }
+}
