@@ -16,9 +16,10 @@ struct SluiceRecoverCommand: ParsableCommand {
             After a crash: `check` says whether the cache is clean, dirty but consistent, or \
             damaged; `drain` writes every dirty block back to the backing store without a server. \
             To remove a cache: `detach` drains it and erases its superblock. Every command refuses \
-            a cache that a running server holds.
+            a cache that a running server holds. A damaged cache: `salvage` writes back the longest \
+            valid prefix of its log and lists the blocks whose newest data was lost.
             """,
-        subcommands: [CheckCommand.self, DumpCommand.self, DrainCommand.self, DetachCommand.self]
+        subcommands: [CheckCommand.self, DumpCommand.self, DrainCommand.self, DetachCommand.self, SalvageCommand.self]
     )
 }
 
@@ -184,6 +185,43 @@ struct DetachCommand: ParsableCommand {
         } catch {
             printer.finish()
             throw fail("detach", error, code: 1)
+        }
+    }
+}
+
+struct SalvageCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "salvage",
+        abstract: "For a damaged cache: write back the longest valid prefix of the log, and list the blocks whose newest data was lost.",
+        discussion: """
+            Each lost range is printed as `lost: bytes START-END (blocks FIRST+COUNT) newest data was in segments [...]`: \
+            those blocks now hold what the backing store or an older segment had. A cache that is not damaged is simply drained.
+            """)
+
+    @OptionGroup var options: DrainOptions
+
+    func run() throws {
+        let printer = ProgressPrinter()
+        do {
+            let result = try Salvage.salvage(cachePath: options.location.cache, backing: BackingLocation(options.backing),
+                                             pmemPath: options.location.pmem, logger: quietLogger(), progress: printer.show)
+            printer.finish()
+            guard result.wasDamaged else {
+                print("\(options.location.cache) is not damaged: drained \(result.drain.dirtyBlocksAtStart) dirty blocks; nothing was lost")
+                return
+            }
+            print("salvaged \(options.location.cache): applied \(result.appliedSegments) segments of the log (through segment \(result.lastAppliedSegmentID)), "
+                  + "wrote back \(result.drain.dirtyBlocksAtStart) dirty blocks to \(options.backing)")
+            for range in result.lost {
+                print("lost: bytes \(range.byteRange.lowerBound)-\(range.byteRange.upperBound - 1) (blocks \(range.firstBlock)+\(range.blockCount)) "
+                      + "newest data was in segments \(range.segmentIDs)")
+            }
+            for what in result.unreadable { print("unreadable: \(what); the blocks it held are unknown") }
+            let lostBlocks = result.lost.reduce(0) { $0 + $1.blockCount }
+            print("\(lostBlocks) blocks in \(result.lost.count) ranges lost their newest data\(result.unreadable.isEmpty ? "" : ", plus the unreadable places above")")
+        } catch {
+            printer.finish()
+            throw fail("salvage", error, code: 1)
         }
     }
 }

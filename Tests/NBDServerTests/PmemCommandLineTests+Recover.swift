@@ -135,4 +135,57 @@ extension PmemCommandLineTests {
         // The undamaged original is still clean.
         XCTAssertEqual(try check(cache).status, 0)
     }
+
+    /// A damaged cache: `salvage` writes back the longest valid prefix and lists exactly the blocks
+    /// whose newest data was beyond the damage. Every block not listed holds its last write; every
+    /// block that does not is listed. Afterwards the cache is clean and serves again.
+    func testSalvageAppliesTheValidPrefixAndListsExactlyWhatWasLost() throws {
+        let volumeBytes = 16 << 20
+        let backing = try file("salvage-backing.img", sizeBytes: volumeBytes)
+        let cache = try file("salvage-cache.img", sizeBytes: 16 << 20)
+        let image = try file("salvage-expected.img", sizeBytes: volumeBytes)
+        let socket = directory + "/salvage.sock"
+        let pmem = pmemPath("salvage")
+        try succeed(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K", "--pmem", pmem])
+        let server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket, extra: ["--writeback-threshold", "0"])
+        try write(socket: socket, image: image, seed: 11, count: 1200, kind: "aligned")
+        stop(server)
+
+        // A bad CRC in segment 40 of about 80: the log's valid prefix is 1...39.
+        let firstSegment = 64 * 1024
+        var bytes = [UInt8](try self.bytes(cache))
+        bytes[firstSegment + 39 * 64 * 1024 + 9000] ^= 0x01
+        try Data(bytes).write(to: URL(fileURLWithPath: cache))
+        // (A server started now would take the log from its headers alone, as after every clean
+        // shutdown; `check` verifies every checksum.)
+        let checked = try recoverTool(["check", "--cache", cache, "--pmem", pmem])
+        XCTAssertEqual(checked.status, 2, checked.output)
+        XCTAssertTrue(checked.output.contains("the log ends at 39"), checked.output)
+
+        let salvaged = try recoverTool(["salvage", "--cache", cache, "--backing", backing, "--pmem", pmem])
+        XCTAssertEqual(salvaged.status, 0, salvaged.errors)
+        XCTAssertTrue(salvaged.output.contains("through segment 39"), salvaged.output)
+        var listed = Set<Int>()
+        for line in salvaged.output.split(separator: "\n") where line.hasPrefix("lost: ") {
+            // "lost: bytes A-B (blocks FIRST+COUNT) ..."
+            let blocks = line.split(separator: "(")[1].split(separator: " ")[1].split(separator: "+")
+            let first = Int(blocks[0])!, count = Int(blocks[1].prefix { $0.isNumber })!
+            for block in first..<(first + count) { listed.insert(block) }
+        }
+        XCTAssertFalse(listed.isEmpty, salvaged.output)
+        let expected = [UInt8](try self.bytes(image))
+        let found = [UInt8](try self.bytes(backing))
+        var wrongUnlisted: [Int] = []
+        var listedAndWrong = 0
+        for block in 0..<(volumeBytes / 4096) {
+            let same = sameBytes(Array(found[(block * 4096)..<((block + 1) * 4096)]), Array(expected[(block * 4096)..<((block + 1) * 4096)]))
+            if !same && !listed.contains(block) { wrongUnlisted.append(block) }
+            if !same && listed.contains(block) { listedAndWrong += 1 }
+        }
+        XCTAssertEqual(wrongUnlisted, [], "blocks that lost their newest data without being listed")
+        XCTAssertGreaterThan(listedAndWrong, 0, "the damage lost data, and it is listed")
+        XCTAssertEqual(try recoverTool(["check", "--cache", cache, "--pmem", pmem]).status, 0, "salvage leaves a clean cache")
+        let restarted = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket)
+        stop(restarted)
+    }
 }
