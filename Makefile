@@ -28,6 +28,7 @@ RELEASE_FLAGS := -c release -Xswiftc -enforce-exclusivity=unchecked
 
 release: deps
 	swift build $(RELEASE_FLAGS) --product sluice
+	swift build $(RELEASE_FLAGS) --product sluice-recover
 
 ## Serve the embedded default stack: a 1 GiB backing file and a 256 MiB cache file under var/,
 ## with the write buffer in a pmem file on /dev/shm, on var/sluice.sock. The cache is formatted
