@@ -61,6 +61,8 @@ public enum Salvage {
             memory = mapped
             layout = inspection.pmemLayout
             pmemCopy = Array(UnsafeRawBufferPointer(start: mapped.baseAddress, count: mapped.sizeBytes))
+            // The pmem file's claim of synced segments is set aside like the record's.
+            pmemCopy!.withUnsafeMutableBytes { $0.storeBytes(of: UInt64(0), toByteOffset: PmemLayout.syncedWordOffset, as: UInt64.self) }
         }
 
         // The dry run, with the damage taken out of recovery's way one piece at a time.
@@ -133,6 +135,8 @@ public enum Salvage {
                 memory.storeWord(0, at: layout.areaOffset(area, geometry: geometry))
                 memory.flush(offset: layout.areaOffset(area, geometry: geometry), count: 8)
             }
+            memory.storeWord(0, at: PmemLayout.syncedWordOffset)
+            memory.flush(offset: PmemLayout.syncedWordOffset, count: 8)
             memory.drain()
         }
         let next = SuperblockRecord(sequence: record.sequence + 1, lastWrittenBackSegmentID: record.lastWrittenBackSegmentID,

@@ -131,8 +131,10 @@ public enum RecoverCache {
         }
         // Segments up to the recorded last flushed id were synced: a log that ends before it is
         // damaged, not torn by a crash, and recovering it would silently lose synced writes.
-        guard chain.lastSegmentID >= record.lastFlushedSegmentID else {
-            throw FormatError.logShorterThanRecorded(lastFlushedID: record.lastFlushedSegmentID, foundID: chain.lastSegmentID,
+        // In pmem mode the pmem file says, more recently than the record, how far the device synced.
+        let syncedThroughID = max(record.lastFlushedSegmentID, pmem.map { PmemLayout.syncedThroughID(in: $0.bytes) } ?? 0)
+        guard chain.lastSegmentID >= syncedThroughID else {
+            throw FormatError.logShorterThanRecorded(lastFlushedID: syncedThroughID, foundID: chain.lastSegmentID,
                                                      reason: "\(chain.end)")
         }
         var openWritten: UInt64?

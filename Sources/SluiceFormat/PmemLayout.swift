@@ -1,7 +1,8 @@
 /// The layout of a pmem file: the persistent-memory write buffer of a cache in pmem mode.
 ///
-/// A pmem file starts with one 4 KiB header block, followed by ``areaCount`` buffer areas of
-/// ``areaBytes(for:)`` bytes each. Every area holds one segment while it is being filled (open)
+/// A pmem file starts with one 4 KiB header block and one 4 KiB log block, followed by
+/// ``areaCount`` buffer areas of ``areaBytes(for:)`` bytes each. The log block's first word is the
+/// id of the newest segment the cache device has synced (see ``syncedWordOffset``). Every area holds one segment while it is being filled (open)
 /// and after it is sealed, until the cache device has synced it.
 ///
 /// Header (little-endian), CRC-32C over bytes 0..<4092 stored in the last 4:
@@ -31,6 +32,12 @@ public struct PmemLayout: Hashable, Sendable {
     public static let magic: [UInt8] = Array("SLUICEPM".utf8)
     public static let layoutVersion: UInt32 = 1
     public static let headerBytes = 4096
+    /// The header block, then the log block.
+    public static let preambleBytes = 8192
+    /// Where the synced-through word lives: the newest segment id the cache device has synced,
+    /// stored (one atomic 8-byte store) after every cache-device sync in pmem mode. Recovery
+    /// refuses a log that ends before it, which catches damage inside the log after a crash.
+    public static let syncedWordOffset = 4096
     public static let controlBytes = 4096
     public static let entryBytes = 16
     /// Areas per pmem file: one open segment plus sealed ones on their way to the cache device.
@@ -57,12 +64,12 @@ public struct PmemLayout: Hashable, Sendable {
 
     /// Bytes the whole file takes.
     public func fileBytes(for geometry: CacheGeometry) -> Int {
-        Self.headerBytes + areaCount * Self.areaBytes(for: geometry)
+        Self.preambleBytes + areaCount * Self.areaBytes(for: geometry)
     }
 
     public func areaOffset(_ area: Int, geometry: CacheGeometry) -> Int {
         precondition(area >= 0 && area < areaCount)
-        return Self.headerBytes + area * Self.areaBytes(for: geometry)
+        return Self.preambleBytes + area * Self.areaBytes(for: geometry)
     }
 
     /// The state of an area, from its control word.
@@ -149,6 +156,12 @@ public struct PmemLayout: Hashable, Sendable {
         public var segmentID: UInt64
         /// Every entry whose check passes, by data-block index, in index order.
         public var validEntries: [(index: Int, entry: SegmentHeader.Entry)]
+    }
+
+    /// The synced-through word of a mapped pmem file.
+    public static func syncedThroughID(in file: UnsafeRawBufferPointer) -> UInt64 {
+        guard file.count >= preambleBytes else { return 0 }
+        return UInt64(littleEndian: file.load(fromByteOffset: syncedWordOffset, as: UInt64.self))
     }
 
     /// Decodes area `area` of a mapped pmem file. Entries are checked only for open areas; a sealed

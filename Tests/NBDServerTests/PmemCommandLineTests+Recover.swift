@@ -94,6 +94,17 @@ extension PmemCommandLineTests {
         XCTAssertTrue(areas.contains { $0["state"] as? String == "open" && (($0["valid_entries"] as? [Any])?.count ?? 0) > 0 }, "\(areas)")
         XCTAssertGreaterThan((parsed["segments"] as? [Any])?.count ?? 0, 5)
         XCTAssertEqual(parsed["verdict"] as? String, "dirty but consistent")
+        // Damage inside the log of a crashed cache is told apart from a tear at its end: the pmem
+        // file records how far the cache device had synced.
+        do {
+            var crashed = [UInt8](try bytes(cache))
+            crashed[64 * 1024 + 2 * 64 * 1024 + 7000] ^= 0x10
+            let path = directory + "/crashed-bad-crc.img"
+            try Data(crashed).write(to: URL(fileURLWithPath: path))
+            let result = try check(path)
+            XCTAssertEqual(result.status, 2, result.output)
+            XCTAssertTrue(result.output.contains("were synced, but the log ends at 2"), result.output)
+        }
 
         // A clean shutdown: clean. Then damage copies of the media on purpose.
         server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket, extra: ["--writeback-threshold", "0"])

@@ -1,4 +1,5 @@
 import NIOCore
+import SluiceFormat
 import SluiceVolume
 
 extension CacheEngine {
@@ -116,6 +117,15 @@ extension CacheEngine {
         }
     }
 
+    /// Pmem mode: persists how far the cache device has synced, so recovery can tell a log
+    /// damaged inside from one torn at its end by a crash.
+    private func recordSyncedThroughInPmem() {
+        guard let persistentMemory else { return }
+        persistentMemory.storeWord(syncedThroughID, at: PmemLayout.syncedWordOffset)
+        persistentMemory.flush(offset: PmemLayout.syncedWordOffset, count: 8)
+        persistNow()
+    }
+
     /// Pmem mode: returns the areas of segments the cache device has synced to the free list.
     private func releaseSyncedBuffers() {
         guard !buffersAwaitingSync.isEmpty else { return }
@@ -141,6 +151,7 @@ extension CacheEngine {
                 return self.fail(error, doing: "syncing the cache device")
             }
             self.syncedThroughID = max(self.syncedThroughID, coveredID)
+            self.recordSyncedThroughInPmem()
             self.releaseSyncedBuffers()
             while let head = self.barriersWaiting.first, head.throughID <= coveredID {
                 self.barriersWaiting.removeFirst()
