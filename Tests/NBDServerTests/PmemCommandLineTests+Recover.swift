@@ -199,4 +199,52 @@ extension PmemCommandLineTests {
         let restarted = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket)
         stop(restarted)
     }
+
+    /// `sluice-recover drain` killed with -9 part way (over a slow remote backing store) and run
+    /// again finishes the job: the backing store ends byte-exact.
+    func testAnInterruptedOfflineDrainResumes() throws {
+        let volumeBytes = 16 << 20
+        let backingImage = try file("resume-backing.img", sizeBytes: volumeBytes)
+        let remoteSocket = directory + "/resume-remote.sock"
+        let nbdkit = Process()
+        nbdkit.executableURL = URL(fileURLWithPath: "/usr/bin/nbdkit")
+        // 3 ms per write, one at a time: the drain takes seconds, so the kill lands in the middle of it.
+        nbdkit.arguments = ["-f", "-U", remoteSocket, "--filter=noparallel", "--filter=delay", "file", backingImage, "serialize=all-requests", "wdelay=3ms"]
+        nbdkit.standardError = FileHandle.nullDevice
+        try nbdkit.run()
+        defer {
+            nbdkit.terminate()
+            nbdkit.waitUntilExit()
+        }
+        for _ in 0..<500 where !FileManager.default.fileExists(atPath: remoteSocket) { usleep(20_000) }
+        let backing = "nbd+unix:///?socket=\(remoteSocket)"
+        let cache = try file("resume-cache.img", sizeBytes: 32 << 20)
+        let image = try file("resume-expected.img", sizeBytes: volumeBytes)
+        let socket = directory + "/resume.sock"
+        let pmem = pmemPath("resume")
+        try succeed(["format", "--cache", cache, "--backing", backing, "--segment-size", "256K", "--pmem", pmem])
+        let server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket, extra: ["--writeback-threshold", "0"])
+        try write(socket: socket, image: image, seed: 21, count: 3000, kind: "mixed")
+        stop(server, signal: SIGKILL)
+
+        let toolPath = URL(fileURLWithPath: SluiceBinary.path).deletingLastPathComponent().appendingPathComponent("sluice-recover").path
+        let interrupted = Process()
+        interrupted.executableURL = URL(fileURLWithPath: toolPath)
+        interrupted.arguments = ["drain", "--cache", cache, "--backing", backing, "--pmem", pmem]
+        interrupted.standardOutput = FileHandle.nullDevice
+        interrupted.standardError = FileHandle.nullDevice
+        try interrupted.run()
+        usleep(1_500_000)
+        XCTAssertTrue(interrupted.isRunning, "the drain should still be running when it is killed")
+        kill(interrupted.processIdentifier, SIGKILL)
+        interrupted.waitUntilExit()
+        let between = try recoverTool(["check", "--cache", cache, "--pmem", pmem])
+        XCTAssertEqual(between.status, 1, "an interrupted drain leaves a dirty but consistent cache: \(between.output)")
+
+        let resumed = try recoverTool(["drain", "--cache", cache, "--backing", backing, "--pmem", pmem])
+        XCTAssertEqual(resumed.status, 0, resumed.errors)
+        XCTAssertTrue(sameBytes([UInt8](try bytes(backingImage)), [UInt8](try bytes(image))),
+                      "after the resumed drain the backing store holds every write")
+        XCTAssertEqual(try recoverTool(["check", "--cache", cache, "--pmem", pmem]).status, 0)
+    }
 }
