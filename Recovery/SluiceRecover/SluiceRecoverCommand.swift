@@ -11,7 +11,7 @@ import SluiceFormat
 struct SluiceRecoverCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sluice-recover",
-        abstract: "Check, dump, drain or detach a Sluice cache offline (no server running).",
+        abstract: "Check, dump, drain, detach or salvage a Sluice cache offline (no server running).",
         discussion: """
             After a crash: `check` says whether the cache is clean, dirty but consistent, or \
             damaged; `drain` writes every dirty block back to the backing store without a server. \
