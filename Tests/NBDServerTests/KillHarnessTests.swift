@@ -106,12 +106,16 @@ final class KillHarnessTests: XCTestCase {
         }
         let formatted = try SluiceBinary.run(format)
         XCTAssertEqual(formatted.status, 0, formatted.errors)
-        let thresholds = [0, 0, 20, 70, 100]
+        // Tunables drawn for every start: writeback only when urged, or paced by the backing
+        // store's load; small and large writeback batches; FUA and FLUSH sharing a barrier for a
+        // while (volatile mode); automatic barriers every second, sometimes.
         var serveCount = 0
         func serveArguments() -> [String] {
-            let threshold = thresholds[Int.random(in: 0..<thresholds.count, using: &generator)]
+            func pick(_ values: [Int]) -> String { "\(values[Int.random(in: 0..<values.count, using: &generator)])" }
             return ["serve", "--cache", cache, "--backing", backing] + buffer
-                + ["--socket", socket, "--log-level", "warning", "--writeback-threshold", "\(threshold)"]
+                + ["--socket", socket, "--log-level", "warning", "--writeback-threshold", pick([0, 0, 20, 70, 100]),
+                   "--nr-max-batched-writeback", pick([1, 4, 32, 32]), "--barrier-deadline-ms", pick([0, 0, 0, 2]),
+                   "--sync-data-interval", pick([0, 0, 0, 1])]
         }
         var startupSeconds = 0.3
         func serve() throws -> Process {
