@@ -9,7 +9,7 @@ PACKAGES := pkg-config liburing-dev libpmem-dev libnbd-dev libisal-dev \
 VAR := $(CURDIR)/var
 SOCKET := $(VAR)/sluice.sock
 
-.PHONY: run test soak bench bench-cache bench-pmem deps build release clean
+.PHONY: run test soak soak-kill bench bench-cache bench-pmem deps build release clean
 
 ## Install the Debian packages that are missing.
 deps:
@@ -61,6 +61,16 @@ soak: deps
 	swift build --build-tests
 	SLUICE_CRASH_SEEDS=$(SOAK_SEEDS) SLUICE_CRASH_FIRST_SEED=$${SLUICE_CRASH_FIRST_SEED:-1} \
 		swift test --skip-build --disable-swift-testing --filter 'CacheEngineCrashTests.testP' 2>&1 | grep -E 'crash test|error|Executed'
+
+## The kill harness for longer: the built sluice serve killed with SIGKILL at random instants
+## under a multi-connection workload, both modes, every restart checked (KILL_CYCLES cycles in
+## all; a random seed unless SLUICE_KILL_SEED is set; the volume and cache sizes of issue 5).
+KILL_CYCLES ?= 300
+soak-kill: deps
+	swift build --build-tests
+	set -o pipefail; SLUICE_KILL_CYCLES=$(KILL_CYCLES) SLUICE_KILL_SEED=$${SLUICE_KILL_SEED:-$$RANDOM} \
+		SLUICE_KILL_VOLUME_MIB=$${SLUICE_KILL_VOLUME_MIB:-128} SLUICE_KILL_CACHE_MIB=$${SLUICE_KILL_CACHE_MIB:-64} \
+		swift test --skip-build --disable-swift-testing --filter 'KillHarnessTests' 2>&1 | grep -E 'kill harness|error|Executed'
 
 ## Benchmark Sluice against nbdkit and qemu-nbd, side by side (not a test: no timing assertions).
 bench: release

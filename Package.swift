@@ -186,7 +186,9 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
-            ]
+            ],
+            // crash_client.py, the kill harness's python3-libnbd client, run from where it lies.
+            exclude: ["Resources"]
         ),
     ]
 )
