@@ -61,37 +61,26 @@ public struct CacheInspection {
     }
 
     private mutating func run(device: FileMedium, pmemPath: String?) {
-        guard device.sizeBytes >= UInt64(3 * CacheGeometry.blockBytes),
-              let first = try? device.readBytes(offset: 0, count: 3 * CacheGeometry.blockBytes) else {
+        guard device.sizeBytes >= UInt64(CacheSuperblock.bytes),
+              let first = try? device.readBytes(offset: 0, count: CacheSuperblock.bytes) else {
             return damaged("the cache device holds \(device.sizeBytes) bytes: too small for a superblock")
         }
         if let detached = OfflineDrain.detachedNote(first) {
             notes.append(detached)
             return
         }
-        let header: SuperblockHeader
+        let found: CacheSuperblock.Found
         do {
-            header = try first.withUnsafeBytes { try SuperblockHeader(decoding: UnsafeRawBufferPointer(rebasing: $0[0..<4096])) }
+            found = try CacheSuperblock.decode(first, deviceBytes: device.sizeBytes)
         } catch {
             return damaged("superblock: \(error)")
         }
+        let header = found.header
+        let geometry = found.geometry
         self.header = header
-        let geometry: CacheGeometry
-        do {
-            geometry = try CacheGeometry(header: header)
-        } catch {
-            return damaged("superblock geometry: \(error)")
-        }
         self.geometry = geometry
-        guard geometry.deviceBytesNeeded <= device.sizeBytes else {
-            return damaged("\(FormatError.truncated(deviceBytes: device.sizeBytes, neededBytes: geometry.deviceBytesNeeded))")
-        }
-        first.withUnsafeBytes { raw in
-            recordSlots = [SuperblockRecord(decoding: UnsafeRawBufferPointer(rebasing: raw[4096..<8192])),
-                           SuperblockRecord(decoding: UnsafeRawBufferPointer(rebasing: raw[8192..<12288]))]
-            record = SuperblockRecord.current(slotA: UnsafeRawBufferPointer(rebasing: raw[4096..<8192]),
-                                              slotB: UnsafeRawBufferPointer(rebasing: raw[8192..<12288]))
-        }
+        recordSlots = found.recordSlots
+        record = found.record
         guard let record else { return damaged("\(FormatError.noValidRecord)") }
         if recordSlots.contains(where: { $0 == nil }) {
             notes.append("one superblock record slot is not valid (a record write torn by a crash, or a new cache); the other is used")

@@ -132,8 +132,10 @@ final class ProgressPrinter {
         }
     }
 
+    /// Ends the progress line (once).
     func finish() {
         if printedLine { FileHandle.standardError.write("\n".data(using: .utf8)!) }
+        printedLine = false
     }
 }
 
@@ -141,6 +143,23 @@ func quietLogger() -> Logger {
     var logger = Logger(label: "sluice-recover")
     logger.logLevel = .warning
     return logger
+}
+
+extension DrainOptions {
+    /// Runs one of the commands that drain (`drain`, `detach`, `salvage`) with a progress
+    /// printer; a failure ends the progress line, prints the error and exits 1.
+    func runDraining<Result>(_ command: String,
+                             _ body: (_ cache: String, _ backing: BackingLocation, _ pmem: String?, _ logger: Logger,
+                                      _ progress: @escaping (OfflineDrain.Progress) -> Void) throws -> Result) throws -> Result {
+        let printer = ProgressPrinter()
+        defer { printer.finish() }
+        do {
+            return try body(location.cache, BackingLocation(backing), location.pmem, quietLogger(), printer.show)
+        } catch {
+            printer.finish()
+            throw fail(command, error, code: 1)
+        }
+    }
 }
 
 struct DrainCommand: ParsableCommand {
@@ -152,17 +171,11 @@ struct DrainCommand: ParsableCommand {
     @OptionGroup var options: DrainOptions
 
     func run() throws {
-        let printer = ProgressPrinter()
-        do {
-            let result = try OfflineDrain.drain(cachePath: options.location.cache, backing: BackingLocation(options.backing),
-                                                pmemPath: options.location.pmem, logger: quietLogger(), progress: printer.show)
-            printer.finish()
-            print("drained \(options.location.cache): \(result.dirtyBlocksAtStart) dirty blocks written back to \(options.backing) "
-                  + "with \(result.backingWriteRequests) writes in \(String(format: "%.1f", result.seconds)) s; the cache is clean")
-        } catch {
-            printer.finish()
-            throw fail("drain", error, code: 1)
+        let result = try options.runDraining("drain") {
+            try OfflineDrain.drain(cachePath: $0, backing: $1, pmemPath: $2, logger: $3, progress: $4)
         }
+        print("drained \(options.location.cache): \(result.dirtyBlocksAtStart) dirty blocks written back to \(options.backing) "
+              + "with \(result.backingWriteRequests) writes in \(String(format: "%.1f", result.seconds)) s; the cache is clean")
     }
 }
 
@@ -175,17 +188,11 @@ struct DetachCommand: ParsableCommand {
     @OptionGroup var options: DrainOptions
 
     func run() throws {
-        let printer = ProgressPrinter()
-        do {
-            let result = try OfflineDrain.detach(cachePath: options.location.cache, backing: BackingLocation(options.backing),
-                                                 pmemPath: options.location.pmem, logger: quietLogger(), progress: printer.show)
-            printer.finish()
-            print("detached \(options.location.cache) from \(options.backing): \(result.dirtyBlocksAtStart) dirty blocks written back; "
-                  + "the backing store is complete on its own and the cache device no longer holds a cache")
-        } catch {
-            printer.finish()
-            throw fail("detach", error, code: 1)
+        let result = try options.runDraining("detach") {
+            try OfflineDrain.detach(cachePath: $0, backing: $1, pmemPath: $2, logger: $3, progress: $4)
         }
+        print("detached \(options.location.cache) from \(options.backing): \(result.dirtyBlocksAtStart) dirty blocks written back; "
+              + "the backing store is complete on its own and the cache device no longer holds a cache")
     }
 }
 
@@ -201,27 +208,21 @@ struct SalvageCommand: ParsableCommand {
     @OptionGroup var options: DrainOptions
 
     func run() throws {
-        let printer = ProgressPrinter()
-        do {
-            let result = try Salvage.salvage(cachePath: options.location.cache, backing: BackingLocation(options.backing),
-                                             pmemPath: options.location.pmem, logger: quietLogger(), progress: printer.show)
-            printer.finish()
-            guard result.wasDamaged else {
-                print("\(options.location.cache) is not damaged: drained \(result.drain.dirtyBlocksAtStart) dirty blocks; nothing was lost")
-                return
-            }
-            print("salvaged \(options.location.cache): applied \(result.appliedSegments) segments of the log (through segment \(result.lastAppliedSegmentID)), "
-                  + "wrote back \(result.drain.dirtyBlocksAtStart) dirty blocks to \(options.backing)")
-            for range in result.lost {
-                print("lost: bytes \(range.byteRange.lowerBound)-\(range.byteRange.upperBound - 1) (blocks \(range.firstBlock)+\(range.blockCount)) "
-                      + "newest data was in segments \(range.segmentIDs)")
-            }
-            for what in result.unreadable { print("unreadable: \(what); the blocks it held are unknown") }
-            let lostBlocks = result.lost.reduce(0) { $0 + $1.blockCount }
-            print("\(lostBlocks) blocks in \(result.lost.count) ranges lost their newest data\(result.unreadable.isEmpty ? "" : ", plus the unreadable places above")")
-        } catch {
-            printer.finish()
-            throw fail("salvage", error, code: 1)
+        let result = try options.runDraining("salvage") {
+            try Salvage.salvage(cachePath: $0, backing: $1, pmemPath: $2, logger: $3, progress: $4)
         }
+        guard result.wasDamaged else {
+            print("\(options.location.cache) is not damaged: drained \(result.drain.dirtyBlocksAtStart) dirty blocks; nothing was lost")
+            return
+        }
+        print("salvaged \(options.location.cache): applied \(result.appliedSegments) segments of the log (through segment \(result.lastAppliedSegmentID)), "
+              + "wrote back \(result.drain.dirtyBlocksAtStart) dirty blocks to \(options.backing)")
+        for range in result.lost {
+            print("lost: bytes \(range.byteRange.lowerBound)-\(range.byteRange.upperBound - 1) (blocks \(range.firstBlock)+\(range.blockCount)) "
+                  + "newest data was in segments \(range.segmentIDs)")
+        }
+        for what in result.unreadable { print("unreadable: \(what); the blocks it held are unknown") }
+        let lostBlocks = result.lost.reduce(0) { $0 + $1.blockCount }
+        print("\(lostBlocks) blocks in \(result.lost.count) ranges lost their newest data\(result.unreadable.isEmpty ? "" : ", plus the unreadable places above")")
     }
 }

@@ -100,8 +100,8 @@ extension CacheStartup {
     public static func switchMode(cacheFile: BlockFile, expectation: CacheSuperblock.Expectation, to target: SuperblockHeader.Mode,
                                   pmemPath: String?, force: Bool) throws -> ModeSwitch {
         let device = FileMedium(file: cacheFile)
-        let first = try device.readBytes(offset: 0, count: CacheGeometry.blockBytes)
-        let recorded = try first.withUnsafeBytes { try SuperblockHeader(decoding: $0) }
+        let recorded = try CacheSuperblock.decode(try device.readBytes(offset: 0, count: CacheSuperblock.bytes),
+                                                  deviceBytes: device.sizeBytes).header
         guard recorded.mode != target else { throw StartupError.alreadyInMode("\(target)") }
         switch target {
         case .volatile:

@@ -78,19 +78,46 @@ public enum CacheSuperblock {
         }
     }
 
+    /// What the first three blocks of a cache device hold, checked for themselves (magic,
+    /// version, checksums, geometry, device size) but not against what a caller expects.
+    public struct Found: Sendable {
+        public var header: SuperblockHeader
+        public var geometry: CacheGeometry
+        /// Both record slots as decoded (nil where a slot holds no valid record).
+        public var recordSlots: [SuperblockRecord?]
+        /// The newer valid record, if any.
+        public var record: SuperblockRecord?
+    }
+
+    /// Bytes of the superblock: the header block and the two record slots.
+    public static let bytes = 3 * CacheGeometry.blockBytes
+
+    /// Decodes the superblock from the first ``bytes`` of a device of `deviceBytes`.
+    public static func decode(_ bytes: [UInt8], deviceBytes: UInt64) throws -> Found {
+        guard bytes.count >= Self.bytes else { throw FormatError.notFormatted }
+        return try bytes.withUnsafeBytes { raw in
+            let header = try SuperblockHeader(decoding: UnsafeRawBufferPointer(rebasing: raw[0..<4096]))
+            let geometry = try CacheGeometry(header: header)
+            guard geometry.deviceBytesNeeded <= deviceBytes else {
+                throw FormatError.truncated(deviceBytes: deviceBytes, neededBytes: geometry.deviceBytesNeeded)
+            }
+            let slotA = UnsafeRawBufferPointer(rebasing: raw[4096..<8192])
+            let slotB = UnsafeRawBufferPointer(rebasing: raw[8192..<12288])
+            return Found(header: header, geometry: geometry,
+                         recordSlots: [SuperblockRecord(decoding: slotA), SuperblockRecord(decoding: slotB)],
+                         record: SuperblockRecord.current(slotA: slotA, slotB: slotB))
+        }
+    }
+
     /// Reads and checks the superblock.
     public static func open(_ medium: any BlockMedium, expectation: Expectation, completion: @escaping (Result<Opened, Error>) -> Void) {
-        guard medium.sizeBytes >= UInt64(3 * CacheGeometry.blockBytes) else {
+        guard medium.sizeBytes >= UInt64(Self.bytes) else {
             return completion(.failure(FormatError.notFormatted))
         }
-        medium.readBytes(offset: 0, count: 3 * CacheGeometry.blockBytes) { result in
+        medium.readBytes(offset: 0, count: Self.bytes) { result in
             completion(Result {
-                let bytes = try result.get()
-                let header = try bytes.withUnsafeBytes { try SuperblockHeader(decoding: UnsafeRawBufferPointer(rebasing: $0[0..<4096])) }
-                let geometry = try CacheGeometry(header: header)
-                guard geometry.deviceBytesNeeded <= medium.sizeBytes else {
-                    throw FormatError.truncated(deviceBytes: medium.sizeBytes, neededBytes: geometry.deviceBytesNeeded)
-                }
+                let found = try decode(try result.get(), deviceBytes: medium.sizeBytes)
+                let header = found.header
                 guard header.backingIdentity == expectation.backingIdentity else {
                     throw FormatError.wrongBacking(expected: header.backingIdentity, found: expectation.backingIdentity)
                 }
@@ -100,12 +127,8 @@ public enum CacheSuperblock {
                 guard header.mode == expectation.mode else {
                     throw FormatError.wrongMode(recorded: "\(header.mode)", requested: "\(expectation.mode)")
                 }
-                let record = bytes.withUnsafeBytes {
-                    SuperblockRecord.current(slotA: UnsafeRawBufferPointer(rebasing: $0[4096..<8192]),
-                                             slotB: UnsafeRawBufferPointer(rebasing: $0[8192..<12288]))
-                }
-                guard let record else { throw FormatError.noValidRecord }
-                return Opened(header: header, geometry: geometry, record: record)
+                guard let record = found.record else { throw FormatError.noValidRecord }
+                return Opened(header: header, geometry: found.geometry, record: record)
             })
         }
     }

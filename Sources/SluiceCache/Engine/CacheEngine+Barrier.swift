@@ -34,7 +34,7 @@ extension CacheEngine {
     }
 
     /// Pmem mode: drains now for the replies waiting, if any (at the end of a connection's burst).
-    public func persistPendingReplies() {
+    func persistPendingReplies() {
         eventLoop.preconditionInEventLoop()
         if !persistWaiters.isEmpty { runPersist() }
     }

@@ -84,7 +84,7 @@ public final class CacheEngine {
     /// The replies being completed by a drain (kept to reuse its storage).
     var persistReplying: [(VolumeReply) -> Void] = []
     /// Set while a session on the engine's loop submits requests; the burst's end persists them.
-    public var isInsideSessionBurst = false
+    var isInsideSessionBurst = false
 
     /// FUA writes and flushes gathering for the next barrier.
     var barrierGathering: [BarrierWaiter] = []

@@ -28,8 +28,6 @@ public final class PmemSegmentBuffer: WriteBuffer {
     private let areaOffset: Int
     private let tableOffset: Int
     private let imageOffset: Int
-    /// Appends flushed but not yet drained.
-    public private(set) var unpersistedAppends = 0
 
     public init(memory: any PersistentMemory, layout: PmemLayout, area: Int, geometry: CacheGeometry) {
         precondition(layout.fileBytes(for: geometry) <= memory.sizeBytes, "the pmem mapping is smaller than its layout")
@@ -144,13 +142,11 @@ public final class PmemSegmentBuffer: WriteBuffer {
         memory.flush(offset: entryOffset, count: PmemLayout.entryBytes)
         entries.append(SegmentHeader.Entry(blockNumber: blockNumber, sectorMask: sectorMask))
         latest[blockNumber] = index
-        unpersistedAppends += 1
     }
 
     /// Makes every append so far durable (one drain for the whole group).
     public func persist() {
         memory.drain()
-        unpersistedAppends = 0
     }
 
     public func withBlock<Result>(at dataIndex: Int, _ body: (UnsafeRawBufferPointer) throws -> Result) rethrows -> Result {
@@ -175,7 +171,6 @@ public final class PmemSegmentBuffer: WriteBuffer {
         memory.storeWord(PmemLayout.controlWord(segmentID: segmentID, state: .sealed), at: areaOffset)
         memory.flush(offset: areaOffset, count: 8)
         memory.drain()
-        unpersistedAppends = 0
         return UnsafeRawBufferPointer(start: image, count: usedBytes)
     }
 
@@ -185,6 +180,5 @@ public final class PmemSegmentBuffer: WriteBuffer {
         entries.removeAll(keepingCapacity: true)
         latest.removeAll(keepingCapacity: true)
         segmentID = 0
-        unpersistedAppends = 0
     }
 }
