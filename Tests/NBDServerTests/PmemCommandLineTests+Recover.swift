@@ -247,4 +247,28 @@ extension PmemCommandLineTests {
                       "after the resumed drain the backing store holds every write")
         XCTAssertEqual(try recoverTool(["check", "--cache", cache, "--pmem", pmem]).status, 0)
     }
+
+    /// A pmem file a server is using is locked: formatting another cache onto it, even with
+    /// --force, is refused, and the server goes on with its buffer intact.
+    func testAPmemFileAServerUsesIsNeverReplaced() throws {
+        let backing = try file("locked-backing.img", sizeBytes: 8 << 20)
+        let cache = try file("locked-cache.img", sizeBytes: 8 << 20)
+        let image = try file("locked-expected.img", sizeBytes: 8 << 20)
+        let socket = directory + "/locked.sock"
+        let pmem = pmemPath("locked")
+        try succeed(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K", "--pmem", pmem])
+        let server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket)
+        try write(socket: socket, image: image, seed: 5, count: 200, kind: "mixed")
+        // The header (its UUIDs) is what a format would replace; the rest may still change as
+        // the server syncs segments.
+        let before = try bytes(pmem).prefix(4096)
+        let other = try file("locked-other.img", sizeBytes: 8 << 20)
+        try refuse(["format", "--cache", other, "--backing", try file("locked-other-backing.img", sizeBytes: 8 << 20), "--pmem", pmem, "--force"],
+                   saying: ["the pmem file \(pmem) is already in use by another process"])
+        XCTAssertEqual(try bytes(pmem).prefix(4096), before, "the refused format left the pmem file alone")
+        stop(server, signal: SIGKILL)
+        let restarted = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket)
+        try verify(socket: socket, image: image, "after the refused format and a kill -9")
+        stop(restarted)
+    }
 }
