@@ -1,4 +1,5 @@
 import NIOCore
+import SluiceCache
 
 /// An in-memory medium for tests that behaves like a disk with a volatile write cache.
 ///
@@ -132,3 +133,5 @@ public final class SimulatedMedium: BlockMedium {
         return Int(offset)..<(Int(offset) + count)
     }
 }
+
+extension SimulatedMedium: SynchronousBlockMedium {}
