@@ -167,10 +167,14 @@ final class CacheEngineCrashTests: XCTestCase {
 
 /// Minimal, deterministic reproductions of durability bugs found by the random tests.
 final class CacheEngineDurabilityTests: XCTestCase {
+    /// A 15-slot ring whose cleaner reclaims whatever it can (high watermark 1%), on the
+    /// simulated clock: the periodic work runs only when the test advances time.
     private func tinyHarness(threshold: Int = 0) throws -> EngineHarness {
         var tunables = CacheTunables()
         tunables.writebackThresholdPercent = threshold
-        return try EngineHarness(cacheBytes: 1 << 20, backingBytes: 2 << 20, segmentBytes: 64 * 1024, tunables: tunables)
+        tunables.lowWatermarkPercent = 0
+        tunables.highWatermarkPercent = 1
+        return try EngineHarness(cacheBytes: 1 << 20, backingBytes: 2 << 20, segmentBytes: 64 * 1024, tunables: tunables, periodicWork: false)
     }
 
     private func block(_ tag: UInt32, _ blockNumber: Int) -> [UInt8] {
@@ -181,33 +185,41 @@ final class CacheEngineDurabilityTests: XCTestCase {
         SectorCodec.decodeAll(try harness.read(at: UInt64(blockNumber * 4096), count: 4096), firstLBA: blockNumber * 8)
     }
 
-    /// BUG: writeback skips a block whose copy in the batch was superseded by a newer copy, and then
-    /// records the segment as written back, although the newer copy is still only in the open
-    /// buffer (not on the cache device, not synced). A power failure then loses both copies: the
-    /// block reads what the backing store had before the FUA write.
+    /// BUG (of the writeback that retired segments itself, and the rule the cleaner keeps): a
+    /// segment whose only copy of a block was superseded by a copy still in the open buffer (not
+    /// on the cache device, not synced) holds no live block, but retiring it before the newer
+    /// copy is durable would lose both copies at a power failure: the block would read what the
+    /// backing store had before the FUA write.
     ///
     /// 1. write block 0 = #1 with FUA (segment 1, sealed partial, synced: durable)
     /// 2. write block 0 = #2, no FUA (goes into the open segment 2, in memory)
-    /// 3. trim block 100 (not cached): its completion kicks an urged writeback (the trim is still
-    ///    at the head of the queue); segment 1 holds no live block (block 0 was superseded), so the
-    ///    batch only writes a record with last written-back id 1 and syncs it
-    /// 4. power failure
-    /// Expected: block 0 reads #1 (durable) or #2. Actual: zeros (the backing store's old contents).
-    func testDurableCopySupersededByAnUnsyncedCopyIsNotForgottenByWriteback() throws {
+    /// 3. the cleaner reclaims segment 1 with no I/O: its fence is segment 2, still open
+    /// 4. power failure before the fence passed: segment 1 was not retired
+    /// Expected: block 0 reads #1 (durable) or #2. Then, without the power failure: a tick seals
+    /// segment 2 (the fence waited), the record retires segment 1, and block 0 reads #2 after one.
+    func testDurableCopySupersededByAnUnsyncedCopyIsNotForgottenByTheCleaner() throws {
         for seed: UInt64 in [1, 2, 3] {
-            // Writeback whenever there is work, so segment 1 is retired while #2 is only in memory.
-            let harness = try tinyHarness(threshold: 100)
+            let harness = try tinyHarness()
             defer { harness.close() }
             try harness.write(block(1, 0), at: 0, fua: true)
             try harness.write(block(2, 0), at: 0)
-            try harness.discard(at: 100 * 4096, count: 4096, zeroes: false)
-            XCTAssertGreaterThanOrEqual(try harness.inspect { $0.record.lastWrittenBackSegmentID }, 1,
-                                        "writeback retired segment 1, whose copy of block 0 was superseded")
+            try harness.inspect { $0.drive() }
+            XCTAssertEqual(try harness.inspect { $0.ring.reclaimedThroughID }, 1, "the cleaner reclaimed segment 1 (no live block)")
+            XCTAssertEqual(try harness.inspect { $0.ring.retiredThroughID }, 0, "segment 1 is not retired before its fence, segment 2, is durable")
             try harness.crash(seed: seed)
             let after = try tags(harness, block: 0)
             XCTAssertTrue(after.allSatisfy { $0 == 1 || $0 == 2 },
                           "power-failure seed \(seed): block 0 must read #1 (durable) or #2 after the crash, read \(Set(after.map(describe)))")
         }
+        let harness = try tinyHarness()
+        defer { harness.close() }
+        try harness.write(block(1, 0), at: 0, fua: true)
+        try harness.write(block(2, 0), at: 0)
+        try harness.inspect { $0.drive() }
+        try harness.advanceTime(byNs: 150_000_000)
+        XCTAssertGreaterThanOrEqual(try harness.inspect { $0.ring.retiredThroughID }, 1, "once segment 2 is synced, segment 1 is retired")
+        try harness.crash(seed: 4)
+        XCTAssertEqual(try tags(harness, block: 0), Array(repeating: 2, count: 8), "block 0's only copy left is #2, synced before the record")
     }
 
     /// The same loss through a merge: a sub-block rewrite moves the durable copy into the open buffer

@@ -14,7 +14,7 @@ public struct RecoveredCache {
     /// earlier segment (the write path merges partial writes into the newest copy, so the newest
     /// copy's sector mask already holds every dirty sector).
     public init(chain: SegmentChain, geometry: CacheGeometry) {
-        var index = CacheIndex(capacity: geometry.cacheBlocks)
+        var index = CacheIndex(capacity: geometry.cacheBlocks, positionsPerSlot: geometry.dataBlocksPerSegment)
         for segment in chain.segments {
             let slot = geometry.slot(ofSegment: segment.segmentID)
             for (offset, entry) in segment.entries.enumerated() {
