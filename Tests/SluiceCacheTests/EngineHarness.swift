@@ -28,6 +28,30 @@ final class EngineHarness {
     /// The media the current engine talks to (the simulated ones, or their wrappers).
     private(set) var cacheMedium: (any BlockMedium)!
     private(set) var backingMedium: (any BlockMedium)!
+    /// What the engines were doing when the power failed, over the harness's life.
+    private(set) var cutsSeen = CutStatistics()
+    /// The counters of every engine that ran, summed (taken at each power failure or restart).
+    var countersSeen: CacheCounters { cutsSeen.counters }
+
+    /// What the engines were doing when the power failed.
+    struct CutStatistics {
+        var duringRelocation = 0
+        var whileWritersWaitForSpace = 0
+        var duringWriteback = 0
+        var withRetirementPending = 0
+        var whileCleaning = 0
+        var counters = CacheCounters()
+
+        mutating func record(_ engine: CacheEngine) {
+            if engine.relocation != nil { duringRelocation += 1 }
+            if engine.updates.headWait.isForSlot { whileWritersWaitForSpace += 1 }
+            if engine.batch != nil { duringWriteback += 1 }
+            if !engine.cleaner.fences.isEmpty || !engine.records.isIdle { withRetirementPending += 1 }
+            if engine.cleaner.phase == .cleaning { whileCleaning += 1 }
+            counters.add(engine.counters)
+        }
+    }
+
     /// What survived the last power failure (set by ``powerFailOnLoop(seed:)``).
     private var survivors: (cache: [UInt8], backing: [UInt8])?
 
@@ -123,6 +147,7 @@ final class EngineHarness {
     /// The engine keeps running against dead media until ``recoverFromPowerFailure()``.
     func powerFailOnLoop(seed: UInt64) {
         loop.preconditionInEventLoop()
+        cutsSeen.record(engine)
         engine.powerFailed()
         let cacheBytes = cache.powerFail(seed: seed)
         let backingBytes = backing.powerFail(seed: seed &* 31 &+ 7)

@@ -39,6 +39,8 @@ public struct CacheCounters: Codable, Sendable, Equatable {
     public var segmentsRetired: UInt64 = 0
     public var recordWrites: UInt64 = 0
     public var recordWriteErrors: UInt64 = 0
+    /// Times occupancy crossed the high watermark and the cleaner started a round.
+    public var cleaningRounds: UInt64 = 0
     /// Times the cleaner found the tail too dirty to relocate and asked writeback for it.
     public var cleanerWaitsForWriteback: UInt64 = 0
 

@@ -16,27 +16,25 @@ final class RelocationJob {
     let segmentID: UInt64
     let slot: Int
     var items: [Item]
-    /// The segment's buffer, when it is still in memory (then nothing is read).
-    let memory: (any WriteBuffer)?
-    /// Bytes read from the cache device, per run of nearby positions.
+    /// The blocks' bytes: read from the cache device, per run of nearby positions, or copied from
+    /// the segment's buffer while it was still in memory (one run).
     var runs: [ByteBuffer?] = []
     var readsOutstanding = 0
+    var readsIssued = 0
     var failure: MediumError?
     /// The next item to append, and how many were appended.
     var next = 0
     var relocatedCount = 0
 
-    init(segmentID: UInt64, slot: Int, items: [Item], memory: (any WriteBuffer)?) {
+    init(segmentID: UInt64, slot: Int, items: [Item]) {
         self.segmentID = segmentID
         self.slot = slot
         self.items = items
-        self.memory = memory
     }
 
     /// Calls `body` with the fetched 4 KiB of item `index`.
-    func withData<Result>(_ index: Int, firstDataPosition: Int, _ body: (UnsafeRawBufferPointer) -> Result) -> Result {
+    func withData<Result>(_ index: Int, _ body: (UnsafeRawBufferPointer) -> Result) -> Result {
         let item = items[index]
-        if let memory { return memory.withBlock(at: Int(item.position) - firstDataPosition, body) }
         let run = runs[item.run]!
         return run.withUnsafeReadableBytes { body(UnsafeRawBufferPointer(rebasing: $0[item.offset..<(item.offset + CacheGeometry.blockBytes)])) }
     }
@@ -54,7 +52,10 @@ extension CacheEngine {
         cleaner.settings = Cleaner.Settings(highWatermarkPercent: tunables.highWatermarkPercent, lowWatermarkPercent: tunables.lowWatermarkPercent)
         for _ in 0..<ring.segmentCount {
             let situation = cleanerSituation()
-            switch cleaner.decide(situation) {
+            let phase = cleaner.phase
+            let decision = cleaner.decide(situation)
+            if phase == .resting && cleaner.phase == .cleaning { counters.cleaningRounds += 1 }
+            switch decision {
             case .rest:
                 return
             case .reclaimWithoutIO(let id):
@@ -107,11 +108,27 @@ extension CacheEngine {
             }
             items.append(RelocationJob.Item(blockNumber: resident.blockNumber, position: position, sectorMask: resident.sectorMask))
         }
-        let job = RelocationJob(segmentID: id, slot: slot, items: items, memory: buffers.inMemory(slot: slot, segmentID: id))
+        let job = RelocationJob(segmentID: id, slot: slot, items: items)
         cleaner.relocationStarted(id)
         relocation = job
-        if job.memory == nil { readForRelocation(job) }
+        if let memory = buffers.inMemory(slot: slot, segmentID: id) {
+            // Copied now: the buffer may be reused for another segment before every block is
+            // appended (the relocation can wait for a slot).
+            copyForRelocation(job, from: memory)
+        } else {
+            readForRelocation(job)
+        }
         continueRelocation()
+    }
+
+    private func copyForRelocation(_ job: RelocationJob, from memory: any WriteBuffer) {
+        var copy = ByteBufferAllocator().buffer(capacity: job.items.count * CacheGeometry.blockBytes)
+        for index in job.items.indices {
+            job.items[index].run = 0
+            job.items[index].offset = index * CacheGeometry.blockBytes
+            memory.withBlock(at: dataIndex(of: job.items[index].position)) { copy.writeBytes($0) }
+        }
+        job.runs = [copy]
     }
 
     private func readForRelocation(_ job: RelocationJob) {
@@ -129,6 +146,7 @@ extension CacheEngine {
             let count = Int(job.items[runEnd - 1].position - first + 1) * CacheGeometry.blockBytes
             job.runs.append(nil)
             job.readsOutstanding += 1
+            job.readsIssued += 1
             ring.readerStarted(slot: job.slot)
             cacheDevice.read(offset: geometry.offset(ofDataBlock: dataIndex(of: first), inSlot: job.slot), count: count) { result in
                 job.readsOutstanding -= 1
@@ -155,7 +173,6 @@ extension CacheEngine {
             relocation = nil
             return fail(error, doing: "reading segment \(job.segmentID) from the cache device to relocate its blocks")
         }
-        let first = firstPosition(ofSlot: job.slot)
         while job.next < job.items.count {
             let item = job.items[job.next]
             guard let entry = index.lookup(item.blockNumber), entry.position == item.position, entry.isDirty else {
@@ -169,7 +186,7 @@ extension CacheEngine {
             }
             guard let buffer = openBufferAccepting(item.blockNumber, for: .cleaner) else { return }
             precondition(buffer.dataIndex(of: item.blockNumber) == nil, "block \(item.blockNumber) is newer in the open buffer than its indexed copy")
-            let dataIndex = job.withData(job.next, firstDataPosition: first) {
+            let dataIndex = job.withData(job.next) {
                 buffer.write(blockNumber: item.blockNumber, sectorMask: entry.sectorMask, block: $0)
             }
             let position = CacheIndex.Position(firstPosition(ofSlot: ring.slot(of: buffer.segmentID)) + dataIndex)
@@ -182,7 +199,7 @@ extension CacheEngine {
             if buffer.isFull { sealOpenBuffer(isPartial: false) }
         }
         relocation = nil
-        reclaim(job.segmentID, withoutIO: job.relocatedCount == 0 && job.runs.isEmpty)
+        reclaim(job.segmentID, withoutIO: job.relocatedCount == 0 && job.readsIssued == 0)
     }
 
     /// Whether the tail must be written back before the cleaner can reclaim it: it is (nearly)
@@ -209,7 +226,7 @@ extension CacheEngine {
         if fence > durableThrough, persistAppended() { durableThrough = .max }
         guard let target = cleaner.retirable(durableThroughID: durableThrough) else { return }
         writeRecord(.retire(target)) { result in
-            if case .failure(let error) = result {
+            if case .failure(let error) = result, !self.lifecycle.isPoweredOff {
                 self.logger.error("recording retired segments up to \(target) in the superblock failed: \(error); retrying")
                 self.cleaner.retryRetirement(through: target, nowNs: self.clock.nowNs)
             }

@@ -408,7 +408,9 @@ extension CacheEngine {
         precondition(self.batch === batch && batch.phase != .finished, "a writeback batch failed that is not the one in flight")
         batch.phase = .finished
         counters.writebackErrors += 1
-        logger.error("writeback of \(batch.items.count) blocks failed while \(what): \(error); retrying in 1 s")
+        if !lifecycle.isPoweredOff {
+            logger.error("writeback of \(batch.items.count) blocks failed while \(what): \(error); retrying in 1 s")
+        }
         writeback.failed(nowNs: clock.nowNs)
         self.batch = nil
         drive()

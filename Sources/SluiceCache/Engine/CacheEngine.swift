@@ -176,7 +176,9 @@ public final class CacheEngine {
     /// Marks the engine failed after a medium error that leaves acknowledged data unsafe.
     func fail(_ error: MediumError, doing what: String) {
         if failure == nil {
-            logger.critical("cache stopped accepting writes: \(what) failed: \(error). Acknowledged data is still served; restart to recover from the log.")
+            if !lifecycle.isPoweredOff {
+                logger.critical("cache stopped accepting writes: \(what) failed: \(error). Acknowledged data is still served; restart to recover from the log.")
+            }
             failure = error
         }
         failDurabilityWaiters(error)
@@ -243,6 +245,7 @@ enum Lifecycle {
     case poweredOff
 
     var acceptsRequests: Bool { if case .running = self { return true } else { return false } }
+    var isPoweredOff: Bool { if case .poweredOff = self { return true } else { return false } }
     var runsPeriodicWork: Bool { if case .running = self { return true } else { return false } }
 }
 

@@ -98,3 +98,10 @@ public struct CacheTunables: Codable, Sendable, Equatable {
         }
     }
 }
+
+extension CacheTunables {
+    /// Every tunable as `key=value`, for logs and test failure messages.
+    public var summary: String {
+        Self.keys.map { "\($0)=\(value(of: $0)!)" }.joined(separator: " ")
+    }
+}
