@@ -156,7 +156,7 @@ extension CacheStatus {
     }
 
     /// The matching decoder. Foundation's snake-case conversion turns `segment_id` into
-    /// `segmentId`, so the `ID` suffix of Swift names is restored by hand.
+    /// `segmentId`, so the acronyms of Swift names (`ID`, `IO`) are restored by hand.
     public static func jsonDecoder() -> JSONDecoder {
         let decoder = JSONDecoder()
         decoder.keyDecodingStrategy = .custom { path in
@@ -165,7 +165,7 @@ extension CacheStatus {
             guard parts.count > 1 else { return path.last! }
             var camel = String(parts[0])
             for part in parts.dropFirst() {
-                camel += part == "id" ? "ID" : part.prefix(1).uppercased() + part.dropFirst()
+                camel += part == "id" || part == "io" ? part.uppercased() : part.prefix(1).uppercased() + part.dropFirst()
             }
             return AnyKey(camel)
         }
