@@ -102,7 +102,8 @@ private final class ControlHandler: ChannelInboundHandler {
         let loop = context.eventLoop
         switch (head.method, path) {
         case (.GET, "/status"):
-            volume.withEngine { $0.status() }.hop(to: loop).whenComplete { result in
+            let volume = self.volume
+            volume.withEngine { _ in volume.status() }.hop(to: loop).whenComplete { result in
                 self.respond(result.map { Self.encode($0) }, head: head, context: context)
             }
         case (.POST, "/set"):
@@ -110,8 +111,9 @@ private final class ControlHandler: ChannelInboundHandler {
                 return respond(.failure(ControlError.failed(400, "give key and an integer value: /set?key=K&value=V")),
                                status: .badRequest, head: head, context: context)
             }
+            let volume = self.volume
             volume.withEngine { engine -> Result<CacheStatus, Error> in
-                Result { try engine.setTunable(key, to: value); return engine.status() }
+                Result { try engine.setTunable(key, to: value); return volume.status() }
             }.hop(to: loop).whenComplete { result in
                 switch result {
                 case .success(.success(let status)):
@@ -124,10 +126,11 @@ private final class ControlHandler: ChannelInboundHandler {
                 }
             }
         case (.POST, "/drain"):
+            let volume = self.volume
             let engine = volume.engine
             engine.eventLoop.flatSubmit { () -> EventLoopFuture<CacheStatus> in
                 let promise = engine.eventLoop.makePromise(of: CacheStatus.self)
-                engine.drain { result in promise.completeWith(result.map { engine.status() }) }
+                engine.drain { result in promise.completeWith(result.map { volume.status() }) }
                 return promise.futureResult
             }.hop(to: loop).whenComplete { result in
                 self.respond(result.map { Self.encode($0) }, head: head, context: context)
