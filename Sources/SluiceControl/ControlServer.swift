@@ -102,23 +102,21 @@ private final class ControlHandler: ChannelInboundHandler {
         let loop = context.eventLoop
         switch (head.method, path) {
         case (.GET, "/status"):
-            let volume = self.volume
-            volume.withEngine { _ in volume.status() }.hop(to: loop).whenComplete { result in
-                self.respond(result.map { Self.encode($0) }, head: head, context: context)
+            volume.withEngine { $0.status() }.hop(to: loop).whenComplete { result in
+                self.respond(result.map { self.encode($0) }, head: head, context: context)
             }
         case (.POST, "/set"):
             guard let key = query["key"], let text = query["value"], let value = Int(text) else {
                 return respond(.failure(ControlError.failed(400, "give key and an integer value: /set?key=K&value=V")),
                                status: .badRequest, head: head, context: context)
             }
-            let volume = self.volume
             volume.withEngine { engine -> Result<CacheStatus, Error> in
-                Result { try engine.setTunable(key, to: value); return volume.status() }
+                Result { try engine.setTunable(key, to: value); return engine.status() }
             }.hop(to: loop).whenComplete { result in
                 switch result {
                 case .success(.success(let status)):
                     self.logger.notice("tunable changed", metadata: ["key": "\(key)", "value": "\(value)"])
-                    self.respond(.success(Self.encode(status)), head: head, context: context)
+                    self.respond(.success(self.encode(status)), head: head, context: context)
                 case .success(.failure(let error)):
                     self.respond(.failure(error), status: .badRequest, head: head, context: context)
                 case .failure(let error):
@@ -126,14 +124,13 @@ private final class ControlHandler: ChannelInboundHandler {
                 }
             }
         case (.POST, "/drain"):
-            let volume = self.volume
             let engine = volume.engine
             engine.eventLoop.flatSubmit { () -> EventLoopFuture<CacheStatus> in
                 let promise = engine.eventLoop.makePromise(of: CacheStatus.self)
-                engine.drain { result in promise.completeWith(result.map { volume.status() }) }
+                engine.drain { result in promise.completeWith(result.map { engine.status() }) }
                 return promise.futureResult
             }.hop(to: loop).whenComplete { result in
-                self.respond(result.map { Self.encode($0) }, head: head, context: context)
+                self.respond(result.map { self.encode($0) }, head: head, context: context)
             }
         default:
             respond(.failure(ControlError.failed(404, "unknown request \(head.method) \(path); try GET /status, POST /set, POST /drain")),
@@ -141,7 +138,10 @@ private final class ControlHandler: ChannelInboundHandler {
         }
     }
 
-    static func encode(_ status: CacheStatus) -> Data {
+    /// The status as JSON, with what only the volume knows: how its backing store is synced.
+    func encode(_ status: CacheStatus) -> Data {
+        var status = status
+        status.backingFlush = volume.backingFlush
         return (try? CacheStatus.jsonEncoder().encode(status)) ?? Data("{}".utf8)
     }
 

@@ -52,7 +52,7 @@ public struct CacheStatus: Codable, Sendable, Equatable {
     public var blockCounts: [String: UInt64]
     public var tunables: [String: Int]
     /// How writeback makes the backing store durable: "flush", or "none (durable on
-    /// acknowledgement, …)". The volume knows it, not the engine: set by ``CacheVolume/status()``.
+    /// acknowledgement, …)". The volume knows it, not the engine: the control endpoint sets it.
     public var backingFlush: String? = nil
 }
 

@@ -41,13 +41,6 @@ public final class CacheVolume: Volume, @unchecked Sendable {
         }.wait()
     }
 
-    /// The engine's state with what only the volume knows. Call on the engine's loop.
-    public func status() -> CacheStatus {
-        var status = engine.status()
-        status.backingFlush = backingFlush
-        return status
-    }
-
     /// Runs `body` on the engine's loop and returns its result.
     public func withEngine<Result: Sendable>(_ body: @escaping (CacheEngine) -> Result) -> EventLoopFuture<Result> {
         let engine = self.engine
