@@ -260,7 +260,6 @@ struct StatusCommand: ParsableCommand {
             "mode                \(status.mode)",
             "cache               \(mib(status.cacheSizeBytes)), \(status.segmentCount) segments of \(status.segmentSizeBytes / 1024) KiB",
             "backing             \(mib(status.backingSizeBytes))",
-            "backing flush       \(status.backingFlush ?? "unknown")",
             "segments            current \(status.currentSegmentID), last flushed \(status.lastFlushedSegmentID), last written back \(status.lastWrittenBackSegmentID)",
             "ring                \(status.liveSegments) live, \(status.freeSegments) free",
             "dirty               \(status.dirtyBlocks) blocks (\(mib(UInt64(status.dirtyBlocks) * 4096)))",
@@ -276,6 +275,7 @@ struct StatusCommand: ParsableCommand {
         if status.mode == "pmem" {
             lines.append("pmem                \(status.pmemDrains) drains for \(status.pmemPersistedReplies) replies (\(String(format: "%.3f", status.drainsPerWrite)) drains per write)")
         }
+        lines.append("backing flush       \(status.backingFlush ?? "unknown")")
         if let failure = status.failure { lines.append("FAILED              \(failure)") }
         lines.append("counters")
         for (name, value) in status.blockCounts.sorted(by: { $0.key < $1.key }) {
