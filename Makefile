@@ -33,10 +33,27 @@ release: deps
 ## Serve the embedded default stack: a 1 GiB backing file and a 256 MiB cache file under var/,
 ## with the write buffer in a pmem file on /dev/shm, on var/sluice.sock. The cache is formatted
 ## on the first run and recovered on later ones.
-PMEM ?= /dev/shm/sluice-$(shell id -u)-default.pmem
+# The pmem file is this checkout's own: /dev/shm is shared by every checkout of a user, so the
+# name carries the checkout's directory and a hash of its path, and a second clone (or this one
+# after `make clean`) never finds another cache's write buffer there.
+USER_ID := $(shell id -u)
+CHECKOUT_PMEM := /dev/shm/sluice-$(USER_ID)-$(notdir $(CURDIR))-$(shell printf '%s' '$(CURDIR)' | sha256sum | cut -c1-10).pmem
+PMEM ?= $(CHECKOUT_PMEM)
+# Where every checkout kept it before; `make run` takes it over if it is this checkout's cache's.
+SHARED_PMEM := /dev/shm/sluice-$(USER_ID)-default.pmem
+RECOVER := .build/release/sluice-recover
 run: release
 	@mkdir -p $(VAR)
 	@[ -e $(VAR)/disk.img ] || truncate -s 1G $(VAR)/disk.img
+	@# An older Makefile's shared pmem file: moved here only if `check` says it is this cache's.
+	@if [ -e $(VAR)/cache.img ] && [ ! -e $(PMEM) ] && [ "$(PMEM)" = "$(CHECKOUT_PMEM)" ] && [ -e $(SHARED_PMEM) ]; then \
+		$(RECOVER) check --cache $(VAR)/cache.img --pmem $(SHARED_PMEM) >/dev/null 2>&1; \
+		if [ $$? -le 1 ]; then echo "moving this cache's write buffer from $(SHARED_PMEM) to $(PMEM)"; mv $(SHARED_PMEM) $(PMEM); fi; \
+	fi
+	@# var/ deleted by hand leaves this checkout's pmem file behind, useless without var/cache.img.
+	@if [ ! -e $(VAR)/cache.img ] && [ -e $(PMEM) ] && [ "$(PMEM)" = "$(CHECKOUT_PMEM)" ] && flock -n $(PMEM) true; then \
+		echo "removing $(PMEM): its cache var/cache.img is gone (var/ was deleted without make clean)"; rm -f $(PMEM); \
+	fi
 	@if [ -e $(VAR)/cache.img ] && [ ! -e $(PMEM) ]; then \
 		echo "the pmem file $(PMEM) is gone (a reboot empties /dev/shm); re-creating it, which is safe only after a clean shutdown:"; \
 		.build/release/sluice mode --cache $(VAR)/cache.img --backing $(VAR)/disk.img --volatile --pmem $(PMEM) && \
@@ -92,5 +109,19 @@ bench-pmem: release .build/fua_load
 	@mkdir -p .build
 	cc -O2 -Wall -Wextra -pthread -o $@ bench/fua_load.c $$(pkg-config --cflags --libs libnbd)
 
+## Remove the build and the default stack: var/ and this checkout's pmem file (give the same
+## PMEM=... as to `make run` if you overrode it). That deletes the default export's data, whether
+## or not the cache had written it back: var/disk.img goes with var/, so draining the cache into
+## it first would be pointless. To keep the data, copy the export out while `make run` serves it
+## (nbdcopy 'nbd+unix:///?socket=var/sluice.sock' backup.img). Refused while a server holds the
+## cache (its files are flock'ed), so a running `make run` never loses its files under it.
 clean:
-	rm -rf .build var
+	@busy=; for file in $(VAR)/cache.img $(VAR)/disk.img $(PMEM); do \
+		[ ! -e $$file ] || flock -n $$file true || busy="$$busy $$file"; \
+	done; \
+	if [ -n "$$busy" ]; then \
+		echo "make clean: a running server holds$$busy; stop it first (Ctrl-C where make run runs, or kill -TERM its pid), then run make clean again" >&2; \
+		exit 1; \
+	fi
+	rm -rf .build $(VAR)
+	rm -f $(PMEM)

@@ -46,7 +46,9 @@ public enum OfflineDrain {
 
     /// Drains the cache at `cachePath` into `backing`. `progress` is called about every
     /// `progressIntervalSeconds` from a background thread.
-    public static func drain(cachePath: String, backing: BackingLocation, pmemPath: String?, logger: Logger,
+    /// `backingDurableOnAcknowledgement` accepts an export without flush (`--backing-durable-on-ack`).
+    public static func drain(cachePath: String, backing: BackingLocation, backingDurableOnAcknowledgement: Bool = false,
+                             pmemPath: String?, logger: Logger,
                              progressIntervalSeconds: Double = 1, progress: @escaping (Progress) -> Void) throws -> Result {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         defer { try? group.syncShutdownGracefully() }
@@ -55,8 +57,9 @@ public enum OfflineDrain {
         var tunables = CacheTunables()
         // No background pacing: a drain wants the backing store's full speed.
         tunables.writebackThresholdPercent = 100
-        let volume = try CacheVolume.open(cachePath: cachePath, backing: backing, pmemPath: pmemPath, eventLoop: group.next(),
-                                          tunables: tunables, logger: logger)
+        let volume = try CacheVolume.open(cachePath: cachePath, backing: backing,
+                                          backingDurableOnAcknowledgement: backingDurableOnAcknowledgement, pmemPath: pmemPath,
+                                          eventLoop: group.next(), tunables: tunables, logger: logger)
         var closed = false
         defer { if !closed { try? volume.close() } }
         let atStart = try volume.withEngine { $0.dirtyBlocks }.wait()
@@ -83,9 +86,10 @@ public enum OfflineDrain {
     /// Drains, then makes the cache device (and pmem file) unusable as this backing store's cache:
     /// its superblock header is erased, so it can never be attached again by mistake and the
     /// backing store is complete on its own.
-    public static func detach(cachePath: String, backing: BackingLocation, pmemPath: String?, logger: Logger,
-                              progress: @escaping (Progress) -> Void) throws -> Result {
-        let result = try drain(cachePath: cachePath, backing: backing, pmemPath: pmemPath, logger: logger, progress: progress)
+    public static func detach(cachePath: String, backing: BackingLocation, backingDurableOnAcknowledgement: Bool = false,
+                              pmemPath: String?, logger: Logger, progress: @escaping (Progress) -> Void) throws -> Result {
+        let result = try drain(cachePath: cachePath, backing: backing, backingDurableOnAcknowledgement: backingDurableOnAcknowledgement,
+                               pmemPath: pmemPath, logger: logger, progress: progress)
         let file = try BlockFile(path: cachePath, readOnly: false)
         defer { file.close() }
         let device = FileMedium(file: file)

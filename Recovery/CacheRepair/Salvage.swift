@@ -1,4 +1,5 @@
 import Logging
+import NIOPosix
 import RecoverCache
 import SluiceCache
 import SluiceFormat
@@ -36,11 +37,16 @@ public enum Salvage {
         public var wasDamaged: Bool
     }
 
-    public static func salvage(cachePath: String, backing: BackingLocation, pmemPath: String?, logger: Logger,
+    public static func salvage(cachePath: String, backing: BackingLocation, backingDurableOnAcknowledgement: Bool = false,
+                               pmemPath: String?, logger: Logger,
                                progress: @escaping (OfflineDrain.Progress) -> Void) throws -> Result {
         let inspection = try CacheInspection.inspect(cachePath: cachePath, pmemPath: pmemPath)
+        func drain() throws -> OfflineDrain.Result {
+            try OfflineDrain.drain(cachePath: cachePath, backing: backing, backingDurableOnAcknowledgement: backingDurableOnAcknowledgement,
+                                   pmemPath: pmemPath, logger: logger, progress: progress)
+        }
         guard inspection.verdict == .damaged else {
-            let drained = try OfflineDrain.drain(cachePath: cachePath, backing: backing, pmemPath: pmemPath, logger: logger, progress: progress)
+            let drained = try drain()
             let chain = inspection.report?.chain
             return Result(appliedSegments: chain?.segments.count ?? 0, lastAppliedSegmentID: chain?.lastSegmentID ?? 0,
                           lost: [], unreadable: [], drain: drained, wasDamaged: false)
@@ -48,6 +54,7 @@ public enum Salvage {
         guard let header = inspection.header, let geometry = inspection.geometry, let record = inspection.record else {
             throw SalvageError.nothingToSalvage(inspection.problems.joined(separator: "; "))
         }
+        try checkBacking(backing, durableOnAcknowledgement: backingDurableOnAcknowledgement, against: header)
 
         let file = try BlockFile(path: cachePath, readOnly: false)
         var fileIsOpen = true
@@ -147,9 +154,26 @@ public enum Salvage {
         memory = nil
         file.close()
         fileIsOpen = false
-        let drained = try OfflineDrain.drain(cachePath: cachePath, backing: backing, pmemPath: pmemPath, logger: logger, progress: progress)
+        let drained = try drain()
         return Result(appliedSegments: report.chain.segments.count, lastAppliedSegmentID: end, lost: ranges(lostBlocks),
                       unreadable: unreadable, drain: drained, wasDamaged: true)
+    }
+
+    /// Proves, before anything is repaired, that the drain at the end will accept the backing
+    /// store (reachable, writable, able to flush or declared durable on acknowledgement, the one
+    /// the cache was formatted for): refused only after the repair, salvage run again would find
+    /// a consistent cache and just drain it, and the list of lost blocks would be gone.
+    private static func checkBacking(_ backing: BackingLocation, durableOnAcknowledgement: Bool, against header: SuperblockHeader) throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let opened = try OpenedBacking(backing, eventLoop: group.next(), durableOnAcknowledgement: durableOnAcknowledgement)
+        defer { opened.close() }
+        guard header.backingIdentity == backing.identity else {
+            throw FormatError.wrongBacking(expected: header.backingIdentity, found: backing.identity)
+        }
+        guard header.backingSizeBytes == opened.sizeBytes else {
+            throw FormatError.backingSizeChanged(expected: header.backingSizeBytes, found: opened.sizeBytes)
+        }
     }
 
     /// The pmem area a recovery error is about.

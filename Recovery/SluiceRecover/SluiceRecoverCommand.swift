@@ -109,6 +109,13 @@ struct DrainOptions: ParsableArguments {
 
     @Option(name: .long, help: ArgumentHelp("The backing store the cache was formatted for.", valueName: "path|uri"))
     var backing: String
+
+    @Flag(name: .customLong("backing-durable-on-ack"), help: ArgumentHelp(BackingLocation.durableOnAcknowledgementHelp))
+    var backingDurableOnAck = false
+
+    func validate() throws {
+        if backingDurableOnAck, let misuse = BackingLocation(backing).durableOnAcknowledgementMisuse() { throw ValidationError(misuse) }
+    }
 }
 
 /// Progress of a drain: a bar on a terminal, a plain line otherwise.
@@ -149,12 +156,12 @@ extension DrainOptions {
     /// Runs one of the commands that drain (`drain`, `detach`, `salvage`) with a progress
     /// printer; a failure ends the progress line, prints the error and exits 1.
     func runDraining<Result>(_ command: String,
-                             _ body: (_ cache: String, _ backing: BackingLocation, _ pmem: String?, _ logger: Logger,
+                             _ body: (_ cache: String, _ backing: BackingLocation, _ durableOnAck: Bool, _ pmem: String?, _ logger: Logger,
                                       _ progress: @escaping (OfflineDrain.Progress) -> Void) throws -> Result) throws -> Result {
         let printer = ProgressPrinter()
         defer { printer.finish() }
         do {
-            return try body(location.cache, BackingLocation(backing), location.pmem, quietLogger(), printer.show)
+            return try body(location.cache, BackingLocation(backing), backingDurableOnAck, location.pmem, quietLogger(), printer.show)
         } catch {
             printer.finish()
             throw fail(command, error, code: 1)
@@ -172,7 +179,7 @@ struct DrainCommand: ParsableCommand {
 
     func run() throws {
         let result = try options.runDraining("drain") {
-            try OfflineDrain.drain(cachePath: $0, backing: $1, pmemPath: $2, logger: $3, progress: $4)
+            try OfflineDrain.drain(cachePath: $0, backing: $1, backingDurableOnAcknowledgement: $2, pmemPath: $3, logger: $4, progress: $5)
         }
         print("drained \(options.location.cache): \(result.dirtyBlocksAtStart) dirty blocks written back to \(options.backing) "
               + "with \(result.backingWriteRequests) writes in \(String(format: "%.1f", result.seconds)) s; the cache is clean")
@@ -189,7 +196,7 @@ struct DetachCommand: ParsableCommand {
 
     func run() throws {
         let result = try options.runDraining("detach") {
-            try OfflineDrain.detach(cachePath: $0, backing: $1, pmemPath: $2, logger: $3, progress: $4)
+            try OfflineDrain.detach(cachePath: $0, backing: $1, backingDurableOnAcknowledgement: $2, pmemPath: $3, logger: $4, progress: $5)
         }
         print("detached \(options.location.cache) from \(options.backing): \(result.dirtyBlocksAtStart) dirty blocks written back; "
               + "the backing store is complete on its own and the cache device no longer holds a cache")
@@ -209,7 +216,7 @@ struct SalvageCommand: ParsableCommand {
 
     func run() throws {
         let result = try options.runDraining("salvage") {
-            try Salvage.salvage(cachePath: $0, backing: $1, pmemPath: $2, logger: $3, progress: $4)
+            try Salvage.salvage(cachePath: $0, backing: $1, backingDurableOnAcknowledgement: $2, pmemPath: $3, logger: $4, progress: $5)
         }
         guard result.wasDamaged else {
             print("\(options.location.cache) is not damaged: drained \(result.drain.dirtyBlocksAtStart) dirty blocks; nothing was lost")

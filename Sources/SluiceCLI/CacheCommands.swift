@@ -95,15 +95,20 @@ struct FormatCommand: ParsableCommand {
     @Flag(name: .long, help: "Erase a device (or pmem file) that already holds a Sluice cache.")
     var force = false
 
+    @Flag(name: .customLong("backing-durable-on-ack"), help: ArgumentHelp(BackingLocation.durableOnAcknowledgementHelp))
+    var backingDurableOnAck = false
+
     func validate() throws {
         _ = try parseSize(segmentSize)
+        try validateDurableOnAck(backingDurableOnAck, backing: backing)
     }
 
     func run() throws {
         let segmentBytes = try parseSize(segmentSize)
         let location = BackingLocation(backing)
         do {
-            let (cacheFile, expectation) = try openOffline(cachePath: cache, backing: location, mode: pmem == nil ? .volatile : .pmem)
+            let (cacheFile, expectation) = try openOffline(cachePath: cache, backing: location, durableOnAck: backingDurableOnAck,
+                                                           mode: pmem == nil ? .volatile : .pmem)
             defer { cacheFile.close() }
             let opened = try CacheStartup.format(cacheFile: cacheFile, segmentBytes: segmentBytes, expectation: expectation,
                                                  force: force, pmemPath: pmem)
@@ -123,12 +128,12 @@ struct FormatCommand: ParsableCommand {
 /// identity and size, and `mode`. The cache device is opened first: while a server holds it, the
 /// refusal names the cache (the file the command changes), not the backing store the server also
 /// holds.
-func openOffline(cachePath: String, backing location: BackingLocation,
+func openOffline(cachePath: String, backing location: BackingLocation, durableOnAck: Bool,
                  mode: SuperblockHeader.Mode) throws -> (BlockFile, CacheSuperblock.Expectation) {
     let cacheFile = try BlockFile(path: cachePath, readOnly: false)
     do {
-        let expectation = CacheSuperblock.Expectation(backingIdentity: location.identity,
-                                                      backingSizeBytes: try backingSizeBytes(location), mode: mode)
+        let size = try backingSizeBytes(location, durableOnAck: durableOnAck)
+        let expectation = CacheSuperblock.Expectation(backingIdentity: location.identity, backingSizeBytes: size, mode: mode)
         return (cacheFile, expectation)
     } catch {
         cacheFile.close()
@@ -136,8 +141,9 @@ func openOffline(cachePath: String, backing location: BackingLocation,
     }
 }
 
-/// The size of a backing store, opened (and locked) only to learn it and prove it is usable.
-func backingSizeBytes(_ location: BackingLocation) throws -> UInt64 {
+/// The size of a backing store, opened (and locked) only to learn it and prove it is usable: an
+/// export that cannot flush is refused here, before anything is written, unless `durableOnAck`.
+func backingSizeBytes(_ location: BackingLocation, durableOnAck: Bool) throws -> UInt64 {
     switch location {
     case .file(let path):
         // Open (and lock) the backing store only to learn its size and prove it is usable.
@@ -147,10 +153,15 @@ func backingSizeBytes(_ location: BackingLocation) throws -> UInt64 {
     case .nbd:
         let group = MultiThreadedEventLoopGroupShim()
         defer { group.shutdown() }
-        let opened = try OpenedBacking(location, eventLoop: group.loop)
+        let opened = try OpenedBacking(location, eventLoop: group.loop, durableOnAcknowledgement: durableOnAck)
         defer { opened.close() }
         return opened.sizeBytes
     }
+}
+
+/// Refuses `--backing-durable-on-ack` where it cannot apply (a file or block device is always synced).
+func validateDurableOnAck(_ flag: Bool, backing: String) throws {
+    if flag, let misuse = BackingLocation(backing).durableOnAcknowledgementMisuse() { throw ValidationError(misuse) }
 }
 
 /// `sluice mode`: switches a cache between volatile and pmem mode, offline.
@@ -186,16 +197,21 @@ struct ModeCommand: ParsableCommand {
     @Flag(name: .long, help: "Replace a file at the --pmem path that already holds a Sluice write buffer; or leave pmem mode without the pmem file after a crash, losing what only it held.")
     var force = false
 
+    @Flag(name: .customLong("backing-durable-on-ack"), help: ArgumentHelp(BackingLocation.durableOnAcknowledgementHelp))
+    var backingDurableOnAck = false
+
     func validate() throws {
         guard pmem != nil else {
             throw ValidationError("give the pmem file: --pmem PATH (a new one to enter pmem mode, or the cache's own with --volatile to leave it)")
         }
+        try validateDurableOnAck(backingDurableOnAck, backing: backing)
     }
 
     func run() throws {
         let location = BackingLocation(backing)
         do {
-            let (cacheFile, expectation) = try openOffline(cachePath: cache, backing: location, mode: volatile ? .pmem : .volatile)
+            let (cacheFile, expectation) = try openOffline(cachePath: cache, backing: location, durableOnAck: backingDurableOnAck,
+                                                           mode: volatile ? .pmem : .volatile)
             defer { cacheFile.close() }
             let result = try CacheStartup.switchMode(cacheFile: cacheFile, expectation: expectation, to: volatile ? .volatile : .pmem,
                                                      pmemPath: pmem, force: force)
@@ -286,6 +302,7 @@ struct StatusCommand: ParsableCommand {
         if status.mode == "pmem" {
             lines.append("pmem                \(status.pmemDrains) drains for \(status.pmemPersistedReplies) replies (\(String(format: "%.3f", status.drainsPerWrite)) drains per write)")
         }
+        lines.append("backing flush       \(status.backingFlush ?? "unknown")")
         if let failure = status.failure { lines.append("FAILED              \(failure)") }
         lines.append("counters")
         for (name, value) in status.blockCounts.sorted(by: { $0.key < $1.key }) {

@@ -25,6 +25,10 @@ struct ServeCommand: ParsableCommand {
             127.0.0.1:10809. A cache's control endpoint (for `sluice status`, `set` and `drain`) \
             listens beside the NBD socket at SOCKET.control, or at --control PATH.
 
+            A remote backing export must advertise flush: writeback syncs the backing store \
+            before it marks anything clean. One that does not is refused, unless \
+            --backing-durable-on-ack says every write it acknowledges is already durable.
+
             Examples:
               sluice serve --backing disk.img --socket /tmp/sluice.sock
                   then: nbdinfo 'nbd+unix:///?socket=/tmp/sluice.sock'
@@ -79,6 +83,9 @@ struct ServeCommand: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("The control endpoint's Unix socket (default: the NBD socket's path + .control).", valueName: "path"))
     var control: String?
 
+    @Flag(name: .customLong("backing-durable-on-ack"), help: ArgumentHelp(BackingLocation.durableOnAcknowledgementHelp))
+    var backingDurableOnAck = false
+
     @OptionGroup(title: "Cache tunables (also changeable at run time with `sluice set`)")
     var tunableOptions: TunableOptions
 
@@ -116,8 +123,10 @@ struct ServeCommand: ParsableCommand {
                 throw ValidationError("say which buffer the cache uses: --pmem PATH (persistent memory; FUA and FLUSH cost a drain) or --volatile (DRAM; FUA and FLUSH write partial segments), not both")
             }
             _ = try tunableOptions.tunables()
+            try validateDurableOnAck(backingDurableOnAck, backing: backing[0])
         } else {
             if volatile || pmem != nil { throw ValidationError("--volatile and --pmem apply to a cache; give the cache device with --cache PATH") }
+            if backingDurableOnAck { throw ValidationError("--backing-durable-on-ack applies to a cache's remote backing export; give the cache device with --cache PATH") }
             if control != nil { throw ValidationError("--control applies to a cache; give the cache device with --cache PATH") }
             if backing.contains(where: { if case .nbd = BackingLocation($0) { return true } else { return false } }) {
                 throw ValidationError("an NBD export can be a backing store only behind a cache (--cache PATH)")
@@ -146,8 +155,9 @@ struct ServeCommand: ParsableCommand {
         if let cache {
             let volume: CacheVolume
             do {
-                volume = try CacheVolume.open(cachePath: cache, backing: BackingLocation(backing[0]), pmemPath: pmem, eventLoop: group.next(),
-                                              tunables: try tunableOptions.tunables(), logger: logger)
+                volume = try CacheVolume.open(cachePath: cache, backing: BackingLocation(backing[0]),
+                                              backingDurableOnAcknowledgement: backingDurableOnAck, pmemPath: pmem,
+                                              eventLoop: group.next(), tunables: try tunableOptions.tunables(), logger: logger)
             } catch {
                 logger.critical("\(error)")
                 try? group.syncShutdownGracefully()

@@ -103,7 +103,7 @@ private final class ControlHandler: ChannelInboundHandler {
         switch (head.method, path) {
         case (.GET, "/status"):
             volume.withEngine { $0.status() }.hop(to: loop).whenComplete { result in
-                self.respond(result.map { Self.encode($0) }, head: head, context: context)
+                self.respond(result.map { self.encode($0) }, head: head, context: context)
             }
         case (.POST, "/set"):
             guard let key = query["key"], let text = query["value"], let value = Int(text) else {
@@ -116,7 +116,7 @@ private final class ControlHandler: ChannelInboundHandler {
                 switch result {
                 case .success(.success(let status)):
                     self.logger.notice("tunable changed", metadata: ["key": "\(key)", "value": "\(value)"])
-                    self.respond(.success(Self.encode(status)), head: head, context: context)
+                    self.respond(.success(self.encode(status)), head: head, context: context)
                 case .success(.failure(let error)):
                     self.respond(.failure(error), status: .badRequest, head: head, context: context)
                 case .failure(let error):
@@ -130,7 +130,7 @@ private final class ControlHandler: ChannelInboundHandler {
                 engine.writeBackAll { result in promise.completeWith(result.map { engine.status() }) }
                 return promise.futureResult
             }.hop(to: loop).whenComplete { result in
-                self.respond(result.map { Self.encode($0) }, head: head, context: context)
+                self.respond(result.map { self.encode($0) }, head: head, context: context)
             }
         default:
             respond(.failure(ControlError.failed(404, "unknown request \(head.method) \(path); try GET /status, POST /set, POST /drain")),
@@ -138,7 +138,10 @@ private final class ControlHandler: ChannelInboundHandler {
         }
     }
 
-    static func encode(_ status: CacheStatus) -> Data {
+    /// The status as JSON, with what only the volume knows: how its backing store is synced.
+    func encode(_ status: CacheStatus) -> Data {
+        var status = status
+        status.backingFlush = volume.backingFlush
         return (try? CacheStatus.jsonEncoder().encode(status)) ?? Data("{}".utf8)
     }
 

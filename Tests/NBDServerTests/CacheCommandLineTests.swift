@@ -182,6 +182,7 @@ final class CacheCommandLineTests: XCTestCase {
         XCTAssertNotNil(json["cache_bytes_written"])
         XCTAssertEqual(json["backing_bytes_written"] as? Int, 0, "writeback_threshold 0: nothing written back yet")
         XCTAssertEqual((json["tunables"] as? [String: Int])?["writeback_threshold"], 0)
+        XCTAssertEqual(json["backing_flush"] as? String, "flush", "a backing file is synced with fdatasync")
 
         let human = try run(["status", "--socket", socket])
         XCTAssertTrue(human.output.contains("dirty") && human.output.contains("write_miss_buffer_full"), human.output)
@@ -237,5 +238,63 @@ final class CacheCommandLineTests: XCTestCase {
         stop(server)
         let remote = try Data(contentsOf: URL(fileURLWithPath: image))
         XCTAssertEqual(Array(remote[0..<(1 << 20)]), expected, "the remote export holds the written-back data")
+    }
+
+    /// A remote export that does not advertise flush (nbdkit's eval plugin over a file) could not
+    /// make written-back data durable: format, serve, mode and sluice-recover drain refuse it with
+    /// the reason and the fix. With --backing-durable-on-ack they accept it, status says syncing
+    /// it is a no-op, and a drain leaves the data in the export.
+    func testARemoteExportWithoutFlushIsRefusedUnlessDeclaredDurableOnAcknowledgement() throws {
+        let image = try makeFile("noflush.img", sizeBytes: 8 << 20)
+        let remoteSocket = directory + "/noflush.sock"
+        let nbdkit = Process()
+        nbdkit.executableURL = URL(fileURLWithPath: "/usr/bin/nbdkit")
+        nbdkit.arguments = ["-f", "-U", remoteSocket, "eval", "get_size=echo \(8 << 20)",
+                            "pread=dd if='\(image)' skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
+                            "pwrite=dd of='\(image)' seek=$4 conv=notrunc oflag=seek_bytes status=none",
+                            "can_write=exit 0", "can_flush=exit 3"]
+        nbdkit.standardError = FileHandle.nullDevice
+        try nbdkit.run()
+        defer { stop(nbdkit) }
+        for _ in 0..<500 where !FileManager.default.fileExists(atPath: remoteSocket) { usleep(20_000) }
+        let uri = "nbd+unix:///?socket=\(remoteSocket)"
+        XCTAssertEqual(try SluiceBinary.runProgram("/usr/bin/nbdinfo", ["--can", "flush", uri]).status, 2,
+                       "the export must not advertise flush (nbdinfo --can flush exits 2)")
+        let cache = try makeFile("cache.img", sizeBytes: 4 << 20)
+        let socket = directory + "/s.sock"
+        func assertRefused(_ result: (status: Int32, output: String, errors: String), _ what: String, line: UInt = #line) {
+            XCTAssertEqual(result.status, 1, what, line: line)
+            XCTAssertTrue(result.errors.contains("does not advertise flush") && result.errors.contains("--backing-durable-on-ack"),
+                          "\(what): \(result.errors)", line: line)
+        }
+
+        assertRefused(try run(["format", "--cache", cache, "--backing", uri, "--segment-size", "64K"]), "format")
+        let durable = ["--backing-durable-on-ack"]
+        let formatted = try run(["format", "--cache", cache, "--backing", uri, "--segment-size", "64K"] + durable)
+        XCTAssertEqual(formatted.status, 0, formatted.errors)
+        assertRefused(try run(["serve", "--cache", cache, "--backing", uri, "--volatile", "--socket", socket]), "serve")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: socket), "nothing was served")
+        let onAFile = try run(["serve", "--cache", cache, "--backing", image, "--volatile", "--socket", socket] + durable)
+        XCTAssertEqual(onAFile.status, 64, "the flag means nothing for a file")
+        XCTAssertTrue(onAFile.errors.contains("leave the flag out"), onAFile.errors)
+
+        let server = try startServer(cache: cache, backing: uri, socket: socket, extra: durable + ["--writeback-threshold", "0"])
+        let client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
+        let bytes = [UInt8](repeating: 0x5A, count: 2 * 4096)
+        try client.write(bytes, offset: 64 << 10, flags: NBDFlag.fua)
+        let status = try run(["status", "--json", "--socket", socket])
+        let json = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(status.output.utf8)) as? [String: Any], status.errors)
+        XCTAssertEqual(json["backing_flush"] as? String, "none (durable on acknowledgement, by --backing-durable-on-ack)")
+        XCTAssertTrue(try run(["status", "--socket", socket]).output.contains("backing flush       none (durable on acknowledgement"))
+        XCTAssertEqual(try run(["drain", "--socket", socket]).status, 0)
+        XCTAssertEqual(SluiceBinary.stop(server), 0, "a clean shutdown syncs the backing store as a no-op")
+        let remote = try Data(contentsOf: URL(fileURLWithPath: image))
+        XCTAssertEqual(Array(remote[(64 << 10)..<((64 << 10) + bytes.count)]), bytes, "the export holds the written-back data")
+
+        assertRefused(try run(["mode", "--cache", cache, "--backing", uri, "--pmem", directory + "/noflush.pmem"]), "mode")
+        let recover = { (arguments: [String]) in try SluiceBinary.runProgram(SluiceBinary.recoverPath, arguments) }
+        assertRefused(try recover(["drain", "--cache", cache, "--backing", uri]), "sluice-recover drain")
+        let drained = try recover(["drain", "--cache", cache, "--backing", uri] + durable)
+        XCTAssertEqual(drained.status, 0, drained.errors)
     }
 }

@@ -173,6 +173,14 @@ extension PmemCommandLineTests {
         XCTAssertEqual(checked.status, 2, checked.output)
         XCTAssertTrue(checked.output.contains("the log ends at 39"), checked.output)
 
+        // A backing store the final drain would refuse is refused before anything is repaired, so
+        // the damage, and the list of what it lost, are still there for the right one.
+        let other = try file("salvage-other.img", sizeBytes: volumeBytes)
+        let refused = try recoverTool(["salvage", "--cache", cache, "--backing", other, "--pmem", pmem])
+        XCTAssertEqual(refused.status, 1, refused.output)
+        XCTAssertTrue(refused.errors.contains("belongs to backing store"), refused.errors)
+        XCTAssertEqual(try recoverTool(["check", "--cache", cache, "--pmem", pmem]).status, 2, "the refused salvage repaired nothing")
+
         let salvaged = try recoverTool(["salvage", "--cache", cache, "--backing", backing, "--pmem", pmem])
         XCTAssertEqual(salvaged.status, 0, salvaged.errors)
         XCTAssertTrue(salvaged.output.contains("through segment 39"), salvaged.output)

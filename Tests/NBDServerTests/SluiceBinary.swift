@@ -12,6 +12,11 @@ enum SluiceBinary {
         return root.appendingPathComponent(".build/debug/sluice").path
     }
 
+    /// The built sluice-recover, beside sluice.
+    static var recoverPath: String {
+        URL(fileURLWithPath: path).deletingLastPathComponent().appendingPathComponent("sluice-recover").path
+    }
+
     /// Runs sluice to completion; returns its exit status, standard output and standard error.
     @discardableResult
     static func run(_ arguments: [String], timeoutSeconds: Double = 300,

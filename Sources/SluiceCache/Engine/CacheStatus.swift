@@ -86,6 +86,9 @@ public struct CacheStatus: Codable, Sendable, Equatable {
     /// dm-writeboost's sixteen counters by name (`write_hit_buffer_full`, ...).
     public var blockCounts: [String: UInt64]
     public var tunables: [String: Int]
+    /// How writeback makes the backing store durable: "flush", or "none (durable on
+    /// acknowledgement, …)". The volume knows it, not the engine: the control endpoint sets it.
+    public var backingFlush: String? = nil
 }
 
 extension CacheEngine {

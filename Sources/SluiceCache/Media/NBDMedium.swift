@@ -23,6 +23,9 @@ public final class NBDMedium: BlockMedium, @unchecked Sendable {
     private var pollThread: Thread?
     private let stopped = DispatchSemaphore(value: 0)
     private let canFlush: Bool
+    /// The operator's word that the export's writes are durable once acknowledged, so it is
+    /// accepted although it does not advertise flush.
+    public let durableOnAcknowledgement: Bool
     private let canTrim: Bool
     private let canZero: Bool
 
@@ -37,8 +40,11 @@ public final class NBDMedium: BlockMedium, @unchecked Sendable {
         public let description: String
     }
 
-    /// Connects to `uri` (blocking) and starts the connection's thread.
-    public init(uri: String, eventLoop: any EventLoop) throws {
+    /// Connects to `uri` (blocking) and starts the connection's thread. An export that does not
+    /// advertise flush is refused unless `durableOnAcknowledgement` says its acknowledged writes
+    /// are durable: writeback marks blocks clean, and reuses their segments, only after syncing
+    /// the backing store, and without flush that sync would promise what nothing guarantees.
+    public init(uri: String, eventLoop: any EventLoop, durableOnAcknowledgement: Bool = false) throws {
         guard let handle = nbd_create() else { throw ConnectionError(description: "libnbd could not create a handle") }
         self.uri = uri
         self.handle = handle
@@ -57,8 +63,13 @@ public final class NBDMedium: BlockMedium, @unchecked Sendable {
             nbd_close(handle)
             throw ConnectionError(description: "the backing export \(uri) is read-only; a write-back cache needs to write to it")
         }
-        sizeBytes = UInt64(size)
         canFlush = nbd_can_flush(handle) == 1
+        guard canFlush || durableOnAcknowledgement else {
+            nbd_close(handle)
+            throw ConnectionError(description: Self.cannotFlushMessage(uri: uri))
+        }
+        sizeBytes = UInt64(size)
+        self.durableOnAcknowledgement = durableOnAcknowledgement
         canTrim = nbd_can_trim(handle) == 1
         canZero = nbd_can_zero(handle) == 1
         wakeFileDescriptor = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
@@ -69,8 +80,17 @@ public final class NBDMedium: BlockMedium, @unchecked Sendable {
         thread.start()
     }
 
-    /// Whether the export honours flush. Without it nothing written back can be made durable.
+    /// Whether the export honours flush. Without it nothing written back can be made durable,
+    /// unless its writes are durable once acknowledged.
     public var supportsFlush: Bool { canFlush }
+
+    /// Why an export without flush is refused, and the two ways out.
+    static func cannotFlushMessage(uri: String) -> String {
+        "the backing export \(uri) does not advertise flush, so Sluice cannot make written-back data durable "
+            + "before it marks it clean and reuses its place in the cache: a crash of the export's server could lose it. "
+            + "Serve it from an NBD server that supports flush, or, only if every write it acknowledges is already durable "
+            + "(a server with no volatile write cache), say so with --backing-durable-on-ack"
+    }
 
     /// Stops the connection's thread and disconnects. Every command must have completed.
     public func close() {
@@ -114,7 +134,12 @@ public final class NBDMedium: BlockMedium, @unchecked Sendable {
     }
 
     public func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
-        guard canFlush else { return completion(.success(())) }
+        guard canFlush else {
+            // Only an export declared durable on acknowledgement gets here (init refuses the rest):
+            // every write it acknowledged is already durable, so there is nothing to sync.
+            precondition(durableOnAcknowledgement, "an export without flush was accepted without --backing-durable-on-ack")
+            return completion(.success(()))
+        }
         issue(.done(completion)) { callback in nbd_aio_flush(self.handle, callback, 0) }
     }
 

@@ -38,8 +38,11 @@ public final class OpenedBacking {
     let file: BlockFile?
     let nbd: NBDMedium?
 
-    /// Opens (and locks) a file or device, or connects to an export whose completions go to `eventLoop`.
-    public init(_ location: BackingLocation, eventLoop: any EventLoop) throws {
+    /// Opens (and locks) a file or device, or connects to an export whose completions go to
+    /// `eventLoop`. An export that does not advertise flush is refused unless
+    /// `durableOnAcknowledgement` (`--backing-durable-on-ack`) says its writes are durable once
+    /// acknowledged; a file or device is always synced, so the flag means nothing for it.
+    public init(_ location: BackingLocation, eventLoop: any EventLoop, durableOnAcknowledgement: Bool = false) throws {
         self.location = location
         switch location {
         case .file(let path):
@@ -48,11 +51,21 @@ public final class OpenedBacking {
             nbd = nil
             sizeBytes = file.sizeBytes
         case .nbd(let uri):
-            let medium = try NBDMedium(uri: uri, eventLoop: eventLoop)
+            let medium = try NBDMedium(uri: uri, eventLoop: eventLoop, durableOnAcknowledgement: durableOnAcknowledgement)
             nbd = medium
             file = nil
             sizeBytes = medium.sizeBytes
         }
+    }
+
+    /// `backing_flush` in `sluice status` when syncing the backing store flushes it (fdatasync,
+    /// or NBD_CMD_FLUSH).
+    public static let flushes = "flush"
+
+    /// How writeback makes this backing store durable, as `sluice status` shows it.
+    public var flushPolicy: String {
+        guard let nbd, !nbd.supportsFlush else { return Self.flushes }
+        return "none (durable on acknowledgement, by --backing-durable-on-ack)"
     }
 
     public func close() {
@@ -61,15 +74,31 @@ public final class OpenedBacking {
     }
 }
 
+extension BackingLocation {
+    /// The help of `--backing-durable-on-ack`, shared by `sluice` and `sluice-recover`.
+    public static let durableOnAcknowledgementHelp =
+        "The --backing export does not advertise flush, but every write it acknowledges is already durable "
+        + "(for example a server with no volatile write cache): accept it, and treat syncing it as a no-op. "
+        + "Without this flag such an export is refused, because writeback could not make what it writes durable."
+
+    /// Why `--backing-durable-on-ack` does not apply to this backing store, if it does not: only a
+    /// remote export can lack flush; a file or block device is always synced with fdatasync.
+    public func durableOnAcknowledgementMisuse() -> String? {
+        guard case .file(let path) = self else { return nil }
+        return "--backing-durable-on-ack is for a remote NBD export that does not advertise flush; \(path) is a file "
+            + "or block device, which Sluice always syncs: leave the flag out"
+    }
+}
+
 extension CacheVolume {
     /// Opens a formatted cache device in front of its backing store: checks both, recovers the log,
     /// and starts the engine on `eventLoop`. Blocking; call it before serving, off the event loop.
     public static func open(
-        cachePath: String, backing: BackingLocation, pmemPath: String? = nil, eventLoop: any EventLoop,
-        tunables: CacheTunables, logger: Logger
+        cachePath: String, backing: BackingLocation, backingDurableOnAcknowledgement: Bool = false, pmemPath: String? = nil,
+        eventLoop: any EventLoop, tunables: CacheTunables, logger: Logger
     ) throws -> CacheVolume {
         let cacheFile = try BlockFile(path: cachePath, readOnly: false)
-        let opened = try OpenedBacking(backing, eventLoop: eventLoop)
+        let opened = try OpenedBacking(backing, eventLoop: eventLoop, durableOnAcknowledgement: backingDurableOnAcknowledgement)
         do {
             let pmem = try pmemPath.map { PmemAttachment(memory: try PmemFile.open(path: $0), path: $0) }
             let expectation = CacheSuperblock.Expectation(backingIdentity: backing.identity, backingSizeBytes: opened.sizeBytes,
@@ -95,7 +124,7 @@ extension CacheVolume {
                                    buffers: placement)
             }.wait()
             try eventLoop.flatSubmit { engine.start() }.wait()
-            let volume = CacheVolume(engine: engine)
+            let volume = CacheVolume(engine: engine, backingFlush: opened.flushPolicy)
             volume.onClose = {
                 opened.close()
                 cacheFile.close()

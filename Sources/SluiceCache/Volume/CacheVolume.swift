@@ -14,9 +14,12 @@ public final class CacheVolume: Volume, @unchecked Sendable {
     private let closed = ManagedAtomic<Bool>(false)
     /// Releases the media once the engine has shut down.
     var onClose: (() -> Void)?
+    /// How writeback makes the backing store durable (``OpenedBacking/flushPolicy``), for status.
+    public let backingFlush: String
 
-    public init(engine: CacheEngine) {
+    public init(engine: CacheEngine, backingFlush: String = OpenedBacking.flushes) {
         self.engine = engine
+        self.backingFlush = backingFlush
         // The volume ends on a sector boundary; a backing store with a ragged tail keeps it unused.
         self.sizeBytes = engine.volumeSizeBytes / 512 * 512
     }
