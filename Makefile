@@ -2,9 +2,10 @@
 SHELL := /bin/bash
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Build: liburing, libpmem, libnbd, ISA-L. Tests and bench: the NBD clients and peer servers.
+# Build: liburing, libpmem, libnbd, ISA-L. Tests and bench: the NBD clients and peer servers, and
+# matplotlib for bench-sustained's plot.
 PACKAGES := pkg-config liburing-dev libpmem-dev libnbd-dev libisal-dev \
-	libnbd-bin nbdkit qemu-utils fio nbd-server python3-libnbd
+	libnbd-bin nbdkit qemu-utils fio nbd-server python3-libnbd python3-matplotlib
 
 VAR := $(CURDIR)/var
 SOCKET := $(VAR)/sluice.sock

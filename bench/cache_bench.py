@@ -29,7 +29,7 @@ import time
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import run_fio, wait_for_socket, log  # noqa: E402
+from bench import run_fio, wait_for_socket, log, record_command  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,6 +59,7 @@ class Process:
         environment = dict(os.environ)
         if self.env:
             environment.update(self.env)
+        record_command(self.command, self.env)
         self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "w"), env=environment)
         wait_for_socket(self.socket, self.process, timeout_s=120)
 
@@ -97,6 +98,7 @@ def sparse_file(path, size_bytes):
 
 def run_checked(command):
     """Runs a set-up command, and fails with its own message when it fails."""
+    record_command(command)
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()[:500]}")
@@ -124,13 +126,16 @@ def start_sluice_cache(processes, directory, name, size_bytes, binary, cache_mib
     return unix_uri(socket)
 
 
-def start_nbdkit_cache(processes, directory, size_bytes, name="nbdkit-cache"):
-    """nbdkit's cache filter over a delayed, serialized file, as in shared/TESTBED.md."""
+def start_nbdkit_cache(processes, directory, size_bytes, name="nbdkit-cache", rate=None, extra=()):
+    """nbdkit's cache filter over a delayed, serialized file, as in shared/TESTBED.md; `rate` (e.g.
+    "1200M") adds the rate filter of the testbed's slow disk, `extra` more filter parameters."""
     image = sparse_file(os.path.join(directory, f"{name}-hdd.img"), size_bytes)
     socket = os.path.join(directory, f"{name}.sock")
+    rate_filter, rate_parameter = (["--filter=rate"], [f"rate={rate}"]) if rate else ([], [])
     server = Process(name, directory, ["nbdkit", "-f", "-U", socket, "--filter=cache", "--filter=noparallel",
-                                       "--filter=delay", "file", image, "cache=writeback", "cache-min-block-size=4K",
-                                       "serialize=all-requests", "rdelay=8ms", "wdelay=8ms"], socket,
+                                       *rate_filter, "--filter=delay", "file", image, "cache=writeback",
+                                       "cache-min-block-size=4K", "serialize=all-requests", *rate_parameter,
+                                       "rdelay=8ms", "wdelay=8ms", *extra], socket,
                      env={"TMPDIR": "/dev/shm"})
     processes.append(server)
     server.start()
