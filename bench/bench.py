@@ -185,6 +185,15 @@ def prefill(uri, size_bytes):
                    capture_output=True, check=True)
 
 
+def markdown_table(header, rows):
+    """A Markdown table with its columns padded to line up, as every bench prints its results."""
+    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
+    lines = ["| " + " | ".join(h.ljust(widths[i]) for i, h in enumerate(header)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def format_table(servers, workloads, results, reference, subject):
     header = ["workload", "server", "IOPS", "MiB/s", "mean µs", "p99 µs", f"{subject}/{reference}"]
     rows = []
@@ -199,12 +208,7 @@ def format_table(servers, workloads, results, reference, subject):
                 ratio = f"{result['iops'] / base['iops']:.2f}×"
             rows.append([workload, server, f"{result['iops']:,.0f}", f"{result['mib_s']:,.1f}",
                          f"{result['mean_us']:,.1f}", f"{result['p99_us']:,.1f}", ratio])
-    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
-    lines = ["| " + " | ".join(h.ljust(widths[i]) for i, h in enumerate(header)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(row)) + " |")
-    return "\n".join(lines)
+    return markdown_table(header, rows)
 
 
 def main():

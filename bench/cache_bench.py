@@ -29,7 +29,7 @@ import time
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import run_fio, wait_for_socket, log, record_command  # noqa: E402
+from bench import markdown_table, run_fio, wait_for_socket, log, record_command  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -287,13 +287,9 @@ def main():
                 continue
             ratio = f"{result['iops'] / base['iops']:.2f}×" if base and base["iops"] else ""
             rows.append([workload, system, f"{result['iops']:,.0f}", f"{result['mean_us']:,.1f}", f"{result['p99_us']:,.1f}", ratio])
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    lines = ["| " + " | ".join(h.ljust(widths[i]) for i, h in enumerate(header)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)) + " |" for r in rows]
     print(f"\nSlow disks: nbdkit noparallel+rate+delay (8 ms, 150 MiB/s), one per system; cache device and fast file on "
           f"{args.directory}; {args.size} MiB volumes; {args.runtime} s per workload, medians of {args.rounds} round(s).\n")
-    print("\n".join(lines))
+    print(markdown_table(header, rows))
     if "writeback" in extra:
         w = extra["writeback"]
         print(f"\nWriteback of {w['dirty_mib']} MiB of random 4k dirty data (spread over {w['region_mib']} MiB): "

@@ -16,8 +16,10 @@ request, 150 MiB/s, requests serialized), on a fresh image in --directory (the l
 Sluice's cache device is a fresh file there too. The slow disk is twice the cache, so the 150% working
 set fits. fio logs one IOPS line a second (--write_iops_log --log_avg_msec=1000) and writes none for a
 second with no completions: the timeline is rebuilt by second index from the log's timestamps, and a
-missing second counts as zero. fio never logs the window its job ends in, so the last second is left
-out of the statistics (not counted as zero); fio's total completions say how many it held.
+missing second counts as zero. fio never logs the window its job ends in, so when the job ends on time
+its last second is left out (not counted as zero; fio's total completions say how many it held). A
+server that stalls keeps fio waiting for its last requests past the run's end: those seconds are
+plotted and saved, and said under the table, but the statistics cover the run's own seconds.
 
 Prints, per system and working set: min, p10 and median of the per-second IOPS, seconds with zero
 completions (in all, and after the first fill: the second in which the total written reaches the
@@ -39,11 +41,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import command_log, log, record_command, run_fio_job  # noqa: E402
+from bench import command_log, log, markdown_table, record_command, run_fio_job  # noqa: E402
 from cache_bench import (Process, kill_processes, slow_disk, sluice_status, sparse_file,  # noqa: E402
                          start_nbdkit_cache, start_sluice_cache, start_sluice_passthrough, unix_uri)
 from pmem_bench import sluice_metrics, sluice_supports_pmem  # noqa: E402
@@ -268,8 +269,13 @@ class Bench:
                     result["write_amplification"] = sluice_metrics(status).get("write_amplification")
                 except (subprocess.CalledProcessError, ValueError, KeyError) as error:
                     result["status_error"] = str(error)
-            timeline, notes = read_timeline(prefix, job)
-            result.update(timeline=timeline, timeline_notes=notes, **summarize(timeline, self.cache_bytes))
+            # A server that stalls keeps fio waiting for its last requests after the run's end: the whole
+            # job is kept (timeline_full, and in the plot), the statistics cover the run's own seconds.
+            full, notes = read_timeline(prefix, job)
+            timeline = full[:runtime_s]
+            notes["overrun_s"] = max(0.0, (notes["job_runtime_ms"] - runtime_s * 1000) / 1000)
+            result.update(timeline=timeline, timeline_full=full, timeline_notes=notes,
+                          **summarize(timeline, self.cache_bytes))
             return result
         except RuntimeError as error:
             raise RuntimeError(f"{error}{self.server_log_tail()}") from None
@@ -303,7 +309,8 @@ def table(results, reference, slow):
     for r in results:
         ratio = ""
         if reference and reference.get("median") and r.get("median") is not None:
-            ratio = f"{r['median'] / reference['median']:.2f}×"
+            value = r["median"] / reference["median"]
+            ratio = f"{value:.2f}×" if value >= 0.01 or value == 0 else f"{value:.4f}×"
         after = "no fill"
         if r.get("first_fill_second") is not None:
             after = f"{r['zero_seconds_after_first_fill']} ({r['first_fill_second'] + 1})"
@@ -313,11 +320,7 @@ def table(results, reference, slow):
     if slow is not None:
         rows.append([f"slow-disk alone ({slow['runtime_s']} s)", f"{slow['working_set_percent']}%", fmt(slow["min"]),
                      fmt(slow["p10"]), fmt(slow["median"]), str(slow["zero_seconds"]), "", "", "", ""])
-    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
-    lines = ["| " + " | ".join(h.ljust(widths[i]) for i, h in enumerate(header)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(row)) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(header, rows)
 
 
 def plot(path, results, reference, slow, working_sets, cache_mib, subtitle):
@@ -335,7 +338,7 @@ def plot(path, results, reference, slow, working_sets, cache_mib, subtitle):
         for r in results:
             if r["working_set_percent"] != percent:
                 continue
-            y = [max(v, floor) for v in r["timeline"]]
+            y = [max(v, floor) for v in r["timeline_full"]]
             x = list(range(1, len(y) + 1))
             axis.plot(x, y, label=r["system"], color=colors.get(r["system"]), linewidth=1.2)
             if r.get("first_fill_second") is not None:
@@ -345,6 +348,10 @@ def plot(path, results, reference, slow, working_sets, cache_mib, subtitle):
             y = [max(v, floor) for v in reference["timeline"]]
             axis.plot(list(range(1, len(y) + 1)), y, label=f"sluice-passthrough ({reference['working_set_percent']}% set, reference)",
                       color="black", linestyle="--", linewidth=1)
+        if any(len(r["timeline_full"]) > r["runtime_s"] for r in results if r["working_set_percent"] == percent):
+            runtime_s = max(r["runtime_s"] for r in results)
+            axis.axvspan(runtime_s + 0.5, max(len(r["timeline_full"]) for r in results) + 0.5, color="gray", alpha=0.12,
+                         label="after the run's end: fio waits for its last requests")
         if slow is not None and percent == max(working_sets):
             axis.axhline(slow["median"], color="gray", linestyle=":", label=f"slow disk alone (median {slow['median']:,.0f})")
         axis.set_yscale("log")
@@ -352,7 +359,7 @@ def plot(path, results, reference, slow, working_sets, cache_mib, subtitle):
         axis.set_xlabel("second (| = first fill: total written reaches the cache size)")
         axis.set_ylabel("IOPS (a second with none drawn at 1)")
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize="small", loc="lower left")
+        axis.legend(fontsize="small", loc="best")
     figure.suptitle(f"4k random writes, QD32, fio nbd engine: IOPS per second\n{subtitle}", fontsize="medium")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -455,9 +462,12 @@ def main():
     started = datetime.now(timezone.utc)
     machine = machine_info(args)
 
+    # Ctrl-C and SIGTERM both stop the run and clean up (SIGINT too when started with it ignored, as a
+    # shell does for background jobs).
     def terminate(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     results, failed = [], {}
     reference = slow = None
@@ -504,7 +514,7 @@ def main():
         bench.clean()
         shutil.rmtree(directory, ignore_errors=True)
 
-    seconds = sorted({r["seconds"] for r in results + [x for x in (reference, slow) if x]})
+    seconds = sorted({r["seconds"] for r in results + [x for x in (reference,) if x]})
     cache_results = sorted(results, key=lambda r: (working_sets.index(r["working_set_percent"]), CACHES.index(r["system"])))
     print(f"\n4k random writes at QD32 (fio nbd engine), {args.runtime} s a run on fresh images, no warmup; cache "
           f"{args.cache_mib} MiB (Sluice's cache device on {args.directory}, 1 MiB segments; pmem file in {args.pmem_directory}); "
@@ -520,6 +530,11 @@ def main():
         print(table(([reference] if reference else []) + cache_results, reference, slow))
     if reference is None:
         print("\n(no sluice-passthrough result: the ratio column is empty)")
+    for r in ([reference] if reference else []) + cache_results:
+        if r["timeline_notes"]["overrun_s"] >= 1:
+            print(f"\n{r['system']} {r['working_set_percent']}%: fio's last requests completed "
+                  f"{r['timeline_notes']['overrun_s']:.1f} s after the {r['runtime_s']} s run ended (those seconds are "
+                  f"in the plot and the JSON's timeline_full, not in the table)")
     for r in cache_results:
         if r["system"] in SLUICE_CACHES:
             where = f"{r['system']} {r['working_set_percent']}%"
