@@ -85,8 +85,9 @@ def slow_disk(directory, name, size_bytes):
     return Process(f"{name}-hdd", directory, command, socket)
 
 
-def sluice_status(binary, socket):
-    result = subprocess.run([binary, "status", "--json", "--socket", socket], capture_output=True, text=True, check=True)
+def sluice_status(binary, socket, timeout_s=120):
+    result = subprocess.run([binary, "status", "--json", "--socket", socket], capture_output=True, text=True, check=True,
+                            timeout=timeout_s)
     return json.loads(result.stdout)
 
 

@@ -267,7 +267,7 @@ class Bench:
                     result["status"] = status
                     result["status_highlights"] = status_highlights(status)
                     result["write_amplification"] = sluice_metrics(status).get("write_amplification")
-                except (subprocess.CalledProcessError, ValueError, KeyError) as error:
+                except (subprocess.SubprocessError, ValueError, KeyError) as error:
                     result["status_error"] = str(error)
             # A server that stalls keeps fio waiting for its last requests after the run's end: the whole
             # job is kept (timeline_full, and in the plot), the statistics cover the run's own seconds.
@@ -519,9 +519,9 @@ def main():
     print(f"\n4k random writes at QD32 (fio nbd engine), {args.runtime} s a run on fresh images, no warmup; cache "
           f"{args.cache_mib} MiB (Sluice's cache device on {args.directory}, 1 MiB segments; pmem file in {args.pmem_directory}); "
           f"slow disks (nbdkit noparallel+rate+delay, 8 ms, 150 MiB/s) of {bench.volume_bytes >> 20} MiB, one per system; "
-          f"working sets {', '.join(f'{w}%' for w in working_sets)} of the cache. Per-second IOPS over the "
-          f"{'/'.join(str(n) for n in seconds) or 'no'} s logged a run (fio never logs the second its job ends in); a "
-          f"second without a log line counts as zero. "
+          f"working sets {', '.join(f'{w}%' for w in working_sets)} of the cache. Per-second IOPS over each run's "
+          f"logged seconds ({' or '.join(str(n) for n in seconds) or 'none'} here: fio does not log the second its job ends "
+          f"in); a second without a log line counts as zero. "
           f"fill = the second in which the total written reaches the cache size. Load average at start "
           f"{' '.join(machine['loadavg'])}: the machine is shared.\n")
     if nbdkit_limit_note:
