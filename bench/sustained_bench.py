@@ -332,7 +332,7 @@ def plot(path, results, reference, slow, working_sets, cache_mib, subtitle):
     except ImportError:
         return f"no plot: matplotlib is not installed for {sys.executable} (make deps installs python3-matplotlib)"
     floor = 1   # a second with no completions is drawn at 1 IOPS (log scale)
-    figure, axes = plt.subplots(1, len(working_sets), figsize=(7.5 * len(working_sets), 5), sharey=True, squeeze=False)
+    figure, axes = plt.subplots(1, len(working_sets), figsize=(7.5 * len(working_sets), 6.2), sharey=True, squeeze=False)
     colors = {"sluice-pmem": "tab:blue", "sluice-volatile": "tab:orange", "nbdkit-cache": "tab:green"}
     for axis, percent in zip(axes[0], working_sets):
         for r in results:
@@ -359,7 +359,7 @@ def plot(path, results, reference, slow, working_sets, cache_mib, subtitle):
         axis.set_xlabel("second (| = first fill: total written reaches the cache size)")
         axis.set_ylabel("IOPS (a second with none drawn at 1)")
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize="small", loc="best")
+        axis.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     figure.suptitle(f"4k random writes, QD32, fio nbd engine: IOPS per second\n{subtitle}", fontsize="medium")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -522,7 +522,7 @@ def main():
           f"working sets {', '.join(f'{w}%' for w in working_sets)} of the cache. Per-second IOPS over each run's "
           f"logged seconds ({' or '.join(str(n) for n in seconds) or 'none'} here: fio does not log the second its job ends "
           f"in); a second without a log line counts as zero. "
-          f"fill = the second in which the total written reaches the cache size. Load average at start "
+          f"fill = the second in which the total written reaches the cache size (no fill: it never did). Load average at start "
           f"{' '.join(machine['loadavg'])}: the machine is shared.\n")
     if nbdkit_limit_note:
         print(nbdkit_limit_note + "\n")
