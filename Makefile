@@ -2,14 +2,15 @@
 SHELL := /bin/bash
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Build: liburing, libpmem, libnbd, ISA-L. Tests and bench: the NBD clients and peer servers.
+# Build: liburing, libpmem, libnbd, ISA-L. Tests and bench: the NBD clients and peer servers, and
+# matplotlib for bench-sustained's plot.
 PACKAGES := pkg-config liburing-dev libpmem-dev libnbd-dev libisal-dev \
-	libnbd-bin nbdkit qemu-utils fio nbd-server python3-libnbd
+	libnbd-bin nbdkit qemu-utils fio nbd-server python3-libnbd python3-matplotlib
 
 VAR := $(CURDIR)/var
 SOCKET := $(VAR)/sluice.sock
 
-.PHONY: run test soak soak-kill bench bench-cache bench-pmem deps build release clean
+.PHONY: run test soak soak-kill bench bench-cache bench-pmem bench-sustained deps build release clean
 
 ## Install the Debian packages that are missing.
 deps:
@@ -94,14 +95,27 @@ bench: release
 	python3 bench/bench.py $(BENCH_ARGS)
 
 ## The cache over slow disks, side by side with nbdkit's cache filter and qemu-nbd; then the
-## persistent buffer against the volatile one and the peers under FUA and FLUSH (bench-pmem).
+## persistent buffer against the volatile one and the peers under FUA and FLUSH (bench-pmem), and
+## the caches under sustained load (bench-sustained).
 bench-cache: release .build/fua_load
 	python3 bench/cache_bench.py $(BENCH_ARGS)
 	python3 bench/pmem_bench.py $(PMEM_BENCH_ARGS)
+	$(DEBIAN_PYTHON) bench/sustained_bench.py $(SUSTAINED_BENCH_ARGS)
 
 ## Only the persistent-memory comparison of issue 4.
 bench-pmem: release .build/fua_load
 	python3 bench/pmem_bench.py $(PMEM_BENCH_ARGS)
+
+## Sustained load: 4k random writes at QD32 for 60 s into caches that fill several times over (Sluice's
+## in pmem and volatile mode, nbdkit's cache filter; working sets of 25% and 150% of the cache), one
+## IOPS figure a second, beside Sluice passthrough and the slow disk alone; a table, JSON and a plot
+## under bench/results/ (options through SUSTAINED_BENCH_ARGS, e.g. "--runtime 10 --cache-mib 256").
+bench-sustained: release
+	$(DEBIAN_PYTHON) bench/sustained_bench.py $(SUSTAINED_BENCH_ARGS)
+
+# Debian's python3, for which `make deps` installs python3-matplotlib (the plot); a python3 earlier on
+# PATH may not have it.
+DEBIAN_PYTHON := /usr/bin/python3
 
 # The FUA load generator (fio's nbd engine never sends FUA). libnbd comes from `make deps`; an
 # order-only prerequisite, so installing nothing new does not rebuild the tool.

@@ -34,6 +34,15 @@ def log(message):
     print(message, file=sys.stderr, flush=True)
 
 
+# Every command line the shared helpers start (servers, set-up commands, fio), in order, so a bench
+# can save exactly what it ran beside its results.
+command_log = []
+
+
+def record_command(command, env=None):
+    command_log.append({"time": time.time(), "command": list(command), **({"env": env} if env else {})})
+
+
 def wait_for_socket(path, process, timeout_s=30):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -130,15 +139,25 @@ class QemuNbd(Server):
                 "--aio=io_uring", self.image]
 
 
-def run_fio(uri, arguments, runtime_s, size_bytes):
+def run_fio_job(uri, arguments, runtime_s, size_bytes, ramp_s=1, timeout_s=None):
+    """Runs one fio job over NBD and returns its JSON job record (`ramp_s` seconds of warmup first;
+    a fio that is still running `timeout_s` seconds later is killed and reported as failed)."""
     command = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--size={size_bytes}",
-               "--time_based", f"--runtime={runtime_s}", "--ramp_time=1", "--output-format=json",
+               "--time_based", f"--runtime={runtime_s}", f"--ramp_time={ramp_s}", "--output-format=json",
                "--randrepeat=0", "--norandommap"] + arguments
-    result = subprocess.run(command, capture_output=True, text=True)
+    record_command(command)
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"fio did not finish within {timeout_s} s")
     if result.returncode != 0:
         raise RuntimeError(f"fio failed: {result.stderr.strip()[:500]}")
     data = json.loads(result.stdout[result.stdout.index("{"):])
-    job = data["jobs"][0]
+    return data["jobs"][0]
+
+
+def run_fio(uri, arguments, runtime_s, size_bytes):
+    job = run_fio_job(uri, arguments, runtime_s, size_bytes)
     side = job["write"] if job["write"]["io_bytes"] > 0 else job["read"]
     latency = side.get("clat_ns", {})
     percentiles = latency.get("percentile", {})
@@ -166,6 +185,15 @@ def prefill(uri, size_bytes):
                    capture_output=True, check=True)
 
 
+def markdown_table(header, rows):
+    """A Markdown table with its columns padded to line up, as every bench prints its results."""
+    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
+    lines = ["| " + " | ".join(h.ljust(widths[i]) for i, h in enumerate(header)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def format_table(servers, workloads, results, reference, subject):
     header = ["workload", "server", "IOPS", "MiB/s", "mean µs", "p99 µs", f"{subject}/{reference}"]
     rows = []
@@ -180,12 +208,7 @@ def format_table(servers, workloads, results, reference, subject):
                 ratio = f"{result['iops'] / base['iops']:.2f}×"
             rows.append([workload, server, f"{result['iops']:,.0f}", f"{result['mib_s']:,.1f}",
                          f"{result['mean_us']:,.1f}", f"{result['p99_us']:,.1f}", ratio])
-    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
-    lines = ["| " + " | ".join(h.ljust(widths[i]) for i, h in enumerate(header)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(row)) + " |")
-    return "\n".join(lines)
+    return markdown_table(header, rows)
 
 
 def main():

@@ -29,7 +29,7 @@ import time
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import run_fio, wait_for_socket, log  # noqa: E402
+from bench import markdown_table, run_fio, wait_for_socket, log, record_command  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,6 +59,7 @@ class Process:
         environment = dict(os.environ)
         if self.env:
             environment.update(self.env)
+        record_command(self.command, self.env)
         self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "w"), env=environment)
         wait_for_socket(self.socket, self.process, timeout_s=120)
 
@@ -84,8 +85,9 @@ def slow_disk(directory, name, size_bytes):
     return Process(f"{name}-hdd", directory, command, socket)
 
 
-def sluice_status(binary, socket):
-    result = subprocess.run([binary, "status", "--json", "--socket", socket], capture_output=True, text=True, check=True)
+def sluice_status(binary, socket, timeout_s=120):
+    result = subprocess.run([binary, "status", "--json", "--socket", socket], capture_output=True, text=True, check=True,
+                            timeout=timeout_s)
     return json.loads(result.stdout)
 
 
@@ -97,6 +99,7 @@ def sparse_file(path, size_bytes):
 
 def run_checked(command):
     """Runs a set-up command, and fails with its own message when it fails."""
+    record_command(command)
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()[:500]}")
@@ -124,13 +127,16 @@ def start_sluice_cache(processes, directory, name, size_bytes, binary, cache_mib
     return unix_uri(socket)
 
 
-def start_nbdkit_cache(processes, directory, size_bytes, name="nbdkit-cache"):
-    """nbdkit's cache filter over a delayed, serialized file, as in shared/TESTBED.md."""
+def start_nbdkit_cache(processes, directory, size_bytes, name="nbdkit-cache", rate=None, extra=()):
+    """nbdkit's cache filter over a delayed, serialized file, as in shared/TESTBED.md; `rate` (e.g.
+    "1200M") adds the rate filter of the testbed's slow disk, `extra` more filter parameters."""
     image = sparse_file(os.path.join(directory, f"{name}-hdd.img"), size_bytes)
     socket = os.path.join(directory, f"{name}.sock")
+    rate_filter, rate_parameter = (["--filter=rate"], [f"rate={rate}"]) if rate else ([], [])
     server = Process(name, directory, ["nbdkit", "-f", "-U", socket, "--filter=cache", "--filter=noparallel",
-                                       "--filter=delay", "file", image, "cache=writeback", "cache-min-block-size=4K",
-                                       "serialize=all-requests", "rdelay=8ms", "wdelay=8ms"], socket,
+                                       *rate_filter, "--filter=delay", "file", image, "cache=writeback",
+                                       "cache-min-block-size=4K", "serialize=all-requests", *rate_parameter,
+                                       "rdelay=8ms", "wdelay=8ms", *extra], socket,
                      env={"TMPDIR": "/dev/shm"})
     processes.append(server)
     server.start()
@@ -282,13 +288,9 @@ def main():
                 continue
             ratio = f"{result['iops'] / base['iops']:.2f}×" if base and base["iops"] else ""
             rows.append([workload, system, f"{result['iops']:,.0f}", f"{result['mean_us']:,.1f}", f"{result['p99_us']:,.1f}", ratio])
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    lines = ["| " + " | ".join(h.ljust(widths[i]) for i, h in enumerate(header)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(r)) + " |" for r in rows]
     print(f"\nSlow disks: nbdkit noparallel+rate+delay (8 ms, 150 MiB/s), one per system; cache device and fast file on "
           f"{args.directory}; {args.size} MiB volumes; {args.runtime} s per workload, medians of {args.rounds} round(s).\n")
-    print("\n".join(lines))
+    print(markdown_table(header, rows))
     if "writeback" in extra:
         w = extra["writeback"]
         print(f"\nWriteback of {w['dirty_mib']} MiB of random 4k dirty data (spread over {w['region_mib']} MiB): "

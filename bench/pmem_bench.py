@@ -36,7 +36,7 @@ import sys
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import run_fio, log  # noqa: E402
+from bench import markdown_table, run_fio, log  # noqa: E402
 from cache_bench import (Process, kill_processes, sluice_status, start_nbdkit_cache, start_qemu_nbd,  # noqa: E402
                          start_sluice_cache, unix_uri)
 
@@ -119,11 +119,7 @@ def table(results, systems):
             drains = f"{result['drains_per_write']:.2f}" if "drains_per_write" in result else ""
             rows.append([title, system, f"{result['iops']:,.0f}", f"{result['p50_us']:,.1f}", f"{result['p99_us']:,.1f}",
                          f"{result['mean_us']:,.1f}", flush, amplification, partial, drains])
-    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
-    lines = ["| " + " | ".join(h.ljust(widths[i]) for i, h in enumerate(header)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(row)) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(header, rows)
 
 
 def ratios(results):
