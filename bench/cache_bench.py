@@ -250,7 +250,7 @@ def main():
         if "sluice-cache" in wanted:
             wanted = ["sluice-cache"]
             # No background writeback while the dirty data goes in: the drain writes all of it.
-            uris = start_systems(sluice_extra=("--writeback-threshold", "0"))
+            uris = start_systems(sluice_extra=("--writeback-threshold", "0", "--dirty-target", "100"))
             socket = os.path.join(d, "sluice-cache.sock")
             before = sluice_status(args.sluice, socket)
             # 64 MiB of random 4k blocks, each written once, spread over a region of the volume.

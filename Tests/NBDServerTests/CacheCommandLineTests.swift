@@ -166,7 +166,7 @@ final class CacheCommandLineTests: XCTestCase {
         let cache = try makeFile("cache.img", sizeBytes: 4 << 20)
         let socket = directory + "/s.sock"
         XCTAssertEqual(try run(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K"]).status, 0)
-        let server = try startServer(cache: cache, backing: backing, socket: socket, extra: ["--writeback-threshold", "0"])
+        let server = try startServer(cache: cache, backing: backing, socket: socket, extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
         defer { stop(server) }
         let client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
         try client.write([UInt8](repeating: 0xAB, count: 3 * 4096), offset: 0)
@@ -278,7 +278,7 @@ final class CacheCommandLineTests: XCTestCase {
         XCTAssertEqual(onAFile.status, 64, "the flag means nothing for a file")
         XCTAssertTrue(onAFile.errors.contains("leave the flag out"), onAFile.errors)
 
-        let server = try startServer(cache: cache, backing: uri, socket: socket, extra: durable + ["--writeback-threshold", "0"])
+        let server = try startServer(cache: cache, backing: uri, socket: socket, extra: durable + ["--writeback-threshold", "0", "--dirty-target", "100"])
         let client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
         let bytes = [UInt8](repeating: 0x5A, count: 2 * 4096)
         try client.write(bytes, offset: 64 << 10, flags: NBDFlag.fua)

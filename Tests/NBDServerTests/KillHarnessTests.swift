@@ -108,15 +108,19 @@ final class KillHarnessTests: XCTestCase {
         let formatted = try SluiceBinary.run(format)
         XCTAssertEqual(formatted.status, 0, formatted.errors)
         // Tunables drawn for every start: writeback only when urged, or paced by the backing
-        // store's load; small and large writeback batches; FUA and FLUSH sharing a barrier for a
-        // while (volatile mode); automatic barriers every second, sometimes.
+        // store's load or the dirty share; the cleaner from "reclaim whatever it can" to "only
+        // when writers wait"; small and large writeback batches; FUA and FLUSH sharing a barrier
+        // for a while (volatile mode); automatic barriers and max_age every second, sometimes.
         var serveCount = 0
         func serveArguments() -> [String] {
             func pick(_ values: [Int]) -> String { "\(values[Int.random(in: 0..<values.count, using: &generator)])" }
             return ["serve", "--cache", cache, "--backing", backing] + buffer
                 + ["--socket", socket, "--log-level", "warning", "--writeback-threshold", pick([0, 0, 20, 70, 100]),
                    "--nr-max-batched-writeback", pick([1, 4, 32, 32]), "--barrier-deadline-ms", pick([0, 0, 0, 2]),
-                   "--sync-data-interval", pick([0, 0, 0, 1])]
+                   "--sync-data-interval", pick([0, 0, 0, 1]), "--dirty-target", pick([0, 10, 100]),
+                   "--max-age", pick([0, 0, 1])]
+                + [["--high-watermark", "5", "--low-watermark", "0"], ["--high-watermark", "50", "--low-watermark", "45"],
+                   ["--high-watermark", "90", "--low-watermark", "60"]][Int.random(in: 0..<3, using: &generator)]
         }
         var startupSeconds = 0.3
         func serve() throws -> Process {

@@ -23,7 +23,7 @@ extension PmemCommandLineTests {
             let pmem = pmemPath("drain")
             let buffer = mode == "pmem" ? ["--pmem", pmem] : ["--volatile"]
             try succeed(["format", "--cache", cache, "--backing", backing, "--segment-size", "256K"] + (mode == "pmem" ? ["--pmem", pmem] : []))
-            let server = try serve(cache: cache, backing: backing, buffer: buffer, socket: socket, extra: ["--writeback-threshold", "0"])
+            let server = try serve(cache: cache, backing: backing, buffer: buffer, socket: socket, extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
             try write(socket: socket, image: image, seed: 7, count: 6000, kind: "mixed")
             if mode == "volatile" {
                 // Plain writes are durable in volatile mode only once a flush covers them.
@@ -74,7 +74,7 @@ extension PmemCommandLineTests {
         XCTAssertEqual(try check(cache).status, 0, "a new cache is clean")
 
         // A server holds the cache: every command refuses it.
-        var server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket, extra: ["--writeback-threshold", "0"])
+        var server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket, extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
         let held = try check(cache)
         XCTAssertEqual(held.status, 3, held.output)
         XCTAssertTrue(held.errors.contains("already in use"), held.errors)
@@ -107,7 +107,7 @@ extension PmemCommandLineTests {
         }
 
         // A clean shutdown: clean. Then damage copies of the media on purpose.
-        server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket, extra: ["--writeback-threshold", "0"])
+        server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket, extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
         try verify(socket: socket, image: image, "before the damage")
         stop(server)
         let cleanAgain = try check(cache)
@@ -158,7 +158,7 @@ extension PmemCommandLineTests {
         let socket = directory + "/salvage.sock"
         let pmem = pmemPath("salvage")
         try succeed(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K", "--pmem", pmem])
-        let server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket, extra: ["--writeback-threshold", "0"])
+        let server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket, extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
         try write(socket: socket, image: image, seed: 11, count: 1200, kind: "aligned")
         stop(server)
 
@@ -231,7 +231,7 @@ extension PmemCommandLineTests {
         let socket = directory + "/resume.sock"
         let pmem = pmemPath("resume")
         try succeed(["format", "--cache", cache, "--backing", backing, "--segment-size", "256K", "--pmem", pmem])
-        let server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket, extra: ["--writeback-threshold", "0"])
+        let server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket, extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
         try write(socket: socket, image: image, seed: 21, count: 3000, kind: "mixed")
         stop(server, signal: SIGKILL)
 

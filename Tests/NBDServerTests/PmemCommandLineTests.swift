@@ -302,10 +302,10 @@ final class PmemCommandLineTests: XCTestCase {
         // kill -9 after that start.
         let rounds: [(kind: String, count: Int, extra: [String], signal: Int32)] = [
             ("aligned", 6000, [], SIGKILL),
-            ("mixed", 8000, ["--writeback-threshold", "0"], SIGKILL),
-            ("mixed", 8000, ["--writeback-threshold", "0"], SIGKILL),
+            ("mixed", 8000, ["--writeback-threshold", "0", "--dirty-target", "100"], SIGKILL),
+            ("mixed", 8000, ["--writeback-threshold", "0", "--dirty-target", "100"], SIGKILL),
             ("mixed", 2000, [], SIGTERM),
-            ("mixed", 2000, ["--writeback-threshold", "0"], SIGKILL),
+            ("mixed", 2000, ["--writeback-threshold", "0", "--dirty-target", "100"], SIGKILL),
         ]
         var segmentsWritten = 0
         for (round, plan) in rounds.enumerated() {
@@ -357,7 +357,7 @@ final class PmemCommandLineTests: XCTestCase {
         let second = pmemPath("second")
         try succeed(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K", "--pmem", first])
 
-        var server = try serve(cache: cache, backing: backing, buffer: ["--pmem", first], socket: socket, extra: ["--writeback-threshold", "0"])
+        var server = try serve(cache: cache, backing: backing, buffer: ["--pmem", first], socket: socket, extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
         try write(socket: socket, image: image, seed: 7, count: 1500, kind: "mixed")
         let before = try status(socket: socket)
         let openBlocks = try XCTUnwrap(before["buffer_blocks"] as? Int)
@@ -374,7 +374,7 @@ final class PmemCommandLineTests: XCTestCase {
         try refuse(["serve", "--cache", cache, "--backing", backing, "--pmem", first, "--socket", socket],
                    saying: ["this cache was formatted in volatile mode"], socket: socket)
 
-        server = try serve(cache: cache, backing: backing, buffer: ["--volatile"], socket: socket, extra: ["--writeback-threshold", "0"])
+        server = try serve(cache: cache, backing: backing, buffer: ["--volatile"], socket: socket, extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
         XCTAssertEqual(try status(socket: socket)["mode"] as? String, "volatile")
         try verify(socket: socket, image: image, "in volatile mode")
         try write(socket: socket, image: image, seed: 8, count: 300, kind: "mixed")
@@ -398,7 +398,7 @@ final class PmemCommandLineTests: XCTestCase {
         try refuse(["serve", "--cache", cache, "--backing", backing, "--pmem", first, "--socket", socket],
                    saying: ["\(first) is not a Sluice pmem file"], socket: socket)
 
-        server = try serve(cache: cache, backing: backing, buffer: ["--pmem", second], socket: socket, extra: ["--writeback-threshold", "0"])
+        server = try serve(cache: cache, backing: backing, buffer: ["--pmem", second], socket: socket, extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
         XCTAssertEqual(try status(socket: socket)["mode"] as? String, "pmem")
         try verify(socket: socket, image: image, "back in pmem mode")
         try write(socket: socket, image: image, seed: 9, count: 500, kind: "mixed")
@@ -409,7 +409,7 @@ final class PmemCommandLineTests: XCTestCase {
         // Writes after the drain's partial segment, then kill -9: the new pmem file recovers them.
         try write(socket: socket, image: image, seed: 10, count: 500, kind: "mixed")
         stop(server, signal: SIGKILL)
-        server = try serve(cache: cache, backing: backing, buffer: ["--pmem", second], socket: socket, extra: ["--writeback-threshold", "0"])
+        server = try serve(cache: cache, backing: backing, buffer: ["--pmem", second], socket: socket, extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
         try verify(socket: socket, image: image, "after a kill -9 in the new pmem file")
         drained = try succeed(["drain", "--socket", socket])
         XCTAssertTrue(drained.contains("drained: 0 dirty blocks"), drained)

@@ -240,7 +240,7 @@ extension CacheEngine {
     /// it any sooner would turn each relocation into a partial segment of its own, which frees
     /// nothing.
     func sealFenceSegmentIfWaiting(onlyIfCleanerIsStuck: Bool) {
-        guard let fence = cleaner.oldestFenceID, fence > ring.syncedThroughID, let open = buffers.open,
+        guard !durability.persistsAppends, let fence = cleaner.oldestFenceID, fence > ring.syncedThroughID, let open = buffers.open,
               open.segmentID == fence, !open.isEmpty, !barriers.isGathering else { return }
         if onlyIfCleanerIsStuck {
             if let job = relocation, job.readsOutstanding > 0 || job.next == job.items.count { return }

@@ -30,6 +30,9 @@ protocol DurabilityPolicy: AnyObject {
     var buffersWaitForSync: Bool { get }
     /// Whether replies of one connection's burst share one drain at the burst's end.
     var groupsRepliesPerBurst: Bool { get }
+    /// Whether ``persistAppended()`` makes appends durable by itself (pmem), so nothing needs a
+    /// partial segment to become durable.
+    var persistsAppends: Bool { get }
     /// Makes everything appended to the buffers so far durable, if the buffers can do that alone
     /// (pmem: one drain). Returns false when only a barrier can (volatile).
     func persistAppended() -> Bool
@@ -43,6 +46,7 @@ final class VolatileDurability: DurabilityPolicy {
     var mode: SuperblockHeader.Mode { .volatile }
     var buffersWaitForSync: Bool { false }
     var groupsRepliesPerBurst: Bool { false }
+    var persistsAppends: Bool { false }
 
     func makeBuffers(geometry: CacheGeometry) -> [any WriteBuffer] {
         (0..<CacheEngine.volatileBufferCount).map { _ in SegmentBuffer(geometry: geometry) }
@@ -69,6 +73,7 @@ final class PmemDurability: DurabilityPolicy {
     var mode: SuperblockHeader.Mode { .pmem }
     var buffersWaitForSync: Bool { true }
     var groupsRepliesPerBurst: Bool { true }
+    var persistsAppends: Bool { true }
 
     func makeBuffers(geometry: CacheGeometry) -> [any WriteBuffer] {
         // Popped from the end: area 0 is used first, which keeps tests easy to follow.
