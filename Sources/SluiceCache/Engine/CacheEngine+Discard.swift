@@ -79,7 +79,7 @@ extension CacheEngine {
                     }
                     buffer.markDiscarded(blockNumber: block)
                     index.remove(blockNumber: block)
-                    batch?.superseded(block)
+                    batch?.discarded(block)
                     if buffer.isFull { sealOpenBuffer(isPartial: false) }
                 }
                 block += 1

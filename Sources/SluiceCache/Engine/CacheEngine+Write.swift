@@ -126,7 +126,7 @@ extension CacheEngine {
         let position = CacheIndex.Position(firstPosition(ofSlot: openSlot) + dataIndex)
         let newMask = buffer.sectorMask(at: dataIndex)
         // The copy a writeback batch may have read from this place is no longer its data.
-        batch?.superseded(piece.blockNumber)
+        batch?.rewrittenInPlace(piece.blockNumber)
         if dataIndex == previousIndex && previousIsLive {
             index.updateMask(at: position, to: newMask)
         } else {

@@ -11,8 +11,11 @@ final class WritebackBatch {
         var position: CacheIndex.Position
         var segmentID: UInt64
         var sectorMask: UInt8
-        /// Superseded in place (a rewrite in the DRAM open buffer) or by a discard: skipped.
-        var cancelled = false
+        /// A trim or write-zeroes of the block started: its data must never reach the backing
+        /// store again.
+        var discarded = false
+        /// Rewritten in place (the DRAM open buffer): the data read is an older copy.
+        var rewrittenInPlace = false
         var issued = false
     }
 
@@ -73,9 +76,14 @@ final class WritebackBatch {
         return low < items.count && items[low].blockNumber == blockNumber ? low : nil
     }
 
-    /// The block's copy changed where it lies (a rewrite in place): the data read is stale.
-    func superseded(_ blockNumber: UInt64) {
-        if let index = item(for: blockNumber) { items[index].cancelled = true }
+    /// The block's copy changed where it lies (a rewrite in place): the data read is older.
+    func rewrittenInPlace(_ blockNumber: UInt64) {
+        if let index = item(for: blockNumber) { items[index].rewrittenInPlace = true }
+    }
+
+    /// A discard of the block started: nothing of it may be written any more.
+    func discarded(_ blockNumber: UInt64) {
+        if let index = item(for: blockNumber) { items[index].discarded = true }
     }
 
     /// The cleaner moved the block's copy (same data) to a new place.
@@ -89,7 +97,7 @@ final class WritebackBatch {
     /// dropped (the discard supersedes them). Returns whether a backing write of the range is in
     /// flight, which the discard must wait for.
     func discardStarting(_ range: Range<UInt64>) -> Bool {
-        for index in nextItem..<items.count where range.contains(items[index].blockNumber) { items[index].cancelled = true }
+        for index in nextItem..<items.count where range.contains(items[index].blockNumber) { items[index].discarded = true }
         return writesInFlight.values.contains { $0.overlaps(range) }
     }
 
@@ -256,7 +264,7 @@ extension CacheEngine {
     /// Whether an item's copy is still the block's newest, dirty, and unchanged since it was read.
     private func isCurrent(_ item: WritebackBatch.Item) -> Bool {
         // A block in the discard the backing store already has must never be written there again.
-        guard !item.cancelled, !discards.isDiscardedOnBacking(item.blockNumber), let entry = index.lookup(item.blockNumber), entry.position == item.position, entry.isDirty,
+        guard !item.discarded, !item.rewrittenInPlace, !discards.isDiscardedOnBacking(item.blockNumber), let entry = index.lookup(item.blockNumber), entry.position == item.position, entry.isDirty,
               entry.sectorMask == item.sectorMask else { return false }
         return ring.segmentID(inSlot: slot(of: item.position)) == item.segmentID
     }
@@ -299,32 +307,31 @@ extension CacheEngine {
         }
     }
 
-    /// The next run of contiguous dirty sectors: its offset, a slice of the batch's data (items
+    /// Superseded blocks (rewritten since the batch read them) are skipped, but one that lies
+    /// between current blocks of a run is written with it, up to this many in a row: on a slow
+    /// disk a request costs milliseconds and a block microseconds, so splitting a run costs far
+    /// more than writing an older copy the newer one will overwrite. Such a block is not marked
+    /// clean. A discarded block is never written.
+    static let writebackBridgeBlocksMax = 64
+
+    /// The next run of contiguous sectors to write: its offset, a slice of the batch's data (items
     /// are laid out in block order, so a run contiguous on the backing store is contiguous there
     /// too), its block range, and the items it starts. An item whose mask has holes is written as
-    /// several runs; whether it is still current is checked once, before its first run.
+    /// several runs; whether it is current is checked before its first run.
     private func nextWritebackRun(_ batch: WritebackBatch) -> (offset: UInt64, bytes: ByteBuffer, blocks: Range<UInt64>, items: [Int])? {
-        var start: (offset: UInt64, dataOffset: Int)?
-        var lengthBytes = 0
-        var items: [Int] = []
-        var lastBlock: UInt64 = 0
+        var run = WritebackRun()
         while batch.nextItem < batch.items.count {
             let itemIndex = batch.nextItem
             let item = batch.items[itemIndex]
-            if batch.nextSector == 0 && !item.issued {
-                guard isCurrent(item) else {
-                    if start != nil { break }
-                    skipWriteback(item)
-                    batch.nextItem += 1
-                    continue
-                }
-            } else if item.cancelled {
-                // A discard of the block started after its first run went out: the rest must not.
-                if start != nil { break }
+            if item.discarded || discards.isDiscardedOnBacking(item.blockNumber) {
+                // Never written, not even the rest of an item whose first run went out.
+                if run.isStarted { break }
+                if batch.nextSector == 0 { skipWriteback(item) }
                 batch.nextItem += 1
                 batch.nextSector = 0
                 continue
             }
+            let current = batch.nextSector > 0 || item.issued || isCurrent(item)
             guard let (sector, count) = firstSectorRun(item.sectorMask, from: batch.nextSector) else {
                 batch.nextItem += 1
                 batch.nextSector = 0
@@ -332,27 +339,22 @@ extension CacheEngine {
             }
             let offset = item.blockNumber * UInt64(CacheGeometry.blockBytes) + UInt64(sector * CacheGeometry.sectorBytes)
             let dataOffset = itemIndex * CacheGeometry.blockBytes + sector * CacheGeometry.sectorBytes
-            let length = count * CacheGeometry.sectorBytes
-            if let begun = start {
-                guard begun.offset + UInt64(lengthBytes) == offset, begun.dataOffset + lengthBytes == dataOffset,
-                      lengthBytes + length <= Self.writebackWriteBytesMax else { break }
-            } else {
-                start = (offset, dataOffset)
+            if !current && !(run.canBridge(offset: offset, dataOffset: dataOffset) && run.bridged < Self.writebackBridgeBlocksMax) {
+                if run.isStarted { break }
+                skipWriteback(item)
+                batch.nextItem += 1
+                continue
             }
-            lengthBytes += length
-            lastBlock = item.blockNumber
-            if !batch.items[itemIndex].issued {
-                batch.items[itemIndex].issued = true
-                items.append(itemIndex)
-            }
+            guard run.append(offset: offset, dataOffset: dataOffset, length: count * CacheGeometry.sectorBytes,
+                             maxBytes: Self.writebackWriteBytesMax) else { break }
+            run.noteItem(itemIndex, blockNumber: item.blockNumber, current: current, batch: batch)
             batch.nextSector = sector + count
             // A run ending inside the block cannot continue into the next block.
             if sector + count < CacheGeometry.sectorsPerBlock { break }
+            batch.nextItem += 1
+            batch.nextSector = 0
         }
-        guard let start else { return nil }
-        let firstBlock = start.offset / UInt64(CacheGeometry.blockBytes)
-        return (start.offset, batch.data.getSlice(at: batch.data.readerIndex + start.dataOffset, length: lengthBytes)!,
-                firstBlock..<(lastBlock + 1), items)
+        return run.finish(batch)
     }
 
     /// The first run of consecutive set bits of `mask` at or after sector `from`.
@@ -369,7 +371,7 @@ extension CacheEngine {
     /// already has is clean: the discard, synced, supersedes it there.
     private func skipWriteback(_ item: WritebackBatch.Item) {
         counters.writebackSkippedBlocks += 1
-        guard !item.cancelled, discards.isDiscardedOnBacking(item.blockNumber),
+        guard !item.discarded, discards.isDiscardedOnBacking(item.blockNumber),
               let entry = index.lookup(item.blockNumber), entry.position == item.position, entry.isDirty else { return }
         index.markClean(at: item.position)
     }
@@ -526,5 +528,64 @@ struct BoundedMaxHeap<Element> {
             storage.swapAt(parent, largest)
             parent = largest
         }
+    }
+}
+
+/// A backing write being formed: contiguous on the backing store and in the batch's data.
+struct WritebackRun {
+    private var start: (offset: UInt64, dataOffset: Int)?
+    private var lengthBytes = 0
+    /// Up to the end of the last current item: a run never ends with superseded blocks.
+    private var currentLengthBytes = 0
+    private var items: [Int] = []
+    private var lastCurrentItem: Int?
+    private var lastBlock: UInt64 = 0
+    /// Superseded blocks bridged in a row.
+    private(set) var bridged = 0
+
+    var isStarted: Bool { start != nil }
+
+    func canBridge(offset: UInt64, dataOffset: Int) -> Bool {
+        guard let start else { return false }
+        return start.offset + UInt64(lengthBytes) == offset && start.dataOffset + lengthBytes == dataOffset
+    }
+
+    /// Adds sectors if they continue the run and fit.
+    mutating func append(offset: UInt64, dataOffset: Int, length: Int, maxBytes: Int) -> Bool {
+        if start != nil {
+            guard canBridge(offset: offset, dataOffset: dataOffset), lengthBytes + length <= maxBytes else { return false }
+        } else {
+            start = (offset, dataOffset)
+        }
+        lengthBytes += length
+        return true
+    }
+
+    mutating func noteItem(_ index: Int, blockNumber: UInt64, current: Bool, batch: WritebackBatch) {
+        if current {
+            currentLengthBytes = lengthBytes
+            lastCurrentItem = index
+            lastBlock = blockNumber
+            bridged = 0
+            if !batch.items[index].issued {
+                batch.items[index].issued = true
+                items.append(index)
+            }
+        } else {
+            bridged += 1
+        }
+    }
+
+    /// The run up to its last current item; the bridged blocks after it are given back (the next
+    /// run skips them).
+    func finish(_ batch: WritebackBatch) -> (offset: UInt64, bytes: ByteBuffer, blocks: Range<UInt64>, items: [Int])? {
+        guard let start, let lastCurrentItem else { return nil }
+        if bridged > 0 {
+            batch.nextItem = lastCurrentItem + 1
+            batch.nextSector = 0
+        }
+        let firstBlock = start.offset / UInt64(CacheGeometry.blockBytes)
+        return (start.offset, batch.data.getSlice(at: batch.data.readerIndex + start.dataOffset, length: currentLengthBytes)!,
+                firstBlock..<(lastBlock + 1), items)
     }
 }
