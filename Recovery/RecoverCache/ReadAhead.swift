@@ -32,6 +32,7 @@ final class ReadAhead {
 
     private let device: any RecoveryDevice
     private let request: (Int) -> Request?
+    private let horizon: (Int) -> Int
     private let lanes: [Lane]
     private let threads: ReaderThreads
     private var issued = 0
@@ -42,13 +43,18 @@ final class ReadAhead {
     private(set) var bytesRead: UInt64 = 0
 
     /// Reads `request(0)`, `request(1)`, … until it returns nil; no request exceeds `bufferBytes`.
-    init(device: any RecoveryDevice, depth: Int, threads: Int, bufferBytes: Int, request: @escaping (Int) -> Request?) {
+    /// Once `taken` ranges have been taken, ranges up to `horizon(taken)` (exclusive) may have been
+    /// issued, and no more than `depth` are ever in flight: a horizon holds back reads that are
+    /// likely wasted (whole segments past the end of a log shut down cleanly).
+    init(device: any RecoveryDevice, depth: Int, threads: Int, bufferBytes: Int,
+         horizon: @escaping (Int) -> Int = { _ in .max }, request: @escaping (Int) -> Request?) {
         precondition(depth >= 1 && threads >= 1)
         self.device = device
         self.request = request
+        self.horizon = horizon
         lanes = (0..<depth).map { _ in Lane(bytes: bufferBytes) }
         self.threads = ReaderThreads(count: min(threads, depth))
-        issue(upTo: depth)
+        issue(upTo: min(depth, max(horizon(0), 1)))
     }
 
     deinit { finish() }
@@ -58,7 +64,7 @@ final class ReadAhead {
     func take(_ sequence: Int) throws -> UnsafeRawBufferPointer {
         precondition(sequence == taken && !finished, "ranges are taken in order")
         taken += 1
-        issue(upTo: sequence + lanes.count)
+        issue(upTo: min(sequence + lanes.count, max(horizon(taken), sequence + 1)))
         let lane = lanes[sequence % lanes.count]
         precondition(lane.sequence == sequence, "range \(sequence) was not requested")
         wait(lane)

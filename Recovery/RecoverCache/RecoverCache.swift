@@ -162,8 +162,12 @@ public enum RecoverCache {
                           trustedThroughID: UInt64, areas: PmemAreas, pmem: PmemImage?) throws -> Walked {
         let firstID = record.lastWrittenBackSegmentID + 1
         let headerBytes = geometry.headerBlocks * CacheGeometry.blockBytes
+        // After a clean shutdown the log normally ends right after the trusted segments: whole
+        // segments past the first untrusted one are read only once the walk has got that far.
+        let trustedCount = Int(trustedThroughID > record.lastWrittenBackSegmentID ? trustedThroughID - record.lastWrittenBackSegmentID : 0)
         let reader = ReadAhead(device: device, depth: min(readAheadSegments, geometry.segmentCount), threads: readerThreads,
-                               bufferBytes: geometry.segmentBytes) { sequence in
+                               bufferBytes: geometry.segmentBytes,
+                               horizon: { taken in trustedCount > 0 && taken <= trustedCount ? trustedCount + 1 : .max }) { sequence in
             // One lap at most; trusted segments are read as headers only.
             guard sequence < geometry.segmentCount else { return nil }
             let id = firstID + UInt64(sequence)

@@ -80,6 +80,16 @@ final class RecoverStepsTests: XCTestCase {
                        "two header reads, then whole segments for the rest of the lap")
     }
 
+    /// After a clean shutdown whose log ends right after the trusted segments, the walk reads
+    /// their headers and the one slot after them, nothing more.
+    func testACleanLogIsReadAsHeadersAndOneSlot() throws {
+        (1...3).forEach { put(id: $0) }
+        let walked = try RecoverCache.walkChain(device: device, cacheUUID: uuid, geometry: geometry, record: record(lastWrittenBack: 0),
+                                                trustedThroughID: 3, areas: .init(), pmem: nil)
+        XCTAssertEqual(walked.chain.end, .empty(slot: 3))
+        XCTAssertEqual(walked.bytesRead, UInt64(3 * geometry.headerBlocks * CacheGeometry.blockBytes + geometry.segmentBytes))
+    }
+
     /// A read that fails past the log's end is never taken and fails nothing; one inside the log
     /// fails the walk.
     func testAReadFailureCountsOnlyInsideTheLog() throws {
