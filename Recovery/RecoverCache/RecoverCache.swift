@@ -167,7 +167,7 @@ public enum RecoverCache {
         let trustedCount = Int(trustedThroughID > record.lastWrittenBackSegmentID ? trustedThroughID - record.lastWrittenBackSegmentID : 0)
         let reader = ReadAhead(device: device, depth: min(readAheadSegments, geometry.segmentCount), threads: readerThreads,
                                bufferBytes: geometry.segmentBytes,
-                               horizon: { taken in trustedCount > 0 && taken <= trustedCount ? trustedCount + 1 : .max }) { sequence in
+                               horizon: { taken in trustedCount > 0 && taken <= trustedCount + 1 ? trustedCount + 1 : .max }) { sequence in
             // One lap at most; trusted segments are read as headers only.
             guard sequence < geometry.segmentCount else { return nil }
             let id = firstID + UInt64(sequence)
