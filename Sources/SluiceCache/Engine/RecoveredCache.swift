@@ -39,10 +39,14 @@ public struct RecoveredCache {
     /// its mask; that no block whose newest entry is a discard marker is indexed; and so that the
     /// index holds exactly one entry per block whose newest entry holds data.
     ///
-    /// One pass from the newest entry back, with a lookup per entry: an entry met before any newer
-    /// one of its block is the newest, and must be where the index points (or, for a marker, the
-    /// block must be absent); an older entry must not be, and is absent only below a newer marker.
-    /// Every index entry is matched at most once, so `matched == index.count` leaves none unmatched.
+    /// One pass from the newest entry back. `CacheIndex` keeps a resident word only at the position
+    /// its table maps the block to, so an occupied position must hold exactly its chain entry (and
+    /// is counted); an unoccupied one is a superseded copy or a marker, and is looked up: its block
+    /// must be indexed at a newer position, or be absent below a newer marker. A newest copy that is
+    /// not indexed fails the lookup; one indexed at an older copy fails at the newer copy; one
+    /// indexed outside the chain leaves `matched` short of `index.count`. Lookups are needed only
+    /// for superseded copies and markers, so a log of distinct blocks is checked by reading the
+    /// index's positions in order.
     static func checkReplay(_ index: CacheIndex, chain: SegmentChain, geometry: CacheGeometry) {
         let perSegment = geometry.dataBlocksPerSegment
         let firstSlot = geometry.slot(ofSegment: chain.lastWrittenBackSegmentID + 1)
@@ -58,15 +62,13 @@ public struct RecoveredCache {
             for offset in segment.entries.indices.reversed() {
                 let entry = segment.entries[offset]
                 let here = CacheIndex.Position(base + offset)
-                if let found = index.lookup(entry.blockNumber) {
-                    if found.position == here {
-                        precondition(entry.sectorMask != 0 && found.sectorMask == entry.sectorMask,
-                                     "replay: block \(entry.blockNumber) is indexed at a discard marker or with the wrong mask")
-                        matched += 1
-                    } else {
-                        precondition(order(found.position) > order(here),
-                                     "replay: block \(entry.blockNumber) is indexed at an older copy than segment \(segment.segmentID)'s")
-                    }
+                if let resident = index.resident(at: here) {
+                    precondition(resident.blockNumber == entry.blockNumber && resident.sectorMask == entry.sectorMask && entry.sectorMask != 0,
+                                 "replay: position \(here) holds block \(resident.blockNumber), not segment \(segment.segmentID)'s entry")
+                    matched += 1
+                } else if let found = index.lookup(entry.blockNumber) {
+                    precondition(order(found.position) > order(here),
+                                 "replay: block \(entry.blockNumber) is indexed at an older copy than segment \(segment.segmentID)'s")
                 } else {
                     precondition(entry.sectorMask == 0 || discardedLater.contains(entry.blockNumber),
                                  "replay: block \(entry.blockNumber) of segment \(segment.segmentID) is missing from the index")
