@@ -152,6 +152,54 @@ final class RecoverStepsTests: XCTestCase {
         XCTAssertEqual(device.writes, 0, "nothing is written before the log is refused")
     }
 
+    /// Row P2: a sealed pmem area holds a segment whose slot does not verify (its write tore):
+    /// the walk writes the pmem image there and goes on to the later segments on the device; a
+    /// second walk finds it on the device (P1) and writes nothing.
+    func testWalkWritesASealedPmemSegmentTheDeviceLacks() throws {
+        (1...4).forEach { put(id: $0) }
+        corrupt(slot: 1)
+        let layout = PmemLayout(cacheUUID: uuid, pmemUUID: [UInt8](repeating: 3, count: 16), segmentBytes: geometry.segmentBytes)
+        var file = [UInt8](repeating: 0, count: layout.fileBytes(for: geometry))
+        let image = segmentImage(id: 2, blocks: 2, uuid: uuid, geometry: geometry)
+        let imageOffset = layout.imageOffset(5, geometry: geometry)
+        file.replaceSubrange(imageOffset..<(imageOffset + image.count), with: image)
+        try file.withUnsafeBytes { raw in
+            let pmem = PmemImage(layout: layout, bytes: raw, path: "/pmem")
+            let areas = RecoverCache.PmemAreas(sealed: [2: 5], open: nil)
+            for (run, written) in [(1, [UInt64(2)]), (2, [])] {
+                let walked = try RecoverCache.walkChain(device: device, cacheUUID: uuid, geometry: geometry, record: record(lastWrittenBack: 0),
+                                                        trustedThroughID: 0, areas: areas, pmem: pmem)
+                XCTAssertEqual(walked.chain.segments.map(\.segmentID), [1, 2, 3, 4], "run \(run)")
+                XCTAssertEqual(walked.sealedWritten, written, "run \(run)")
+            }
+        }
+        XCTAssertEqual(Array(device.bytes[slotRange(1)]), image)
+        XCTAssertEqual(device.writes, 1)
+    }
+
+    /// Row P5: a sealed area past the log's end means segments in between are lost; nothing is
+    /// written. A sealed area inside the log (already on the device) changes nothing.
+    func testReplayOpenAreaRefusesAGapAndIgnoresAStaleArea() throws {
+        (1...3).forEach { put(id: $0) }
+        var chain = SegmentChain.scan(geometry: geometry, cacheUUID: uuid, lastWrittenBackSegmentID: 0) { Array(device.bytes[slotRange($0)]) }
+        let layout = PmemLayout(cacheUUID: uuid, pmemUUID: [UInt8](repeating: 3, count: 16), segmentBytes: geometry.segmentBytes)
+        let file = [UInt8](repeating: 0, count: layout.fileBytes(for: geometry))
+        try file.withUnsafeBytes { raw in
+            let pmem = PmemImage(layout: layout, bytes: raw, path: "/pmem")
+            XCTAssertTrue(RecoverCache.readPmemAreas(pmem, geometry: geometry, lastWrittenBackSegmentID: 0).sealed.isEmpty,
+                          "a fresh pmem file has no areas in use")
+            XCTAssertThrowsError(try RecoverCache.replayOpenArea(.init(sealed: [6: 0]), chain: &chain, device: device, cacheUUID: uuid,
+                                                                 geometry: geometry, pmem: pmem)) { error in
+                XCTAssertEqual(error as? PmemError, .logGap(path: "/pmem", expectedID: 4, foundID: 6))
+            }
+            let unchanged = try RecoverCache.replayOpenArea(.init(sealed: [2: 0]), chain: &chain, device: device, cacheUUID: uuid,
+                                                            geometry: geometry, pmem: pmem)
+            XCTAssertNil(unchanged)
+        }
+        XCTAssertEqual(chain.segments.count, 3)
+        XCTAssertEqual(device.writes, 0)
+    }
+
     /// The read-ahead hands out ranges in order from reused buffers, however deep it runs.
     func testReadAheadReturnsEveryRangeInOrder() throws {
         for index in 0..<device.bytes.count { device.bytes[index] = UInt8(truncatingIfNeeded: index / 4096) }
