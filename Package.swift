@@ -155,13 +155,21 @@ let package = Package(
             ]
         ),
 
+        // Simulators and test schedulers: simulated media and persistent memory that forget what
+        // was not persisted at a simulated power failure, seeded schedulers that reorder or hold
+        // media operations, and a clock the tests drive. Only test targets link it.
+        .target(
+            name: "SluiceTesting",
+            dependencies: ["SluiceCache", .product(name: "NIOCore", package: "swift-nio")]
+        ),
+
         .testTarget(
             name: "NBDProtocolTests",
             dependencies: ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .testTarget(
             name: "SluiceCacheTests",
-            dependencies: ["SluiceCache", "SluiceFormat", "RecoverCache"]
+            dependencies: ["SluiceCache", "SluiceTesting", "SluiceFormat", "RecoverCache"]
         ),
         .testTarget(
             name: "RecoverCacheTests",
@@ -182,7 +190,7 @@ let package = Package(
         .testTarget(
             name: "NBDServerTests",
             dependencies: [
-                "NBDServer", "NBDProtocol", "SluiceVolume", "SluicePassthrough", "SluiceIO", "NBDClient", "SluiceCache",
+                "NBDServer", "NBDProtocol", "SluiceVolume", "SluicePassthrough", "SluiceIO", "NBDClient", "SluiceCache", "SluiceTesting",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -103,7 +103,7 @@ public enum StartupError: Error, CustomStringConvertible {
 }
 
 /// A ``BlockMedium`` whose completions run before its calls return (``FileMedium``,
-/// ``SimulatedMedium``), which is what recovery's blocking interface needs.
+/// the testing module's simulated medium), which is what recovery's blocking interface needs.
 public protocol SynchronousBlockMedium: BlockMedium, RecoveryDevice {}
 
 extension SynchronousBlockMedium {
@@ -127,4 +127,3 @@ extension SynchronousBlockMedium {
 }
 
 extension FileMedium: SynchronousBlockMedium {}
-extension SimulatedMedium: SynchronousBlockMedium {}

@@ -2,6 +2,7 @@ import Foundation
 import NBDClient
 import SluiceCache
 import XCTest
+import SluiceTesting
 
 /// `sluice format`, `sluice serve --cache` and the control commands, as a user runs them: refusals
 /// with their messages, kill -9 in the middle of a workload, recovery, status, set and drain.

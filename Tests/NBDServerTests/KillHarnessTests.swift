@@ -2,6 +2,7 @@ import Foundation
 import NBDClient
 import SluiceCache
 import XCTest
+import SluiceTesting
 
 /// The crash harness: the built `sluice serve` under a mixed workload from several python3-libnbd
 /// connections (Resources/crash_client.py), killed with SIGKILL at seeded random instants, in

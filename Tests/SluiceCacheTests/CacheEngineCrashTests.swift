@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import SluiceFormat
 import XCTest
+import SluiceTesting
 
 @testable import SluiceCache
 

@@ -1,6 +1,7 @@
 import NIOCore
 import SluiceFormat
 import XCTest
+import SluiceTesting
 
 @testable import SluiceCache
 

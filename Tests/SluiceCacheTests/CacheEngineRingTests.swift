@@ -2,6 +2,7 @@ import NIOCore
 import SluiceFormat
 import SluiceVolume
 import XCTest
+import SluiceTesting
 
 @testable import SluiceCache
 

@@ -5,6 +5,7 @@ import RecoverCache
 import SluiceFormat
 import SluiceVolume
 import XCTest
+import SluiceTesting
 
 @testable import SluiceCache
 

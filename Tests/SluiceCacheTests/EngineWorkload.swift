@@ -1,6 +1,7 @@
 import NIOCore
 import SluiceVolume
 import XCTest
+import SluiceTesting
 
 @testable import SluiceCache
 

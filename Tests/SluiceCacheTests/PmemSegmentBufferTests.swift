@@ -1,5 +1,6 @@
 import SluiceFormat
 import XCTest
+import SluiceTesting
 
 @testable import SluiceCache
 

@@ -1,4 +1,5 @@
 import XCTest
+import SluiceTesting
 
 @testable import SluiceCache
 

@@ -15,3 +15,10 @@ public struct SplitMix64: RandomNumberGenerator {
         return z ^ (z >> 31)
     }
 }
+
+extension SplitMix64 {
+    /// Uniform in `0..<bound`.
+    public mutating func below(_ bound: Int) -> Int { Int(next() % UInt64(bound)) }
+    public mutating func chance(_ percent: Int) -> Bool { below(100) < percent }
+    public mutating func range(_ range: ClosedRange<Int>) -> Int { range.lowerBound + below(range.count) }
+}

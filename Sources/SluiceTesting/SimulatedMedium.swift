@@ -1,5 +1,6 @@
 import NIOConcurrencyHelpers
 import NIOCore
+import SluiceCache
 
 /// An in-memory medium for tests that behaves like a disk with a volatile write cache.
 ///
@@ -150,3 +151,5 @@ public final class SimulatedMedium: BlockMedium {
         return Int(offset)..<(Int(offset) + count)
     }
 }
+
+extension SimulatedMedium: SynchronousBlockMedium {}

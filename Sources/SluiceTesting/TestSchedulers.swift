@@ -1,0 +1,226 @@
+import NIOCore
+import SluiceCache
+
+// MARK: - Media whose completions come later, in a seeded random order
+
+/// Holds the operations of both media of an engine and performs them one at a time, in a seeded
+/// random order, each on its own turn of the event loop: completions arrive later than the call
+/// and in any order, as io_uring and libnbd deliver them. An operation takes effect when it is
+/// performed, so a sync covers only the writes performed before it.
+public final class ShuffledScheduler {
+    public let loop: any EventLoop
+    private var rng: SplitMix64
+    private var pending: [() -> Void] = []
+    public private(set) var performed = 0
+    public var pendingCount: Int { pending.count }
+
+    public init(loop: any EventLoop, seed: UInt64) {
+        self.loop = loop
+        rng = SplitMix64(seed: seed)
+    }
+
+    public func enqueue(_ operation: @escaping () -> Void) {
+        pending.append(operation)
+        loop.execute { self.performOne() }
+    }
+
+    private func performOne() {
+        guard !pending.isEmpty else { return }
+        let chosen = rng.below(pending.count)
+        pending.swapAt(chosen, pending.count - 1)
+        let operation = pending.removeLast()
+        performed += 1
+        operation()
+    }
+
+    /// Wraps both media of a harness.
+    public static func wrapper(seed: UInt64) -> (SimulatedMedium, SimulatedMedium, any EventLoop) -> (any BlockMedium, any BlockMedium) {
+        var generation: UInt64 = 0
+        return { cache, backing, loop in
+            generation += 1
+            let scheduler = ShuffledScheduler(loop: loop, seed: seed &+ generation &* 0x1000_0001)
+            return (DeferredMedium(cache, scheduler), DeferredMedium(backing, scheduler))
+        }
+    }
+}
+
+public final class DeferredMedium: BlockMedium {
+    public let inner: SimulatedMedium
+    public let scheduler: ShuffledScheduler
+    public init(_ inner: SimulatedMedium, _ scheduler: ShuffledScheduler) {
+        self.inner = inner
+        self.scheduler = scheduler
+    }
+
+    public var sizeBytes: UInt64 { inner.sizeBytes }
+
+    public func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void) {
+        scheduler.enqueue { self.inner.read(offset: offset, count: count, completion: completion) }
+    }
+
+    public func write(offset: UInt64, bytes: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        scheduler.enqueue { self.inner.write(offset: offset, bytes: bytes, completion: completion) }
+    }
+
+    public func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        scheduler.enqueue { self.inner.discard(offset: offset, count: count, zeroes: zeroes, completion: completion) }
+    }
+
+    public func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
+        scheduler.enqueue { self.inner.synchronize(completion: completion) }
+    }
+}
+
+// MARK: - A medium whose operations a test holds and releases by hand
+
+/// Passes operations straight through unless a hold matches them; held operations take effect
+/// only when released. Use only on the harness's loop.
+public final class ControlledMedium: BlockMedium {
+    public enum Kind: Equatable { case read, write, discard, sync }
+    public struct Held {
+        public var kind: Kind
+        public var offset: UInt64
+        public var count: Int
+        public var perform: () -> Void
+    }
+
+    /// Every operation both media of a harness performed, in the order performed.
+    public final class Journal {
+        public var entries: [(isCache: Bool, kind: Kind, offset: UInt64, count: Int)] = []
+        public init() {}
+    }
+
+    public let inner: SimulatedMedium
+    public let isCache: Bool
+    public let journal: Journal
+    /// Operations for which this returns true are held.
+    public var hold: ((Kind, UInt64, Int) -> Bool)?
+    public private(set) var held: [Held] = []
+    /// Every operation seen, in order (kind, offset, length).
+    public private(set) var log: [(kind: Kind, offset: UInt64, count: Int)] = []
+
+    public init(_ inner: SimulatedMedium, isCache: Bool, journal: Journal) {
+        self.inner = inner
+        self.isCache = isCache
+        self.journal = journal
+    }
+
+    public var sizeBytes: UInt64 { inner.sizeBytes }
+
+    private func run(_ kind: Kind, _ offset: UInt64, _ count: Int, _ perform: @escaping () -> Void) {
+        log.append((kind, offset, count))
+        if let hold, hold(kind, offset, count) {
+            held.append(Held(kind: kind, offset: offset, count: count, perform: { [journal, isCache] in
+                journal.entries.append((isCache, kind, offset, count))
+                perform()
+            }))
+        } else {
+            journal.entries.append((isCache, kind, offset, count))
+            perform()
+        }
+    }
+
+    /// Performs the held operation at `index` (its completion runs now).
+    public func release(_ index: Int) {
+        let operation = held.remove(at: index)
+        operation.perform()
+    }
+
+    public func releaseAll() {
+        while !held.isEmpty { release(0) }
+    }
+
+    public func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void) {
+        run(.read, offset, count) { self.inner.read(offset: offset, count: count, completion: completion) }
+    }
+
+    public func write(offset: UInt64, bytes: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        run(.write, offset, bytes.readableBytes) { self.inner.write(offset: offset, bytes: bytes, completion: completion) }
+    }
+
+    public func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        run(.discard, offset, count) { self.inner.discard(offset: offset, count: count, zeroes: zeroes, completion: completion) }
+    }
+
+    public func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
+        run(.sync, 0, 0) { self.inner.synchronize(completion: completion) }
+    }
+
+    public static func wrapper() -> (SimulatedMedium, SimulatedMedium, any EventLoop) -> (any BlockMedium, any BlockMedium) {
+        { cache, backing, _ in
+            let journal = Journal()
+            return (ControlledMedium(cache, isCache: true, journal: journal), ControlledMedium(backing, isCache: false, journal: journal))
+        }
+    }
+}
+
+// MARK: - Power cut at the N-th media operation
+
+/// Counts the operations both media of an engine perform and cuts the power just before the N-th,
+/// wherever the engine is: between a backing write and its sync, between a segment write and the
+/// record, inside a recovery's writeback...
+public final class PowerCut {
+    public init() {}
+
+    /// Operations left before the cut; nil: no cut armed.
+    public var remaining: Int?
+    public var trigger: (() -> Void)?
+    /// Set at the cut: the machine is dead, so the media of that engine answer nothing any more
+    /// (what the dead engine would do next does not matter, and must not crash the test run).
+    public private(set) var isCut = false
+
+    /// Counts one operation; returns false when the power is off and the operation must vanish.
+    public func count() -> Bool {
+        guard !isCut else { return false }
+        guard let left = remaining else { return true }
+        if left <= 1 {
+            remaining = nil
+            isCut = true
+            trigger?()
+            return false
+        }
+        remaining = left - 1
+        return true
+    }
+
+    /// A new engine starts on new media: the power is back.
+    public func powerRestored() { isCut = false }
+
+    public func wrapper() -> (SimulatedMedium, SimulatedMedium, any EventLoop) -> (any BlockMedium, any BlockMedium) {
+        { cache, backing, _ in
+            self.powerRestored()
+            return (CuttingMedium(cache, self), CuttingMedium(backing, self))
+        }
+    }
+}
+
+public final class CuttingMedium: BlockMedium {
+    public let inner: SimulatedMedium
+    public let cut: PowerCut
+    public init(_ inner: SimulatedMedium, _ cut: PowerCut) {
+        self.inner = inner
+        self.cut = cut
+    }
+
+    public var sizeBytes: UInt64 { inner.sizeBytes }
+
+    public func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void) {
+        guard cut.count() else { return }
+        inner.read(offset: offset, count: count, completion: completion)
+    }
+
+    public func write(offset: UInt64, bytes: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        guard cut.count() else { return }
+        inner.write(offset: offset, bytes: bytes, completion: completion)
+    }
+
+    public func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        guard cut.count() else { return }
+        inner.discard(offset: offset, count: count, zeroes: zeroes, completion: completion)
+    }
+
+    public func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
+        guard cut.count() else { return }
+        inner.synchronize(completion: completion)
+    }
+}
