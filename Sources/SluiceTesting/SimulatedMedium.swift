@@ -1,4 +1,4 @@
-import NIOConcurrencyHelpers
+import Foundation
 import NIOCore
 import SluiceCache
 
@@ -18,7 +18,7 @@ public final class SimulatedMedium: BlockMedium {
     public private(set) var visible: [UInt8]
     private var unsynced: [(offset: Int, bytes: [UInt8])] = []
     private var isPoweredOff = false
-    private let recoveryReadLock = NIOLock()
+    private let recoveryReadLock = NSLock()
 
     /// Failures to inject: the next this many writes (or syncs) fail with EIO.
     public var failNextWrites = 0
@@ -62,7 +62,9 @@ public final class SimulatedMedium: BlockMedium {
     /// Recovery's read straight into its buffer, from several threads at once (while nothing
     /// writes): the counters and injected failures are taken under a lock, the copy is not.
     public func readBytes(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
-        let range: Range<Int> = try recoveryReadLock.withLock {
+        let range: Range<Int> = try {
+            recoveryReadLock.lock()
+            defer { recoveryReadLock.unlock() }
             guard !isPoweredOff else { throw MediumError.poweredOff }
             guard let found = self.range(offset: offset, count: buffer.count) else { throw MediumError.outOfRange }
             if failNextReads > 0 {
@@ -71,7 +73,7 @@ public final class SimulatedMedium: BlockMedium {
             }
             readCount += 1
             return found
-        }
+        }()
         visible.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[range])) }
     }
 
