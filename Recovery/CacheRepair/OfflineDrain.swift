@@ -62,7 +62,7 @@ public enum OfflineDrain {
         let atStart = try volume.withEngine { $0.dirtyBlocks }.wait()
         let drained = volume.withEngine { engine -> EventLoopFuture<Void> in
             let promise = engine.eventLoop.makePromise(of: Void.self)
-            engine.drain { promise.completeWith($0) }
+            engine.writeBackAll { promise.completeWith($0) }
             return promise.futureResult
         }.flatMap { $0 }
         let finished = DispatchSemaphore(value: 0)

@@ -5,14 +5,32 @@ import SluiceControl
 import SluiceFormat
 import SluiceIO
 
-/// The tunables as `serve` flags, with dm-writeboost's names.
+/// The tunables as `serve` flags, with dm-writeboost's and dm-writecache's names.
 struct TunableOptions: ParsableArguments {
+    @Option(name: .customLong("high-watermark"), help: ArgumentHelp(
+        "Start cleaning (reclaiming the ring's tail, relocating its live dirty blocks) when more of the ring than this is occupied (percent, default 50).",
+        valueName: "percent"))
+    var highWatermark: Int?
+
+    @Option(name: .customLong("low-watermark"), help: ArgumentHelp("Stop cleaning once occupancy is down to this (percent, default 45).", valueName: "percent"))
+    var lowWatermark: Int?
+
+    @Option(name: .customLong("dirty-target"), help: ArgumentHelp(
+        "Write back continuously, at the backing store's pace, while more of the cache than this is dirty (percent, default 10).",
+        valueName: "percent"))
+    var dirtyTarget: Int?
+
     @Option(name: .customLong("writeback-threshold"), help: ArgumentHelp(
-        "Write back in the background only while the backing store is busy less than this share of the time (percent; 0 = only when urged or drained).",
+        "Below the dirty target, write back only while the backing store is busy less than this share of the time (percent, default 70; 0 = never).",
         valueName: "percent"))
     var writebackThreshold: Int?
 
-    @Option(name: .customLong("nr-max-batched-writeback"), help: ArgumentHelp("Segments one writeback batch takes at most.", valueName: "count"))
+    @Option(name: .customLong("max-age"), help: ArgumentHelp("Write back blocks dirty longer than this (seconds; 0 = off, the default).", valueName: "seconds"))
+    var maxAge: Int?
+
+    @Option(name: .customLong("nr-max-batched-writeback"), help: ArgumentHelp(
+        "The most blocks one writeback batch takes, in segments' worth (default 32); otherwise a batch takes what the backing store writes in about half a second.",
+        valueName: "count"))
     var maxBatchedWriteback: Int?
 
     @Option(name: .customLong("update-sb-record-interval"), help: ArgumentHelp("Seconds between superblock record refreshes while idle.", valueName: "seconds"))
@@ -27,6 +45,12 @@ struct TunableOptions: ParsableArguments {
     func tunables() throws -> CacheTunables {
         var tunables = CacheTunables()
         do {
+            // The high watermark first: the low one may not exceed it.
+            if let highWatermark { try tunables.set("high_watermark", to: max(highWatermark, tunables.lowWatermarkPercent)) }
+            if let lowWatermark { try tunables.set("low_watermark", to: lowWatermark) }
+            if let highWatermark { try tunables.set("high_watermark", to: highWatermark) }
+            if let dirtyTarget { try tunables.set("dirty_target", to: dirtyTarget) }
+            if let maxAge { try tunables.set("max_age", to: maxAge) }
             if let writebackThreshold { try tunables.set("writeback_threshold", to: writebackThreshold) }
             if let maxBatchedWriteback { try tunables.set("nr_max_batched_writeback", to: maxBatchedWriteback) }
             if let updateRecordInterval { try tunables.set("update_sb_record_interval", to: updateRecordInterval) }
@@ -240,20 +264,23 @@ struct StatusCommand: ParsableCommand {
 
     static func render(_ status: CacheStatus) -> String {
         func mib(_ bytes: UInt64) -> String { String(format: "%.1f MiB", Double(bytes) / 1_048_576) }
+        func seconds(_ value: Double) -> String { String(format: "%.3f s", value) }
         var lines = [
             "mode                \(status.mode)",
             "cache               \(mib(status.cacheSizeBytes)), \(status.segmentCount) segments of \(status.segmentSizeBytes / 1024) KiB",
             "backing             \(mib(status.backingSizeBytes))",
-            "segments            current \(status.currentSegmentID), last flushed \(status.lastFlushedSegmentID), last written back \(status.lastWrittenBackSegmentID)",
-            "ring                \(status.liveSegments) live, \(status.freeSegments) free",
-            "dirty               \(status.dirtyBlocks) blocks (\(mib(UInt64(status.dirtyBlocks) * 4096)))",
-            "writeback           \(status.writebackInProgress ? "running" : "idle"), \(status.writebackBatches) batches, \(status.writtenBackBlocks) blocks, \(status.backingWriteRequests) backing writes, \(status.writebackErrors) errors",
+            "segments            current \(status.currentSegmentID), last flushed \(status.lastFlushedSegmentID), last reclaimed \(status.lastReclaimedSegmentID), last retired \(status.lastRetiredSegmentID)",
+            "ring                \(status.liveSegments) live, \(status.freeSegments) free, \(status.occupancyPercent)% occupied",
+            "dirty               \(status.dirtyBlocks) blocks (\(mib(UInt64(status.dirtyBlocks) * 4096)), \(String(format: "%.1f", status.dirtyPercent))% of the cache); \(status.cachedBlocks) blocks cached",
+            "cleaner             \(status.cleaner); \(status.segmentsReclaimed) segments reclaimed (\(status.segmentsReclaimedWithoutIO) without I/O), \(status.segmentsRetired) retired, \(status.relocatedBlocks) blocks relocated (\(String(format: "%.1f", status.relocationShareOfCacheWrites * 100))% of cache-device writes)",
+            "writers stalled     \(status.writerStalls) times for ring space or a buffer, \(seconds(status.writerStallSeconds)) in all, longest \(String(format: "%.1f", status.writerStallMaxMs)) ms",
+            "writeback           \(status.writebackInProgress ? "running" : "idle")\(status.writebackTrigger.map { " (\($0))" } ?? ""), next batch \(status.writebackBatchBlocks) blocks; \(status.writebackBatches) batches, \(status.writtenBackBlocks) blocks (\(String(format: "%.1f", status.writtenBackBlocksPerBatch)) per batch, \(status.lastBatchWrittenBackBlocks) in the last), \(status.writebackSkippedBlocks) skipped as superseded, \(status.backingWriteRequests) backing writes, \(status.writebackErrors) errors",
             "write buffer        \(status.bufferBlocks) blocks in the open segment\(status.mode == "pmem" ? " (persistent memory)" : " (DRAM)"), \(status.bufferSegmentsUnsynced) sealed segments not yet synced on the cache device",
             "partial segments    \(status.partialSegments) of \(status.segmentsWritten) written",
             "write amplification \(String(format: "%.4f", status.writeAmplification)) (cache-device bytes per user byte)",
             "bytes written       user \(mib(status.userBytesWritten)), cache device \(mib(status.cacheBytesWritten)), backing \(mib(status.backingBytesWritten))",
             "bytes read          user \(mib(status.userBytesRead)), cache device \(mib(status.cacheBytesRead)), backing \(mib(status.backingBytesRead))",
-            "syncs               cache device \(status.cacheSyncs), backing \(status.backingSyncs)",
+            "syncs               cache device \(status.cacheSyncs), backing \(status.backingSyncs); \(status.recordWrites) superblock records",
             "index memory        \(mib(UInt64(status.indexMemoryBytes)))",
         ]
         if status.mode == "pmem" {
@@ -304,7 +331,7 @@ struct DrainCommand: ParsableCommand {
         let body = try runControl { try location.client.request(method: "POST", path: "/drain") }
         let decoder = CacheStatus.jsonDecoder()
         let status = try decoder.decode(CacheStatus.self, from: body)
-        print("drained: \(status.dirtyBlocks) dirty blocks, last written back segment \(status.lastWrittenBackSegmentID)")
+        print("drained: \(status.dirtyBlocks) dirty blocks, every segment up to \(status.lastRetiredSegmentID) retired")
     }
 }
 

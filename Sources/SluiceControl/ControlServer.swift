@@ -127,7 +127,7 @@ private final class ControlHandler: ChannelInboundHandler {
             let engine = volume.engine
             engine.eventLoop.flatSubmit { () -> EventLoopFuture<CacheStatus> in
                 let promise = engine.eventLoop.makePromise(of: CacheStatus.self)
-                engine.drain { result in promise.completeWith(result.map { engine.status() }) }
+                engine.writeBackAll { result in promise.completeWith(result.map { engine.status() }) }
                 return promise.futureResult
             }.hop(to: loop).whenComplete { result in
                 self.respond(result.map { Self.encode($0) }, head: head, context: context)

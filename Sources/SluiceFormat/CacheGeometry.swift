@@ -10,6 +10,9 @@
 public struct CacheGeometry: Hashable, Sendable {
     /// Every block in the cache (data, headers, superblock parts) is this big.
     public static let blockBytes = 4096
+    /// The unit of a client's I/O, and of a block's sector mask.
+    public static let sectorBytes = 512
+    public static let sectorsPerBlock = blockBytes / sectorBytes
     /// Bytes of the fixed part of a segment header, before the per-block entries.
     public static let segmentHeaderFixedBytes = 64
     /// Bytes per block entry in a segment header.

@@ -33,6 +33,39 @@ final class CacheEngineCrashTests: XCTestCase {
         /// Pmem mode: recoveries that wrote sealed segments from pmem, and that replayed an open one.
         var sealedSegmentRecoveries = 0
         var openSegmentReplays = 0
+        /// What the engines were doing at the power failures, and what their cleaners did.
+        var cuts = EngineHarness.CutStatistics()
+
+        mutating func add(_ seen: EngineHarness.CutStatistics) {
+            cuts.duringRelocation += seen.duringRelocation
+            cuts.whileWritersWaitForSpace += seen.whileWritersWaitForSpace
+            cuts.duringWriteback += seen.duringWriteback
+            cuts.withRetirementPending += seen.withRetirementPending
+            cuts.whileCleaning += seen.whileCleaning
+            cuts.counters.add(seen.counters)
+        }
+
+        var cleanerSummary: String {
+            "power cuts while relocating \(cuts.duringRelocation), while writers waited for space \(cuts.whileWritersWaitForSpace), "
+                + "during writeback \(cuts.duringWriteback), with retirements pending \(cuts.withRetirementPending), "
+                + "while cleaning \(cuts.whileCleaning); cleaners: \(cuts.counters.cleaningRounds) rounds, "
+                + "\(cuts.counters.relocatedBlocks) blocks relocated, \(cuts.counters.segmentsReclaimed) segments reclaimed "
+                + "(\(cuts.counters.segmentsReclaimedWithoutIO) without I/O), \(cuts.counters.segmentsRetired) retired"
+        }
+
+        /// The crashes hit the cleaner in the states that matter. On in-order media a relocation
+        /// or a writer's wait for space usually begins and ends within one call, so only reordered
+        /// media are held to catching the power failing in the middle of them.
+        func checkCleanerCoverage(reordered: Bool, file: StaticString = #filePath, line: UInt = #line) {
+            XCTAssertGreaterThan(cuts.counters.relocatedBlocks, 0, "the cleaner never relocated", file: file, line: line)
+            if reordered {
+                XCTAssertGreaterThan(cuts.duringRelocation, 0, "no power cut while the cleaner relocated", file: file, line: line)
+                XCTAssertGreaterThan(cuts.whileWritersWaitForSpace, 0, "no power cut while writers waited for space", file: file, line: line)
+            }
+            XCTAssertGreaterThan(cuts.withRetirementPending, 0, "no power cut while reclaimed segments waited for their record", file: file, line: line)
+            XCTAssertGreaterThan(cuts.counters.cleaningRounds, 0, "no engine crossed its high watermark", file: file, line: line)
+            XCTAssertGreaterThan(cuts.counters.segmentsReclaimedWithoutIO, 0, "no segment was reclaimed without I/O", file: file, line: line)
+        }
     }
 
     /// One seed: a few rounds of (some completed bursts, then a burst cut by a power failure at a
@@ -40,16 +73,33 @@ final class CacheEngineCrashTests: XCTestCase {
     /// a power failure during recovery, or a second one right after it.
     @discardableResult
     func runCrashSeed(_ seed: UInt64, shuffled: Bool, rounds: Int, pmemMode: Bool = false, outcome: inout Outcome) throws -> Bool {
+        var statistics = EngineHarness.CutStatistics()
+        defer { outcome.add(statistics) }
+        return try runCrashRounds(seed, shuffled: shuffled, rounds: rounds, pmemMode: pmemMode, outcome: &outcome, statistics: &statistics)
+    }
+
+    private func runCrashRounds(_ seed: UInt64, shuffled: Bool, rounds: Int, pmemMode: Bool, outcome: inout Outcome,
+                                statistics: inout EngineHarness.CutStatistics) throws -> Bool {
         var rng = SplitMix64(seed: seed &* 0x2545_F491_4F6C_DD1D)
         var tunables = CacheTunables()
         tunables.writebackThresholdPercent = [0, 70, 100][rng.below(3)]
+        // The cleaner and writeback anywhere in their range: watermarks from "clean whatever you
+        // can" (1%) to nearly full, dirty_target from "always write back" to "never for that",
+        // max_age off or one second (the simulated clock advances between bursts).
+        tunables.highWatermarkPercent = [1, 30, 50, 90][rng.below(4)]
+        tunables.lowWatermarkPercent = rng.below(tunables.highWatermarkPercent + 1)
+        tunables.dirtyTargetPercent = [0, 10, 50, 100][rng.below(4)]
+        tunables.maxAgeSeconds = rng.chance(20) ? 1 : 0
         // In-order media complete within the call, so most of the engine's work happens inside the
         // turn that issues a burst: the power is cut at a random media operation instead.
         let cut = PowerCut()
         let harness = try EngineHarness(cacheBytes: Self.cacheBytes, backingBytes: Self.backingBytes, segmentBytes: 64 * 1024,
                                         tunables: tunables, periodicWork: false, pmemMode: pmemMode, pmemAreas: pmemMode ? 2 + rng.below(7) : 8,
                                         wrapMedia: shuffled ? ShuffledScheduler.wrapper(seed: seed) : cut.wrapper())
-        defer { harness.close() }
+        defer {
+            statistics = harness.cutsSeen
+            harness.close()
+        }
         let workload = Workload(harness: harness, sectorCount: Self.sectorCount, everyAcknowledgementIsDurable: pmemMode)
         var cutSeed: UInt64 = 0
         cut.trigger = { workload.powerFail(afterHops: 0, seed: cutSeed) }
@@ -61,19 +111,22 @@ final class CacheEngineCrashTests: XCTestCase {
             shape.trimPercent = discard
             shape.zeroPercent = discard
         }
-        let tag = "seed \(seed)\(shuffled ? " (shuffled completions)" : "")\(pmemMode ? " (pmem mode)" : ""), writeback_threshold \(tunables.writebackThresholdPercent)"
+        let tag = "seed \(seed)\(shuffled ? " (shuffled completions)" : "")\(pmemMode ? " (pmem mode)" : ""), tunables \(tunables.summary)"
 
         for round in 0..<rounds {
             for _ in 0..<rng.below(4) {
                 try workload.burst((0..<rng.range(1...60)).map { _ in shape.next(&rng) })
                 do { try workload.waitIdle() } catch { XCTFail("\(tag), round \(round): \(error)"); return false }
+                if rng.chance(40) { try harness.advanceTime(byNs: UInt64(rng.range(1...1500)) * 1_000_000) }
             }
             if rng.chance(10) {
                 try harness.restartCleanly()
                 try workload.everythingAcknowledgedIsDurable()
             }
             let crashSeed = rng.next()
-            let ops = (0..<rng.range(1...40)).map { _ in shape.next(&rng) }
+            // Sometimes a flood: more in flight than the ring holds, so writers wait for space while
+            // the cleaner relocates and writeback cleans the tail.
+            let ops = (0..<(rng.chance(25) ? rng.range(100...300) : rng.range(1...40))).map { _ in shape.next(&rng) }
             if !shuffled {
                 cutSeed = crashSeed
                 let armed = rng.range(1...(3 * ops.count + 8))
@@ -127,7 +180,8 @@ final class CacheEngineCrashTests: XCTestCase {
         for seed in Self.firstSeed..<(Self.firstSeed + Self.seedCount) {
             if try !runCrashSeed(seed, shuffled: false, rounds: 3, outcome: &outcome) { outcome.failedSeeds.append(seed) }
         }
-        print("crash test (in-order media): \(outcome.crashes) crashes (\(outcome.cutsAtMediaOperations) at a media operation), \(outcome.interruptedRecoveries) interrupted recoveries, failed seeds: \(outcome.failedSeeds)")
+        print("crash test (in-order media): \(outcome.crashes) crashes (\(outcome.cutsAtMediaOperations) at a media operation), \(outcome.interruptedRecoveries) interrupted recoveries, failed seeds: \(outcome.failedSeeds); \(outcome.cleanerSummary)")
+        if Self.seedCount >= 100 { outcome.checkCleanerCoverage(reordered: false) }
     }
 
     func testPowerFailuresWithReorderedCompletionsKeepEveryDurableWrite() throws {
@@ -135,7 +189,8 @@ final class CacheEngineCrashTests: XCTestCase {
         for seed in (Self.firstSeed + 1000)..<(Self.firstSeed + 1000 + Self.seedCount) {
             if try !runCrashSeed(seed, shuffled: true, rounds: 3, outcome: &outcome) { outcome.failedSeeds.append(seed) }
         }
-        print("crash test (reordered media): \(outcome.crashes) crashes, \(outcome.interruptedRecoveries) interrupted recoveries, failed seeds: \(outcome.failedSeeds)")
+        print("crash test (reordered media): \(outcome.crashes) crashes, \(outcome.interruptedRecoveries) interrupted recoveries, failed seeds: \(outcome.failedSeeds); \(outcome.cleanerSummary)")
+        if Self.seedCount >= 100 { outcome.checkCleanerCoverage(reordered: true) }
     }
 
     // MARK: Pmem mode
@@ -160,17 +215,22 @@ final class CacheEngineCrashTests: XCTestCase {
             if try !runCrashSeed(seed, shuffled: shuffled, rounds: 3, pmemMode: true, outcome: &outcome) { outcome.failedSeeds.append(seed) }
         }
         XCTAssertGreaterThan(outcome.crashes, 0)
-        print("pmem crash test (\(shuffled ? "reordered" : "in-order") media): \(outcome.crashes) crashes (\(outcome.cutsAtMediaOperations) at a media operation), \(outcome.interruptedRecoveries) interrupted recoveries, \(outcome.sealedSegmentRecoveries) recoveries wrote sealed segments from pmem, \(outcome.openSegmentReplays) replayed an open one; failed seeds: \(outcome.failedSeeds)")
+        print("pmem crash test (\(shuffled ? "reordered" : "in-order") media): \(outcome.crashes) crashes (\(outcome.cutsAtMediaOperations) at a media operation), \(outcome.interruptedRecoveries) interrupted recoveries, \(outcome.sealedSegmentRecoveries) recoveries wrote sealed segments from pmem, \(outcome.openSegmentReplays) replayed an open one; failed seeds: \(outcome.failedSeeds); \(outcome.cleanerSummary)")
+        if Self.pmemSeedCount >= 100 { outcome.checkCleanerCoverage(reordered: shuffled) }
         XCTAssertGreaterThan(outcome.openSegmentReplays, 0, "no recovery replayed an open pmem segment: the test exercises nothing")
     }
 }
 
 /// Minimal, deterministic reproductions of durability bugs found by the random tests.
 final class CacheEngineDurabilityTests: XCTestCase {
+    /// A 15-slot ring whose cleaner reclaims whatever it can (high watermark 1%), on the
+    /// simulated clock: the periodic work runs only when the test advances time.
     private func tinyHarness(threshold: Int = 0) throws -> EngineHarness {
         var tunables = CacheTunables()
         tunables.writebackThresholdPercent = threshold
-        return try EngineHarness(cacheBytes: 1 << 20, backingBytes: 2 << 20, segmentBytes: 64 * 1024, tunables: tunables)
+        tunables.lowWatermarkPercent = 0
+        tunables.highWatermarkPercent = 1
+        return try EngineHarness(cacheBytes: 1 << 20, backingBytes: 2 << 20, segmentBytes: 64 * 1024, tunables: tunables, periodicWork: false)
     }
 
     private func block(_ tag: UInt32, _ blockNumber: Int) -> [UInt8] {
@@ -181,33 +241,41 @@ final class CacheEngineDurabilityTests: XCTestCase {
         SectorCodec.decodeAll(try harness.read(at: UInt64(blockNumber * 4096), count: 4096), firstLBA: blockNumber * 8)
     }
 
-    /// BUG: writeback skips a block whose copy in the batch was superseded by a newer copy, and then
-    /// records the segment as written back, although the newer copy is still only in the open
-    /// buffer (not on the cache device, not synced). A power failure then loses both copies: the
-    /// block reads what the backing store had before the FUA write.
+    /// BUG (of the writeback that retired segments itself, and the rule the cleaner keeps): a
+    /// segment whose only copy of a block was superseded by a copy still in the open buffer (not
+    /// on the cache device, not synced) holds no live block, but retiring it before the newer
+    /// copy is durable would lose both copies at a power failure: the block would read what the
+    /// backing store had before the FUA write.
     ///
     /// 1. write block 0 = #1 with FUA (segment 1, sealed partial, synced: durable)
     /// 2. write block 0 = #2, no FUA (goes into the open segment 2, in memory)
-    /// 3. trim block 100 (not cached): its completion kicks an urged writeback (the trim is still
-    ///    at the head of the queue); segment 1 holds no live block (block 0 was superseded), so the
-    ///    batch only writes a record with last written-back id 1 and syncs it
-    /// 4. power failure
-    /// Expected: block 0 reads #1 (durable) or #2. Actual: zeros (the backing store's old contents).
-    func testDurableCopySupersededByAnUnsyncedCopyIsNotForgottenByWriteback() throws {
+    /// 3. the cleaner reclaims segment 1 with no I/O: its fence is segment 2, still open
+    /// 4. power failure before the fence passed: segment 1 was not retired
+    /// Expected: block 0 reads #1 (durable) or #2. Then, without the power failure: a tick seals
+    /// segment 2 (the fence waited), the record retires segment 1, and block 0 reads #2 after one.
+    func testDurableCopySupersededByAnUnsyncedCopyIsNotForgottenByTheCleaner() throws {
         for seed: UInt64 in [1, 2, 3] {
-            // Writeback whenever there is work, so segment 1 is retired while #2 is only in memory.
-            let harness = try tinyHarness(threshold: 100)
+            let harness = try tinyHarness()
             defer { harness.close() }
             try harness.write(block(1, 0), at: 0, fua: true)
             try harness.write(block(2, 0), at: 0)
-            try harness.discard(at: 100 * 4096, count: 4096, zeroes: false)
-            XCTAssertGreaterThanOrEqual(try harness.inspect { $0.record.lastWrittenBackSegmentID }, 1,
-                                        "writeback retired segment 1, whose copy of block 0 was superseded")
+            try harness.inspect { $0.drive() }
+            XCTAssertEqual(try harness.inspect { $0.ring.reclaimedThroughID }, 1, "the cleaner reclaimed segment 1 (no live block)")
+            XCTAssertEqual(try harness.inspect { $0.ring.retiredThroughID }, 0, "segment 1 is not retired before its fence, segment 2, is durable")
             try harness.crash(seed: seed)
             let after = try tags(harness, block: 0)
             XCTAssertTrue(after.allSatisfy { $0 == 1 || $0 == 2 },
                           "power-failure seed \(seed): block 0 must read #1 (durable) or #2 after the crash, read \(Set(after.map(describe)))")
         }
+        let harness = try tinyHarness()
+        defer { harness.close() }
+        try harness.write(block(1, 0), at: 0, fua: true)
+        try harness.write(block(2, 0), at: 0)
+        try harness.inspect { $0.drive() }
+        try harness.advanceTime(byNs: 150_000_000)
+        XCTAssertGreaterThanOrEqual(try harness.inspect { $0.ring.retiredThroughID }, 1, "once segment 2 is synced, segment 1 is retired")
+        try harness.crash(seed: 4)
+        XCTAssertEqual(try tags(harness, block: 0), Array(repeating: 2, count: 8), "block 0's only copy left is #2, synced before the record")
     }
 
     /// The same loss through a merge: a sub-block rewrite moves the durable copy into the open buffer

@@ -85,7 +85,7 @@ final class CacheEnginePmemTests: XCTestCase {
         expected.replaceSubrange(3584..<4096, with: data(3, sector: 7, count: 1))
         XCTAssertEqual(try harness.read(at: 0, count: 4096), expected)
         let (blockCount, mask) = try harness.inspect { engine -> (Int, UInt8) in
-            let buffer = engine.openBuffer!
+            let buffer = engine.buffers.open!
             return (buffer.blockCount, buffer.sectorMask(at: buffer.dataIndex(of: 0)!))
         }
         XCTAssertEqual(blockCount, 3, "each rewrite took a new data block: a persisted copy is never overwritten")
@@ -121,7 +121,7 @@ final class CacheEnginePmemTests: XCTestCase {
         harness.start({ engine, done in
             engine.submitWrite(offset: UInt64(late * 4096), data: ByteBuffer(bytes: self.data(999, sector: late * 8, count: 8)), fua: false, completion: done)
         }, completion: { lateReply = $0 })
-        let state = try harness.inspect { engine in (engine.buffersAwaitingSync.count, engine.freeBuffers.count, engine.counters.segmentsWritten) }
+        let state = try harness.inspect { engine in (engine.buffers.awaitingSync.count, engine.buffers.free.count, engine.counters.segmentsWritten) }
         XCTAssertEqual(state.0, 2, "both written segments wait for a sync before their areas are reused")
         XCTAssertEqual(state.1, 0)
         XCTAssertEqual(state.2, 2)

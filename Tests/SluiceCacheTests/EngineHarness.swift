@@ -28,12 +28,41 @@ final class EngineHarness {
     /// The media the current engine talks to (the simulated ones, or their wrappers).
     private(set) var cacheMedium: (any BlockMedium)!
     private(set) var backingMedium: (any BlockMedium)!
+    /// What the engines were doing when the power failed, over the harness's life.
+    private(set) var cutsSeen = CutStatistics()
+    /// The counters of every engine that ran, summed (taken at each power failure or restart).
+    var countersSeen: CacheCounters { cutsSeen.counters }
+
+    /// What the engines were doing when the power failed.
+    struct CutStatistics {
+        var duringRelocation = 0
+        var whileWritersWaitForSpace = 0
+        var duringWriteback = 0
+        var withRetirementPending = 0
+        var whileCleaning = 0
+        var counters = CacheCounters()
+
+        mutating func record(_ engine: CacheEngine) {
+            if engine.relocation != nil { duringRelocation += 1 }
+            if engine.updates.headWait.isForSlot { whileWritersWaitForSpace += 1 }
+            if engine.batch != nil { duringWriteback += 1 }
+            if !engine.cleaner.fences.isEmpty || !engine.records.isIdle { withRetirementPending += 1 }
+            if engine.cleaner.phase == .cleaning { whileCleaning += 1 }
+            counters.add(engine.counters)
+        }
+    }
+
     /// What survived the last power failure (set by ``powerFailOnLoop(seed:)``).
     private var survivors: (cache: [UInt8], backing: [UInt8])?
 
-    /// Whether engines run their 100 ms periodic work (writeback pacing, record refresh). Off, a
-    /// run depends on nothing but its seeds: no timer fires at a moment set by the wall clock.
+    /// Whether engines run on the event loop's real clock, their 100 ms periodic work (writeback
+    /// pacing, cleaning, record refresh) firing by wall-clock time. Off, they run on ``clock``,
+    /// a simulated clock that moves only when the test advances it (``advanceTime(byNs:)``), so a
+    /// run depends on nothing but its seeds.
     let periodicWork: Bool
+    /// The simulated clock of engines started with `periodicWork` off (one for the harness's life,
+    /// so time never goes back across restarts).
+    private(set) var clock: SimulatedClock?
 
     /// Pmem mode: the simulated persistent memory holding the write buffers (nil in volatile mode),
     /// which at a power failure keeps what was drained and a seeded choice of every other word.
@@ -97,23 +126,19 @@ final class EngineHarness {
         } else {
             (cacheMedium, backingMedium) = (cache, backing)
         }
+        if !periodicWork && clock == nil { clock = SimulatedClock(loop: loop) }
         let engine = try loop.submit {
             CacheEngine(eventLoop: self.loop, cacheDevice: self.cacheMedium, backingStore: self.backingMedium, opened: recovered.opened,
-                        recovered: recovered.state, tunables: self.tunables, logger: Logger(label: "test-engine"), buffers: placement)
+                        recovered: recovered.state, tunables: self.tunables, logger: Logger(label: "test-engine"), buffers: placement,
+                        clock: self.clock)
         }.wait()
         try loop.flatSubmit { engine.start() }.wait()
-        if !periodicWork { try loop.submit { engine.periodicTask?.cancel() }.wait() }
         self.engine = engine
     }
 
     /// Cuts the power: each medium keeps what was synced plus a seeded choice of the rest. Then
     /// recovers and starts a new engine.
     func crash(seed: UInt64) throws {
-        let engine = self.engine!
-        try loop.submit {
-            engine.periodicTask?.cancel()
-            engine.isClosing = true
-        }.wait()
         try loop.submit { self.powerFailOnLoop(seed: seed) }.wait()
         try recoverFromPowerFailure()
     }
@@ -122,8 +147,8 @@ final class EngineHarness {
     /// The engine keeps running against dead media until ``recoverFromPowerFailure()``.
     func powerFailOnLoop(seed: UInt64) {
         loop.preconditionInEventLoop()
-        engine.periodicTask?.cancel()
-        engine.isClosing = true
+        cutsSeen.record(engine)
+        engine.powerFailed()
         let cacheBytes = cache.powerFail(seed: seed)
         let backingBytes = backing.powerFail(seed: seed &* 31 &+ 7)
         survivors = (cacheBytes, backingBytes)
@@ -225,9 +250,16 @@ final class EngineHarness {
         let engine = self.engine!
         try loop.flatSubmit {
             let promise = self.loop.makePromise(of: Void.self)
-            engine.drain { promise.completeWith($0) }
+            engine.writeBackAll { promise.completeWith($0) }
             return promise.futureResult
         }.wait()
+    }
+
+    /// Moves the simulated clock forward (engines started with `periodicWork` off), firing the
+    /// engine's timers that fall due.
+    func advanceTime(byNs delayNs: UInt64) throws {
+        guard let clock else { throw HarnessError.failed("the harness runs on the real clock") }
+        try loop.submit { clock.advance(byNs: delayNs) }.wait()
     }
 
     /// Reads engine state on its loop.

@@ -102,10 +102,18 @@ struct SectorHistory {
     }
 
     /// What `sector` may show after a power failure: a value at or after its newest durable one.
+    /// A trim may leave a sector as it was (it is advisory; one that covers part of a block does
+    /// nothing), so a durable trim keeps the values before it possible, back to the newest
+    /// durable value that is not a trim.
     func allowedAfterCrash(_ sector: Int) -> [UInt32] {
         let entries = sectors[sector]
-        let lastDurable = entries.lastIndex { $0.durable } ?? 0
-        return (lastDurable..<entries.count).flatMap { tags(entries, $0) }
+        var lastDurable = entries.lastIndex { $0.durable } ?? 0
+        var allowed: [UInt32] = []
+        while lastDurable > 0, entries[lastDurable].value == .trimmed {
+            allowed.append(0)
+            lastDurable = entries[..<lastDurable].lastIndex { $0.durable } ?? 0
+        }
+        return allowed + (lastDurable..<entries.count).flatMap { tags(entries, $0) }
     }
 
     /// What `sector` may show while the engine runs with every operation completed: its newest value.
@@ -120,13 +128,14 @@ struct SectorHistory {
         }
     }
 
-    /// Drops entries older than the newest durable one (keeps the checks fast in long runs). A trim
-    /// keeps the entry before it, which it may still show.
+    /// Drops entries older than the newest durable one (keeps the checks fast in long runs). A
+    /// durable trim keeps what it may still show: the entries back to the newest durable value
+    /// that is not a trim (see ``allowedAfterCrash(_:)``).
     mutating func compact() {
         for sector in sectors.indices {
             let entries = sectors[sector]
             guard var first = entries.lastIndex(where: { $0.durable }), first > 0 else { continue }
-            while first > 0, entries[first].value == .trimmed { first -= 1 }
+            while first > 0, entries[first].value == .trimmed { first = entries[..<first].lastIndex { $0.durable } ?? 0 }
             if first > 0 { sectors[sector].removeFirst(first) }
         }
     }
@@ -171,5 +180,19 @@ func runInChildProcess(_ test: String, file: StaticString = #filePath, line: UIn
                 + interesting.prefix(6).joined(separator: "\n"), file: file, line: line)
     } else if process.terminationStatus != 0 {
         XCTFail("\(test) failed in its child process:\n" + interesting.prefix(10).joined(separator: "\n"), file: file, line: line)
+    }
+}
+
+extension CacheCounters {
+    /// Adds the cleaner's and writeback's counters of another engine (for test statistics).
+    mutating func add(_ other: CacheCounters) {
+        relocatedBlocks += other.relocatedBlocks
+        segmentsReclaimed += other.segmentsReclaimed
+        segmentsReclaimedWithoutIO += other.segmentsReclaimedWithoutIO
+        segmentsRetired += other.segmentsRetired
+        cleaningRounds += other.cleaningRounds
+        writtenBackBlocks += other.writtenBackBlocks
+        writerStalls += other.writerStalls
+        cleanerWaitsForWriteback += other.cleanerWaitsForWriteback
     }
 }

@@ -143,7 +143,7 @@ final class Workload {
                 self.finishedOne()
             }
         case .drain:
-            engine.drain { result in
+            engine.writeBackAll { result in
                 guard !self.crashed else { return }
                 if case .failure(let error) = result { self.unexpectedFailures.append("operation \(id) drain: \(error)") }
                 self.finishedOne()
@@ -228,7 +228,8 @@ final class Workload {
         let timeout = loop.scheduleTask(in: .seconds(30)) {
             if let index = self.idleWaiters.firstIndex(where: { $0.futureResult === promise.futureResult }) {
                 self.idleWaiters.remove(at: index)
-                promise.fail(HarnessError.failed("requests still outstanding after 30 s: the engine is stuck"))
+                let state = self.harness.engine.stuckReport()
+                promise.fail(HarnessError.failed("requests still outstanding after 30 s: the engine is stuck; \(state)"))
             }
         }
         defer { timeout.cancel() }

@@ -1,3 +1,5 @@
+import SluiceFormat
+
 /// Splits a 512-byte-aligned byte range into the 4 KiB blocks it touches, each with the mask of
 /// sectors it covers and where its bytes sit in the request. Writes smaller than a block keep their
 /// sector mask, so a sub-4 KiB write never needs the rest of its block.
@@ -13,8 +15,8 @@ public struct BlockSplit: Sequence {
         public var lengthBytes: Int
     }
 
-    public static let blockBytes: UInt64 = 4096
-    public static let sectorBytes: UInt64 = 512
+    static let blockBytes = UInt64(CacheGeometry.blockBytes)
+    static let sectorBytes = UInt64(CacheGeometry.sectorBytes)
 
     public let offset: UInt64
     public let lengthBytes: UInt64
@@ -47,5 +49,18 @@ public struct BlockSplit: Sequence {
             position = blockEnd
             return piece
         }
+    }
+}
+
+/// Calls `body(firstSector, sectorCount)` for each run of consecutive set bits of `mask`.
+@inline(__always)
+func forEachSectorRun(_ mask: UInt8, _ body: (Int, Int) -> Void) {
+    var sector = 0
+    while sector < 8 {
+        guard mask & (1 << sector) != 0 else { sector += 1; continue }
+        var end = sector
+        while end < 8 && mask & (1 << end) != 0 { end += 1 }
+        body(sector, end - sector)
+        sector = end
     }
 }

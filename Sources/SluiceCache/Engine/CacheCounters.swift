@@ -29,6 +29,33 @@ public struct CacheCounters: Codable, Sendable, Equatable {
     public var pmemDrains: UInt64 = 0
     public var pmemPersistedReplies: UInt64 = 0
 
+    // MARK: Cleaning
+    /// Live dirty blocks the cleaner copied forward to the head of the log.
+    public var relocatedBlocks: UInt64 = 0
+    /// Segments reclaimed, and how many of them needed no I/O (every block dead or clean).
+    public var segmentsReclaimed: UInt64 = 0
+    public var segmentsReclaimedWithoutIO: UInt64 = 0
+    /// Segments retired by a durable record (their slots free).
+    public var segmentsRetired: UInt64 = 0
+    public var recordWrites: UInt64 = 0
+    public var recordWriteErrors: UInt64 = 0
+    /// Times occupancy crossed the high watermark and the cleaner started a round.
+    public var cleaningRounds: UInt64 = 0
+    /// Times the cleaner found the tail too dirty to relocate and asked writeback for it.
+    public var cleanerWaitsForWriteback: UInt64 = 0
+
+    // MARK: Writers waiting for space
+    /// Writes and discards that waited for ring space or a buffer, the total and the longest wait.
+    public var writerStalls: UInt64 = 0
+    public var writerStallNs: UInt64 = 0
+    public var writerStallMaxNs: UInt64 = 0
+
+    // MARK: Writeback
+    /// Blocks a batch took but skipped because a newer write, trim or relocation superseded them.
+    public var writebackSkippedBlocks: UInt64 = 0
+    /// Blocks the last batch wrote back.
+    public var lastBatchWrittenBackBlocks: UInt64 = 0
+
     public init() {}
 
     public static func index(write: Bool, hit: Bool, inBuffer: Bool, fullBlock: Bool) -> Int {

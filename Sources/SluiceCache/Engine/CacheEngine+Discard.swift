@@ -10,7 +10,7 @@ extension CacheEngine {
     func submitDiscard(offset: UInt64, lengthBytes: UInt64, zeroes: Bool, fua: Bool, completion: @escaping (VolumeReply) -> Void) {
         eventLoop.preconditionInEventLoop()
         if let failure { return completion(.failed(.io(errno: failure.errnoValue))) }
-        if isClosing { return completion(.failed(.shuttingDown)) }
+        guard lifecycle.acceptsRequests else { return completion(.failed(.shuttingDown)) }
         let end = offset + lengthBytes
         guard end <= volumeSizeBytes else { return completion(.failed(.outOfRange)) }
         let blockBytes = UInt64(CacheGeometry.blockBytes)
@@ -33,114 +33,106 @@ extension CacheEngine {
         }
         guard !parts.isEmpty else { return completion(.done) }
         let join = CompletionJoin(outstanding: parts.count) { reply in
-            if fua, case .done = reply { self.addDurabilityWaiter(completion) } else { completion(reply) }
+            if fua, case .done = reply { self.awaitDurability(self.durability.replyWait(fua: true), completion) } else { completion(reply) }
         }
         for (kind, partOffset) in zip(parts, offsets) {
-            waitingUpdates.append(PendingUpdate(kind: kind, offset: partOffset, completion: join.partCompleted))
+            updates.waiting.append(PendingUpdate(kind: kind, offset: partOffset, completion: join.partCompleted))
         }
         processWaitingUpdates()
+        if updates.headWait.isForSlot { drive() }
     }
 
-    /// A whole-block discard, at the head of the queue (later writes and discards wait behind it):
-    /// 1. waits until no writeback batch is writing any of its blocks, so old data never lands
-    ///    on the backing store after it;
-    /// 2. passes the discard down to the backing store and syncs it (no batch starts meanwhile);
-    /// 3. places a discard marker in the open buffer for every block the cache still holds and
-    ///    drops it from the index. A batch that runs while the markers wait for ring space drops
-    ///    the range's blocks instead of writing them back (see `startWriteback`).
-    ///
-    /// The backing store has the discard, synced, before any marker exists, so a marker can never
-    /// be durable over a backing store that still holds data older than the block's newest
-    /// durable copy. Until the markers are placed, reads of cached blocks in the range return the
-    /// cached data and reads of the others return zeros (what the backing store now holds, or will).
+    /// A whole-block discard at the head of the queue, through the stages of
+    /// ``DiscardSequencer``: it waits for backing writes of its blocks in flight, is passed down
+    /// to the backing store and synced there, then places a discard marker for every block the
+    /// cache holds in its range (dirty or clean: a clean copy is still in the log until its
+    /// segment is retired, and recovery would replay it over the discard).
     func applyDiscard(_ update: inout PendingUpdate) -> ApplyOutcome {
         guard case .discard(let lengthBytes, let zeroes, _) = update.kind else { preconditionFailure() }
         let blockBytes = UInt64(CacheGeometry.blockBytes)
         let firstBlock = update.offset / blockBytes
-        let endBlock = firstBlock + lengthBytes / blockBytes
+        let blocks = firstBlock..<(firstBlock + lengthBytes / blockBytes)
         switch update.discardStage {
         case .waiting:
-            if writebackIsWriting(firstBlock..<endBlock) { return .blocked }
+            if let batch, batch.discardStarting(blocks) { return .blocked }
             update.discardStage = .passingDown
-            update.discardID = nextDiscardID
-            nextDiscardID += 1
-            discardRangesInFlight[update.discardID] = firstBlock..<endBlock
+            update.discardID = discards.passDown(blocks)
             // The head of the queue records the discard's progress; the completion below may run
             // before `discard` returns.
-            waitingUpdates.first = update
-            discardsInFlight += 1
-            backingLoad.begin(nowNs: uptimeNs())
-            let discardID = update.discardID
-            backingStore.discard(offset: update.offset, count: Int(lengthBytes), zeroes: zeroes) { result in
-                self.backingLoad.end(nowNs: uptimeNs())
-                guard case .success = result else { return self.discardPassedDown(discardID, result: result) }
-                self.backingStore.synchronize { synced in
-                    self.counters.backingSyncs += 1
-                    self.discardPassedDown(discardID, result: synced)
-                }
-            }
-            update = waitingUpdates.first!
+            updates.waiting.first = update
+            passDown(update.discardID, offset: update.offset, lengthBytes: lengthBytes, zeroes: zeroes)
+            update = updates.waiting.first!
             if case .passingDown = update.discardStage { return .blocked }
             return applyDiscard(&update)
         case .passingDown:
             return .blocked
         case .failed(let error):
-            discardRangesInFlight[update.discardID] = nil
             update.completion(.failed(.io(errno: error.errnoValue)))
             return .handedOff
         case .passedDown:
-            var block = firstBlock + UInt64(update.appliedBytes)
-            while block < endBlock {
+            var block = blocks.lowerBound + UInt64(update.appliedBytes)
+            while block < blocks.upperBound {
                 if index.lookup(block) != nil {
-                    guard let buffer = openBufferAccepting(block) else {
-                        update.appliedBytes = Int(block - firstBlock)
+                    guard let buffer = openBufferAccepting(block, for: .writer) else {
+                        update.appliedBytes = Int(block - blocks.lowerBound)
                         return .blocked
                     }
                     buffer.markDiscarded(blockNumber: block)
                     index.remove(blockNumber: block)
+                    batch?.superseded(block)
                     if buffer.isFull { sealOpenBuffer(isPartial: false) }
                 }
                 block += 1
             }
-            discardRangesInFlight[update.discardID] = nil
-            kickWriteback()
+            discards.markersPlaced(update.discardID)
             return .applied
         }
     }
 
+    /// Passes discard `id` down to the backing store and syncs it there.
+    private func passDown(_ id: UInt64, offset: UInt64, lengthBytes: UInt64, zeroes: Bool) {
+        backingLoad.begin(nowNs: clock.nowNs)
+        backingStore.discard(offset: offset, count: Int(lengthBytes), zeroes: zeroes) { result in
+            self.backingLoad.end(nowNs: self.clock.nowNs)
+            guard case .success = result else { return self.discardPassedDown(id, result: result) }
+            self.backingStore.synchronize { synced in
+                self.counters.backingSyncs += 1
+                self.discardPassedDown(id, result: synced)
+            }
+        }
+    }
+
     /// The backing store has done (and synced) the discard at the head of the queue, or failed it.
-    private func discardPassedDown(_ discardID: UInt64, result: Result<Void, MediumError>) {
-        discardsInFlight -= 1
-        guard var head = waitingUpdates.first, head.discardID == discardID, case .passingDown = head.discardStage else {
+    private func discardPassedDown(_ id: UInt64, result: Result<Void, MediumError>) {
+        guard var head = updates.waiting.first, head.discardID == id, case .passingDown = head.discardStage else {
             preconditionFailure("a backing discard completed that is not at the head of the queue")
         }
         switch result {
-        case .success: head.discardStage = .passedDown
-        case .failure(let error): head.discardStage = .failed(error)
+        case .success:
+            head.discardStage = .passedDown
+            discards.passedDown(id, succeeded: true)
+        case .failure(let error):
+            head.discardStage = .failed(error)
+            discards.passedDown(id, succeeded: false)
         }
-        waitingUpdates.first = head
-        processWaitingUpdates()
-        kickWriteback()
+        updates.waiting.first = head
+        drive()
     }
 
-    /// Whether a writeback batch still has backing writes for blocks in `range` to make.
-    func writebackIsWriting(_ range: Range<UInt64>) -> Bool {
-        guard let batch = writeback, !batch.backingWritesDone else { return false }
-        return batch.overlaps(range)
-    }
-
-    /// Whether `blockNumber` lies in a discard that has not placed its markers yet.
-    func isBeingDiscarded(_ blockNumber: UInt64) -> Bool {
-        guard !discardRangesInFlight.isEmpty else { return false }
-        return discardRangesInFlight.values.contains { $0.contains(blockNumber) }
-    }
-
-    /// Whether `blockNumber` lies in a discard the backing store already has (markers pending).
-    func isDiscardedOnBacking(_ blockNumber: UInt64) -> Bool {
-        guard let head = waitingUpdates.first, case .discard(let lengthBytes, _, _) = head.kind,
-              case .passedDown = head.discardStage else { return false }
-        let first = head.offset / UInt64(CacheGeometry.blockBytes)
-        return blockNumber >= first && blockNumber < first + lengthBytes / UInt64(CacheGeometry.blockBytes)
+    /// Fails every waiting write and discard after a medium failure. A discard whose backing
+    /// request is still out is failed when that returns.
+    func failWaitingUpdates() {
+        guard let failure else { return }
+        var keep: [PendingUpdate] = []
+        for update in updates.waiting.removeAll() {
+            if case .discard = update.kind, case .passingDown = update.discardStage {
+                keep.append(update)
+                continue
+            }
+            if case .discard = update.kind, update.discardID != 0 { discards.abandoned(update.discardID) }
+            update.completion(.failed(.io(errno: failure.errnoValue)))
+        }
+        for update in keep { updates.waiting.append(update) }
     }
 }
 

@@ -28,15 +28,15 @@ extension CacheEngine {
         for piece in BlockSplit(offset: offset, lengthBytes: UInt64(lengthBytes)) {
             let firstSector = piece.sectorMask.trailingZeroBitCount
             // Request offset of sector 0 of this block (may lie before the request for its first block).
-            let blockRequestOffset = piece.requestOffset - firstSector * SegmentBuffer.sectorBytes
+            let blockRequestOffset = piece.requestOffset - firstSector * CacheGeometry.sectorBytes
             var backingMask = piece.sectorMask
-            if let (position, cachedMask) = index.lookup(piece.blockNumber) {
-                let covered = cachedMask & piece.sectorMask
-                backingMask = piece.sectorMask & ~cachedMask
+            if let entry = index.lookup(piece.blockNumber) {
+                let position = entry.position
+                let covered = entry.sectorMask & piece.sectorMask
+                backingMask = piece.sectorMask & ~entry.sectorMask
                 let cacheSlot = self.slot(of: position)
-                let dataIndex = Int(position) - firstPosition(ofSlot: cacheSlot)
-                let memory: (any WriteBuffer)? = sealedBySlot[cacheSlot]
-                    ?? (openBuffer.map { geometry.slot(ofSegment: $0.segmentID) == cacheSlot ? $0 : nil } ?? nil)
+                let dataIndex = self.dataIndex(of: position)
+                let memory = ring.segmentID(inSlot: cacheSlot).flatMap { buffers.inMemory(slot: cacheSlot, segmentID: $0) }
                 counters.count(write: false, hit: true, inBuffer: memory != nil, fullBlock: piece.sectorMask == 0xFF)
                 if covered != 0 {
                     if let memory {
@@ -64,7 +64,7 @@ extension CacheEngine {
             } else {
                 counters.count(write: false, hit: false, inBuffer: false, fullBlock: piece.sectorMask == 0xFF)
             }
-            if backingMask != 0, isBeingDiscarded(piece.blockNumber) {
+            if backingMask != 0, discards.isBeingDiscarded(piece.blockNumber) {
                 // A trim or write-zeroes of this block is being passed down: zeros, not the
                 // backing store's old data.
                 forEachSectorRun(backingMask) { sector, count in
@@ -101,14 +101,14 @@ extension CacheEngine {
             // is not a multiple of 4 KiB.
             let count = fetch.fromBacking ? Int(min(UInt64(fetch.count), volumeSizeBytes - fetch.mediumOffset)) : fetch.count
             if fetch.fromBacking {
-                backingLoad.begin(nowNs: uptimeNs())
+                backingLoad.begin(nowNs: clock.nowNs)
             } else {
-                readersPerSlot[fetch.slot] += 1
+                ring.readerStarted(slot: fetch.slot)
             }
             let medium = fetch.fromBacking ? backingStore : cacheDevice
             medium.read(offset: fetch.mediumOffset, count: count) { result in
                 if fetch.fromBacking {
-                    self.backingLoad.end(nowNs: uptimeNs())
+                    self.backingLoad.end(nowNs: self.clock.nowNs)
                     self.counters.backingBytesRead += UInt64(count)
                 } else {
                     self.readerFinished(slot: fetch.slot)
@@ -117,19 +117,6 @@ extension CacheEngine {
                 assembly.fetched(fetch, result: result)
             }
         }
-    }
-}
-
-/// Calls `body(firstSector, sectorCount)` for each run of consecutive set bits of `mask`.
-@inline(__always)
-func forEachSectorRun(_ mask: UInt8, _ body: (Int, Int) -> Void) {
-    var sector = 0
-    while sector < 8 {
-        guard mask & (1 << sector) != 0 else { sector += 1; continue }
-        var end = sector
-        while end < 8 && mask & (1 << end) != 0 { end += 1 }
-        body(sector, end - sector)
-        sector = end
     }
 }
 

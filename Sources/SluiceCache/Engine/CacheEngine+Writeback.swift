@@ -1,317 +1,447 @@
 import NIOCore
 import SluiceFormat
 
-/// One writeback batch: the oldest sealed segments, their live blocks sorted by block number.
+/// One writeback batch: dirty blocks sorted by block number, their data, and how far the batch
+/// has got writing them to the backing store.
 final class WritebackBatch {
-    let firstID: UInt64
-    let lastID: UInt64
-    /// Live blocks at collection time, sorted by block number once the data is in.
-    var items: [(blockNumber: UInt64, position: CacheIndex.Position, sectorMask: UInt8)] = []
-    /// The data blocks read from each slot, from data block 0 up to its last live block.
-    var slotData: [Int: ByteBuffer] = [:]
-    var readsOutstanding = 0
-    var writesOutstanding = 0
-    var writesToIssue: [(offset: UInt64, bytes: ByteBuffer)] = []
-    var nextWrite = 0
-    var failure: (MediumError, String)?
-    var isFinished = false
-    /// The batch's data is on the backing store and synced; only the record is left.
-    var backingWritesDone = false
-    /// The smallest and largest block numbers in the batch, for quick overlap checks.
-    var lowestBlock = UInt64.max
-    var highestBlock: UInt64 = 0
-    var sortedBlockNumbers: [UInt64] = []
-
-    init(firstID: UInt64, lastID: UInt64) {
-        self.firstID = firstID
-        self.lastID = lastID
+    struct Item {
+        var blockNumber: UInt64
+        /// Where the copy being written back is, and the segment holding it (a position is reused
+        /// only after its segment is retired, so the pair names one copy forever).
+        var position: CacheIndex.Position
+        var segmentID: UInt64
+        var sectorMask: UInt8
+        /// Superseded in place (a rewrite in the DRAM open buffer) or by a discard: skipped.
+        var cancelled = false
+        var issued = false
     }
 
-    /// Whether any block in `range` is being written back by this batch.
-    func overlaps(_ range: Range<UInt64>) -> Bool {
-        guard !range.isEmpty, range.lowerBound <= highestBlock, range.upperBound > lowestBlock else { return false }
-        // Binary search for the first block number at or after the range's start.
+    /// Where the batch stands: reading its data, writing it back, syncing the backing store.
+    enum Phase: Equatable {
+        case fetching
+        case writing
+        case syncing
+        case finished
+    }
+
+    /// A cache-device read of consecutive positions of one slot, for the items it lists.
+    struct Read {
+        var slot: Int
+        var first: CacheIndex.Position
+        var items: [Int]
+    }
+
+    let trigger: WritebackBatcher.Trigger
+    /// Sorted by block number; item *i*'s 4 KiB are at `i × 4096` in `data`.
+    var items: [Item]
+    var data: ByteBuffer
+    var phase = Phase.fetching
+    /// Issuing reads or writes: completions within the call go round the running pass again.
+    var pass = ReentrantPass()
+    var reads: [Read] = []
+    var nextRead = 0
+    var readsOutstanding = 0
+    var writesOutstanding = 0
+    /// The next item to consider for a backing write, and the next sector of it.
+    var nextItem = 0
+    var nextSector = 0
+    /// Block ranges of backing writes in flight (a discard of any of them must wait).
+    var writesInFlight: [UInt64: Range<UInt64>] = [:]
+    private var nextWriteID: UInt64 = 0
+    var failure: (MediumError, String)?
+    var writingStartedNs: UInt64?
+    /// Items written to the backing store (issued and completed).
+    var writtenItems = 0
+
+    init(trigger: WritebackBatcher.Trigger, items: [Item]) {
+        self.trigger = trigger
+        self.items = items
+        data = ByteBufferAllocator().buffer(capacity: items.count * CacheGeometry.blockBytes)
+        data.writeRepeatingByte(0, count: items.count * CacheGeometry.blockBytes)
+    }
+
+    var allIssued: Bool { nextItem == items.count }
+
+    /// The index of `blockNumber`'s item, if the batch has one.
+    func item(for blockNumber: UInt64) -> Int? {
         var low = 0
-        var high = sortedBlockNumbers.count
+        var high = items.count
         while low < high {
             let middle = (low + high) / 2
-            if sortedBlockNumbers[middle] < range.lowerBound { low = middle + 1 } else { high = middle }
+            if items[middle].blockNumber < blockNumber { low = middle + 1 } else { high = middle }
         }
-        return low < sortedBlockNumbers.count && sortedBlockNumbers[low] < range.upperBound
+        return low < items.count && items[low].blockNumber == blockNumber ? low : nil
+    }
+
+    /// The block's copy changed where it lies (a rewrite in place): the data read is stale.
+    func superseded(_ blockNumber: UInt64) {
+        if let index = item(for: blockNumber) { items[index].cancelled = true }
+    }
+
+    /// The cleaner moved the block's copy (same data) to a new place.
+    func relocated(_ blockNumber: UInt64, from old: CacheIndex.Position, to position: CacheIndex.Position, segmentID: UInt64) {
+        guard let index = item(for: blockNumber), items[index].position == old else { return }
+        items[index].position = position
+        items[index].segmentID = segmentID
+    }
+
+    /// A discard of `range` is about to go to the backing store: items not yet written are
+    /// dropped (the discard supersedes them). Returns whether a backing write of the range is in
+    /// flight, which the discard must wait for.
+    func discardStarting(_ range: Range<UInt64>) -> Bool {
+        for index in nextItem..<items.count where range.contains(items[index].blockNumber) { items[index].cancelled = true }
+        return writesInFlight.values.contains { $0.overlaps(range) }
+    }
+
+    func writeStarted(_ blocks: Range<UInt64>) -> UInt64 {
+        nextWriteID += 1
+        writesInFlight[nextWriteID] = blocks
+        writesOutstanding += 1
+        return nextWriteID
+    }
+
+    func writeFinished(_ id: UInt64) {
+        writesInFlight[id] = nil
+        writesOutstanding -= 1
     }
 }
 
 extension CacheEngine {
-    /// The most bytes one backing write carries: NBD servers commonly refuse more than 32 MiB, and
-    /// a default batch (32 segments of 1 MiB) holds less dirty data than that, so a contiguous run
-    /// is never split into two requests.
+    /// The most bytes one backing write carries: NBD servers commonly refuse more than 32 MiB.
     static let writebackWriteBytesMax = 32 << 20
-    /// The most backing writes a batch keeps in flight.
+    /// The most backing writes, and cache-device reads, a batch keeps in flight.
     static let writebackWritesInFlightMax = 64
+    static let writebackReadsInFlightMax = 64
 
-    /// Starts a writeback batch if there is work and it is allowed now: always when urged (free
-    /// segments short, writers waiting, a drain), otherwise only while the backing store's
-    /// foreground load is under `writeback_threshold`.
-    func kickWriteback() {
-        guard writeback == nil, failure == nil, discardsInFlight == 0, !recordWriteInFlight,
-              !isClosing || !drainWaiters.isEmpty, uptimeNs() >= writebackRetryNotBeforeNs else { return }
-        if writtenThroughID == lastWrittenBackID {
-            // Nothing sealed is on the device. A drain still needs the open buffer written.
-            if !drainWaiters.isEmpty {
-                if index.count == 0 {
-                    let waiters = drainWaiters
-                    drainWaiters.removeAll()
-                    for waiter in waiters { waiter(.success(())) }
-                } else if openBuffer.map({ !$0.isEmpty }) ?? false, !barrierScheduled {
-                    addBarrierWaiter { _ in }
-                }
-            }
-            return
-        }
-        let urgent = !drainWaiters.isEmpty || isWaitingForRing
-            || freeSegments <= max(2, geometry.segmentCount / 8)
-        if !urgent {
-            guard tunables.writebackThresholdPercent > 0,
-                  backingLoad.busyPercent(nowNs: uptimeNs()) < tunables.writebackThresholdPercent else { return }
-        }
-        let lastID = min(writtenThroughID, lastWrittenBackID + UInt64(tunables.maxBatchedWritebackSegments))
-        startWriteback(firstID: lastWrittenBackID + 1, lastID: lastID)
+    /// Starts a writeback batch if the batcher wants one now.
+    func stepWriteback() {
+        if !writeBackAllWaiters.isEmpty { stepWriteBackAll() }
+        guard batch == nil, failure == nil, lifecycle.acceptsRequests || !writeBackAllWaiters.isEmpty else { return }
+        let now = clock.nowNs
+        let situation = WritebackBatcher.Situation(
+            nowNs: now, dirtyBlocks: index.dirtyCount, cacheBlocks: geometry.cacheBlocks, writeBackAll: !writeBackAllWaiters.isEmpty,
+            tailNeedsWriteback: tailNeedsWriteback, oldestDirtyOpenedAtNs: oldestDirtySegmentID().map { ring.openedAtNs(of: $0) },
+            backingBusyPercent: backingLoad.busyPercent(nowNs: now), discardPassingDown: discards.isPassingDown,
+            blocksPerSegment: geometry.dataBlocksPerSegment, tunables: tunables)
+        guard let (trigger, selection, maxBlocks) = writeback.next(situation) else { return }
+        let items = collectWriteback(selection, maxBlocks: maxBlocks)
+        guard !items.isEmpty else { return }
+        let batch = WritebackBatch(trigger: trigger, items: items)
+        self.batch = batch
+        fetchWritebackData(batch)
     }
 
-    private func startWriteback(firstID: UInt64, lastID: UInt64) {
-        let batch = WritebackBatch(firstID: firstID, lastID: lastID)
-        writeback = batch
-        var lastLiveIndex: [Int: Int] = [:]
-        for id in firstID...lastID {
-            let slot = geometry.slot(ofSegment: id)
-            let first = firstPosition(ofSlot: slot)
-            for dataIndex in 0..<geometry.dataBlocksPerSegment {
-                let position = CacheIndex.Position(first + dataIndex)
-                guard let resident = index.resident(at: position) else { continue }
-                if isDiscardedOnBacking(resident.blockNumber) {
-                    // The discard at the head of the queue is on the backing store, synced, and
-                    // waits for ring space to place this block's marker. Its newest copy is in this
-                    // batch, so retiring the batch removes every copy from the log: drop it.
-                    index.remove(at: position)
-                    continue
-                }
-                batch.items.append((resident.blockNumber, position, resident.sectorMask))
-                lastLiveIndex[slot] = dataIndex
-            }
+    /// The oldest sealed segment holding a dirty block, if any.
+    private func oldestDirtySegmentID() -> UInt64? {
+        guard index.dirtyCount > 0 else { return nil }
+        var id = ring.reclaimedThroughID + 1
+        while id < ring.nextSegmentID {
+            if index.dirtyBlocks(inSlot: ring.slot(of: id)) > 0 { return id }
+            id += 1
         }
-        batch.sortedBlockNumbers = batch.items.map(\.blockNumber).sorted()
-        batch.lowestBlock = batch.sortedBlockNumbers.first ?? .max
-        batch.highestBlock = batch.sortedBlockNumbers.last ?? 0
-        guard !lastLiveIndex.isEmpty else {
-            // Every block of these segments was superseded or discarded: only the record moves.
-            return finishWriteback(batch)
-        }
-        batch.readsOutstanding = lastLiveIndex.count
-        for (slot, lastIndex) in lastLiveIndex {
-            let count = (lastIndex + 1) * CacheGeometry.blockBytes
-            cacheDevice.read(offset: geometry.offset(ofDataBlock: 0, inSlot: slot), count: count) { result in
-                batch.readsOutstanding -= 1
-                switch result {
-                case .success(let bytes):
-                    self.counters.cacheBytesRead += UInt64(count)
-                    batch.slotData[slot] = bytes
-                case .failure(let error):
-                    if batch.failure == nil { batch.failure = (error, "reading segment data for writeback") }
-                }
-                if batch.readsOutstanding == 0 { self.writeBatchBack(batch) }
-            }
-        }
+        return nil
     }
 
-    /// Sorts the batch, merges contiguous dirty sectors into runs, and writes each run with one
-    /// backing write.
-    private func writeBatchBack(_ batch: WritebackBatch) {
-        if let (error, what) = batch.failure { return writebackFailed(batch, error, what) }
-        batch.items.sort { $0.blockNumber < $1.blockNumber }
-        var runOffset: UInt64 = 0
-        var run = ByteBuffer()
-        func closeRun() {
-            if run.readableBytes > 0 { batch.writesToIssue.append((runOffset, run)) }
-            run = ByteBuffer()
+    /// The dirty blocks a batch takes, sorted by block number. Only sealed segments are
+    /// candidates: a block in the open DRAM buffer may still change in place.
+    private func collectWriteback(_ selection: WritebackBatcher.Selection, maxBlocks: Int) -> [WritebackBatch.Item] {
+        let openID = buffers.open?.segmentID ?? ring.nextSegmentID
+        var items: [WritebackBatch.Item] = []
+        switch selection {
+        case .oldest(let openedBeforeNs):
+            var id = ring.reclaimedThroughID + 1
+            while id < openID, items.count < maxBlocks {
+                if let openedBeforeNs, ring.openedAtNs(of: id) >= openedBeforeNs { break }
+                index.forEachDirty(in: index.positions(ofSlot: ring.slot(of: id))) { blockNumber, position in
+                    guard items.count < maxBlocks else { return }
+                    items.append(WritebackBatch.Item(blockNumber: blockNumber, position: position, segmentID: id,
+                                                     sectorMask: index.resident(at: position)!.sectorMask))
+                }
+                id += 1
+            }
+            items.sort { $0.blockNumber < $1.blockNumber }
+        case .blockOrder(let from):
+            items = collectInBlockOrder(from: from, below: openID, maxBlocks: maxBlocks)
+            if items.isEmpty && from > 0 {
+                writeback.sweepWrapped()
+                items = collectInBlockOrder(from: 0, below: openID, maxBlocks: maxBlocks)
+            }
+            if let last = items.last { writeback.sweptThrough(last.blockNumber) }
         }
-        for item in batch.items {
+        return items
+    }
+
+    /// The `maxBlocks` dirty blocks with the smallest block numbers at or after `from`, among the
+    /// sealed segments before `openID`: a bounded max-heap over one pass of the index.
+    private func collectInBlockOrder(from: UInt64, below openID: UInt64, maxBlocks: Int) -> [WritebackBatch.Item] {
+        var heap = BoundedMaxHeap<WritebackBatch.Item>(capacity: maxBlocks) { $0.blockNumber < $1.blockNumber }
+        var id = ring.reclaimedThroughID + 1
+        while id < openID {
+            let segmentID = id
+            let slot = ring.slot(of: id)
+            if index.dirtyBlocks(inSlot: slot) > 0 {
+                index.forEachDirty(in: index.positions(ofSlot: slot)) { blockNumber, position in
+                    guard blockNumber >= from else { return }
+                    heap.offer(WritebackBatch.Item(blockNumber: blockNumber, position: position, segmentID: segmentID,
+                                                   sectorMask: index.resident(at: position)!.sectorMask))
+                }
+            }
+            id += 1
+        }
+        return heap.sortedAscending()
+    }
+
+    /// Copies each item's data from its buffer if the segment is still in memory, and plans reads
+    /// of the others from the cache device, a run of consecutive positions of one slot per read.
+    private func fetchWritebackData(_ batch: WritebackBatch) {
+        var reads: [WritebackBatch.Read] = []
+        for (itemIndex, item) in batch.items.enumerated() {
             let slot = slot(of: item.position)
-            let dataIndex = Int(item.position) - firstPosition(ofSlot: slot)
-            let blockOffset = item.blockNumber * UInt64(CacheGeometry.blockBytes)
-            let data = batch.slotData[slot]!
-            forEachSectorRun(item.sectorMask) { sector, count in
-                let offset = blockOffset + UInt64(sector * 512)
-                let length = count * 512
-                if run.readableBytes == 0 || runOffset + UInt64(run.readableBytes) != offset
-                    || run.readableBytes + length > Self.writebackWriteBytesMax {
-                    closeRun()
-                    runOffset = offset
-                    run = ByteBufferAllocator().buffer(capacity: min(Self.writebackWriteBytesMax, 64 * 1024))
+            if let memory = buffers.inMemory(slot: slot, segmentID: item.segmentID) {
+                memory.withBlock(at: dataIndex(of: item.position)) { block in
+                    batch.data.setBytes(block, at: itemIndex * CacheGeometry.blockBytes)
                 }
-                let source = dataIndex * CacheGeometry.blockBytes + sector * 512
-                run.writeImmutableBuffer(data.getSlice(at: data.readerIndex + source, length: length)!)
+                continue
+            }
+            reads.append(WritebackBatch.Read(slot: slot, first: item.position, items: [itemIndex]))
+        }
+        reads.sort { $0.first < $1.first }
+        for read in reads {
+            if let last = batch.reads.last, last.slot == read.slot, last.first + CacheIndex.Position(last.items.count) == read.first {
+                batch.reads[batch.reads.count - 1].items += read.items
+            } else {
+                batch.reads.append(read)
             }
         }
-        closeRun()
-        batch.slotData.removeAll()
-        counters.backingWriteRequests += UInt64(batch.writesToIssue.count)
+        issueWritebackReads(batch)
+    }
+
+    /// Keeps up to ``writebackReadsInFlightMax`` reads in flight; once all are in, the writes start.
+    private func issueWritebackReads(_ batch: WritebackBatch) {
+        guard batch.pass.begin() else { return }
+        repeat {
+            while batch.failure == nil, batch.readsOutstanding < Self.writebackReadsInFlightMax, batch.nextRead < batch.reads.count {
+                let read = batch.reads[batch.nextRead]
+                batch.nextRead += 1
+                readForWriteback(batch, read)
+            }
+        } while batch.pass.again()
+        let done = batch.nextRead == batch.reads.count || batch.failure != nil
+        guard done, batch.readsOutstanding == 0, batch.phase == .fetching else { return }
+        batch.phase = .writing
         issueWritebackWrites(batch)
     }
 
-    private func issueWritebackWrites(_ batch: WritebackBatch) {
-        // After a failure nothing more is issued; the batch ends once what is out has returned.
-        while batch.failure == nil, batch.nextWrite < batch.writesToIssue.count,
-              batch.writesOutstanding < Self.writebackWritesInFlightMax {
-            let (offset, bytes) = batch.writesToIssue[batch.nextWrite]
-            batch.writesToIssue[batch.nextWrite].bytes = ByteBuffer()
-            batch.nextWrite += 1
-            batch.writesOutstanding += 1
-            let length = bytes.readableBytes
-            backingStore.write(offset: offset, bytes: bytes) { result in
-                batch.writesOutstanding -= 1
-                switch result {
-                case .success: self.counters.backingBytesWritten += UInt64(length)
-                case .failure(let error):
-                    if batch.failure == nil { batch.failure = (error, "writing back to the backing store") }
+    private func readForWriteback(_ batch: WritebackBatch, _ read: WritebackBatch.Read) {
+        let count = read.items.count * CacheGeometry.blockBytes
+        batch.readsOutstanding += 1
+        ring.readerStarted(slot: read.slot)
+        cacheDevice.read(offset: geometry.offset(ofDataBlock: dataIndex(of: read.first), inSlot: read.slot), count: count) { result in
+            self.readerFinished(slot: read.slot)
+            batch.readsOutstanding -= 1
+            switch result {
+            case .success(let bytes):
+                self.counters.cacheBytesRead += UInt64(count)
+                for (offset, itemIndex) in read.items.enumerated() {
+                    batch.data.setBuffer(bytes.getSlice(at: bytes.readerIndex + offset * CacheGeometry.blockBytes, length: CacheGeometry.blockBytes)!,
+                                         at: itemIndex * CacheGeometry.blockBytes)
                 }
-                if batch.nextWrite < batch.writesToIssue.count, batch.failure == nil {
-                    self.issueWritebackWrites(batch)
-                } else if batch.writesOutstanding == 0 {
-                    self.syncBatch(batch)
-                }
+            case .failure(let error):
+                if batch.failure == nil { batch.failure = (error, "reading dirty blocks from the cache device for writeback") }
             }
+            self.issueWritebackReads(batch)
         }
-        if batch.writesToIssue.isEmpty { syncBatch(batch) }
     }
 
-    /// The backing store is synced before anything is marked clean, recorded or reused.
-    private func syncBatch(_ batch: WritebackBatch) {
+    /// Whether an item's copy is still the block's newest, dirty, and unchanged since it was read.
+    private func isCurrent(_ item: WritebackBatch.Item) -> Bool {
+        // A block in the discard the backing store already has must never be written there again.
+        guard !item.cancelled, !discards.isDiscardedOnBacking(item.blockNumber), let entry = index.lookup(item.blockNumber), entry.position == item.position, entry.isDirty,
+              entry.sectorMask == item.sectorMask else { return false }
+        return ring.segmentID(inSlot: slot(of: item.position)) == item.segmentID
+    }
+}
+
+extension CacheEngine {
+    /// Issues the batch's backing writes in block order, a bounded number at a time, merging
+    /// contiguous dirty sectors into one write. Each item is checked just before its write is
+    /// formed: a block superseded since the batch read it is skipped, not written.
+    func issueWritebackWrites(_ batch: WritebackBatch) {
+        guard batch.phase == .writing, batch.pass.begin() else { return }
+        if batch.writingStartedNs == nil { batch.writingStartedNs = clock.nowNs }
+        repeat {
+            while batch.failure == nil, batch.writesOutstanding < Self.writebackWritesInFlightMax, let run = nextWritebackRun(batch) {
+                writeBack(batch, run)
+            }
+        } while batch.pass.again()
+        guard batch.writesOutstanding == 0, batch.allIssued || batch.failure != nil, batch.phase == .writing else { return }
         if let (error, what) = batch.failure { return writebackFailed(batch, error, what) }
+        batch.phase = .syncing
+        syncWriteback(batch)
+    }
+
+    private func writeBack(_ batch: WritebackBatch, _ run: (offset: UInt64, bytes: ByteBuffer, blocks: Range<UInt64>, items: [Int])) {
+        let writeID = batch.writeStarted(run.blocks)
+        counters.backingWriteRequests += 1
+        let length = run.bytes.readableBytes
+        backingStore.write(offset: run.offset, bytes: run.bytes) { result in
+            batch.writeFinished(writeID)
+            switch result {
+            case .success:
+                self.counters.backingBytesWritten += UInt64(length)
+                batch.writtenItems += run.items.count
+            case .failure(let error):
+                if batch.failure == nil { batch.failure = (error, "writing back to the backing store") }
+            }
+            self.issueWritebackWrites(batch)
+            // A discard may be waiting for this write.
+            self.drive()
+        }
+    }
+
+    /// The next run of contiguous dirty sectors: its offset, a slice of the batch's data (items
+    /// are laid out in block order, so a run contiguous on the backing store is contiguous there
+    /// too), its block range, and the items it starts. An item whose mask has holes is written as
+    /// several runs; whether it is still current is checked once, before its first run.
+    private func nextWritebackRun(_ batch: WritebackBatch) -> (offset: UInt64, bytes: ByteBuffer, blocks: Range<UInt64>, items: [Int])? {
+        var start: (offset: UInt64, dataOffset: Int)?
+        var lengthBytes = 0
+        var items: [Int] = []
+        var lastBlock: UInt64 = 0
+        while batch.nextItem < batch.items.count {
+            let itemIndex = batch.nextItem
+            let item = batch.items[itemIndex]
+            if batch.nextSector == 0 && !item.issued {
+                guard isCurrent(item) else {
+                    if start != nil { break }
+                    skipWriteback(item)
+                    batch.nextItem += 1
+                    continue
+                }
+            } else if item.cancelled {
+                // A discard of the block started after its first run went out: the rest must not.
+                if start != nil { break }
+                batch.nextItem += 1
+                batch.nextSector = 0
+                continue
+            }
+            guard let (sector, count) = firstSectorRun(item.sectorMask, from: batch.nextSector) else {
+                batch.nextItem += 1
+                batch.nextSector = 0
+                continue
+            }
+            let offset = item.blockNumber * UInt64(CacheGeometry.blockBytes) + UInt64(sector * CacheGeometry.sectorBytes)
+            let dataOffset = itemIndex * CacheGeometry.blockBytes + sector * CacheGeometry.sectorBytes
+            let length = count * CacheGeometry.sectorBytes
+            if let begun = start {
+                guard begun.offset + UInt64(lengthBytes) == offset, begun.dataOffset + lengthBytes == dataOffset,
+                      lengthBytes + length <= Self.writebackWriteBytesMax else { break }
+            } else {
+                start = (offset, dataOffset)
+            }
+            lengthBytes += length
+            lastBlock = item.blockNumber
+            if !batch.items[itemIndex].issued {
+                batch.items[itemIndex].issued = true
+                items.append(itemIndex)
+            }
+            batch.nextSector = sector + count
+            // A run ending inside the block cannot continue into the next block.
+            if sector + count < CacheGeometry.sectorsPerBlock { break }
+        }
+        guard let start else { return nil }
+        let firstBlock = start.offset / UInt64(CacheGeometry.blockBytes)
+        return (start.offset, batch.data.getSlice(at: batch.data.readerIndex + start.dataOffset, length: lengthBytes)!,
+                firstBlock..<(lastBlock + 1), items)
+    }
+
+    /// The first run of consecutive set bits of `mask` at or after sector `from`.
+    private func firstSectorRun(_ mask: UInt8, from: Int) -> (sector: Int, count: Int)? {
+        var sector = from
+        while sector < CacheGeometry.sectorsPerBlock && mask & (1 << sector) == 0 { sector += 1 }
+        guard sector < CacheGeometry.sectorsPerBlock else { return nil }
+        var end = sector
+        while end < CacheGeometry.sectorsPerBlock && mask & (1 << end) != 0 { end += 1 }
+        return (sector, end - sector)
+    }
+
+    /// An item not written because it is no longer current. One in the discard the backing store
+    /// already has is clean: the discard, synced, supersedes it there.
+    private func skipWriteback(_ item: WritebackBatch.Item) {
+        counters.writebackSkippedBlocks += 1
+        guard !item.cancelled, discards.isDiscardedOnBacking(item.blockNumber),
+              let entry = index.lookup(item.blockNumber), entry.position == item.position, entry.isDirty else { return }
+        index.markClean(at: item.position)
+    }
+
+    /// The backing store is synced before anything is marked clean.
+    private func syncWriteback(_ batch: WritebackBatch) {
         backingStore.synchronize { result in
             self.counters.backingSyncs += 1
             switch result {
-            case .success:
-                batch.backingWritesDone = true
-                // A discard waiting for these writes may go on.
-                self.processWaitingUpdates()
-                self.finishWriteback(batch)
+            case .success: self.finishWriteback(batch)
             case .failure(let error): self.writebackFailed(batch, error, "syncing the backing store after writeback")
             }
         }
     }
 
-    /// Makes every superseding copy and discard marker durable, records the progress durably, then
-    /// forgets the written-back blocks and frees the segments.
-    ///
-    /// The batch skipped copies that newer writes or discards had superseded. Until those newer
-    /// copies and markers are durable, the older copies are the durable truth: if the record
-    /// retired them first, a crash could lose both and the block would fall back to what the
-    /// backing store held before either. So a barrier runs first when anything is not yet synced.
+    /// Marks clean every written item whose copy is still the block's newest: the backing store
+    /// holds exactly that data, synced. A copy superseded meanwhile stays as it is.
     private func finishWriteback(_ batch: WritebackBatch) {
-        if isPmemMode {
-            // Every newer copy and marker is in a pmem area, or synced on the cache device before
-            // its area was reused; one drain makes the appends not drained yet durable too.
-            persistNow()
-            return recordWriteback(batch)
+        precondition(self.batch === batch && batch.phase == .syncing, "a writeback batch finished that is not the one in flight")
+        batch.phase = .finished
+        var cleaned: UInt64 = 0
+        for item in batch.items where item.issued && isCurrent(item) {
+            if index.markClean(at: item.position) { cleaned += 1 }
         }
-        let lastSealedID = (openBuffer?.segmentID ?? nextSegmentID) - 1
-        let everythingDurable = (openBuffer?.isEmpty ?? true) && lastSealedID <= syncedThroughID && !barrierScheduled
-        guard everythingDurable else {
-            return addBarrierWaiter { reply in
-                guard case .done = reply else {
-                    return self.writebackFailed(batch, self.failure ?? .inputOutput(errno: 5), "making newer copies durable")
-                }
-                self.recordWriteback(batch)
-            }
-        }
-        recordWriteback(batch)
+        counters.writtenBackBlocks += cleaned
+        counters.lastBatchWrittenBackBlocks = cleaned
+        counters.writebackBatches += 1
+        writeback.finished(blocks: batch.items.count, durationNs: clock.nowNs &- (batch.writingStartedNs ?? clock.nowNs))
+        self.batch = nil
+        drive()
     }
 
-    private func recordWriteback(_ batch: WritebackBatch) {
-        writeRecord(cleanShutdown: false, lastWrittenBackID: batch.lastID) { result in
-            if case .failure(let error) = result {
-                return self.writebackFailed(batch, error, "recording writeback progress in the superblock")
-            }
-            precondition(!batch.isFinished, "a writeback batch finished twice")
-            batch.isFinished = true
-            var cleaned = 0
-            for item in batch.items where self.index.remove(at: item.position) { cleaned += 1 }
-            self.counters.writtenBackBlocks += UInt64(cleaned)
-            self.counters.writebackBatches += 1
-            self.lastWrittenBackID = batch.lastID
-            self.writeback = nil
-            self.processWaitingUpdates()
-            self.kickWriteback()
-        }
-    }
-
-    /// A writeback step failed. The data is still safe in the cache; the batch is retried later.
+    /// A writeback step failed. The data is still safe in the cache; a new batch starts a second
+    /// later, and nothing was marked clean.
     private func writebackFailed(_ batch: WritebackBatch, _ error: MediumError, _ what: String) {
+        precondition(self.batch === batch && batch.phase != .finished, "a writeback batch failed that is not the one in flight")
+        batch.phase = .finished
         counters.writebackErrors += 1
-        precondition(!batch.isFinished, "a writeback batch finished twice")
-        batch.isFinished = true
-        logger.error("writeback of segments \(batch.firstID)...\(batch.lastID) failed while \(what): \(error); retrying in 1 s")
-        writeback = nil
-        writebackRetryNotBeforeNs = uptimeNs() + 1_000_000_000
-        writebackTimer = eventLoop.scheduleTask(in: .seconds(1)) { self.kickWriteback() }
-        processWaitingUpdates()
-    }
-
-    /// Writes the next superblock record (to the slot the current one is not in) and syncs it.
-    func writeRecord(cleanShutdown: Bool, lastWrittenBackID: UInt64? = nil, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        precondition(!recordWriteInFlight, "two superblock record writes at once")
-        recordWriteInFlight = true
-        let next = SuperblockRecord(sequence: record.sequence + 1,
-                                    lastWrittenBackSegmentID: lastWrittenBackID ?? self.lastWrittenBackID,
-                                    lastFlushedSegmentID: max(syncedThroughID, lastWrittenBackID ?? self.lastWrittenBackID),
-                                    cleanShutdown: cleanShutdown)
-        cacheDevice.write(offset: next.slotOffset, bytes: next.encoded()) { written in
-            if case .failure(let error) = written {
-                self.recordWriteInFlight = false
-                return completion(.failure(error))
-            }
-            self.cacheDevice.synchronize { synced in
-                self.counters.cacheSyncs += 1
-                self.recordWriteInFlight = false
-                switch synced {
-                case .success:
-                    self.record = next
-                    self.lastRecordWriteUptimeNs = uptimeNs()
-                    completion(.success(()))
-                case .failure(let error):
-                    completion(.failure(error))
-                }
-            }
+        if !lifecycle.isPoweredOff {
+            logger.error("writeback of \(batch.items.count) blocks failed while \(what): \(error); retrying in 1 s")
         }
+        writeback.failed(nowNs: clock.nowNs)
+        self.batch = nil
+        drive()
     }
 
-    /// Writes every dirty block back, syncs the backing store, and completes when nothing is dirty.
-    public func drain(completion: @escaping (Result<Void, Error>) -> Void) {
+    // MARK: Writing everything back
+
+    /// Writes every dirty block back, syncs the backing store, retires every segment, and
+    /// completes when the cache holds nothing (what `sluice drain` and the offline drain do).
+    public func writeBackAll(completion: @escaping (Result<Void, Error>) -> Void) {
         eventLoop.preconditionInEventLoop()
         if let failure { return completion(.failure(failure)) }
-        drainWaiters.append(completion)
-        if openBuffer.map({ !$0.isEmpty }) ?? false { addBarrierWaiter { _ in } }
-        kickWriteback()
+        writeBackAllWaiters.append(completion)
+        drive()
     }
 
-    /// Work the engine does every 100 ms: re-evaluate writeback pacing, the periodic barrier and the
-    /// periodic record refresh.
-    func periodicTick() {
-        let now = uptimeNs()
-        kickWriteback()
-        if tunables.syncDataIntervalSeconds > 0, unsyncedWritesSinceBarrier, !barrierScheduled,
-           now &- lastBarrierUptimeNs >= UInt64(tunables.syncDataIntervalSeconds) * 1_000_000_000 {
-            lastBarrierUptimeNs = now
-            addBarrierWaiter { _ in }
+    /// Seals the open segment so its blocks can be written back and retired, and answers the
+    /// waiters once nothing is left: no dirty block, no cached block, every segment retired.
+    private func stepWriteBackAll() {
+        if let failure {
+            let waiters = writeBackAllWaiters
+            writeBackAllWaiters.removeAll()
+            for waiter in waiters { waiter(.failure(failure)) }
+            return
         }
-        if tunables.updateSuperblockRecordIntervalSeconds > 0, writeback == nil, !recordWriteInFlight, failure == nil, !isClosing,
-           record.lastFlushedSegmentID != syncedThroughID,
-           now &- lastRecordWriteUptimeNs >= UInt64(tunables.updateSuperblockRecordIntervalSeconds) * 1_000_000_000 {
-            writeRecord(cleanShutdown: false) { result in
-                if case .failure(let error) = result { self.logger.error("refreshing the superblock record failed: \(error)") }
-                self.kickWriteback()
-            }
-        }
+        let openHoldsData = buffers.open.map { !$0.isEmpty } ?? false
+        if openHoldsData, !barriers.isGathering { return addBarrierWaiter { _ in } }
+        guard index.count == 0, !openHoldsData, ring.retiredThroughID == newestAppendedSegmentID, relocation == nil else { return }
+        let waiters = writeBackAllWaiters
+        writeBackAllWaiters.removeAll()
+        for waiter in waiters { waiter(.success(())) }
     }
 }
 
@@ -349,7 +479,52 @@ struct BackingLoadMeter {
     }
 }
 
-/// Monotonic time in nanoseconds.
-func uptimeNs() -> UInt64 {
-    UInt64(NIODeadline.now().uptimeNanoseconds)
+/// Keeps the `capacity` smallest elements offered (by `isLess`), in one pass and O(capacity)
+/// memory: a max-heap whose root is the largest kept.
+struct BoundedMaxHeap<Element> {
+    private var storage: [Element] = []
+    let capacity: Int
+    private let isLess: (Element, Element) -> Bool
+
+    init(capacity: Int, isLess: @escaping (Element, Element) -> Bool) {
+        precondition(capacity > 0)
+        self.capacity = capacity
+        self.isLess = isLess
+        storage.reserveCapacity(min(capacity, 1 << 16))
+    }
+
+    mutating func offer(_ element: Element) {
+        if storage.count < capacity {
+            storage.append(element)
+            siftUp(storage.count - 1)
+        } else if isLess(element, storage[0]) {
+            storage[0] = element
+            siftDown(0)
+        }
+    }
+
+    func sortedAscending() -> [Element] { storage.sorted(by: isLess) }
+
+    private mutating func siftUp(_ start: Int) {
+        var child = start
+        while child > 0 {
+            let parent = (child - 1) / 2
+            guard isLess(storage[parent], storage[child]) else { return }
+            storage.swapAt(parent, child)
+            child = parent
+        }
+    }
+
+    private mutating func siftDown(_ start: Int) {
+        var parent = start
+        while true {
+            let left = 2 * parent + 1
+            guard left < storage.count else { return }
+            var largest = left
+            if left + 1 < storage.count, isLess(storage[left], storage[left + 1]) { largest = left + 1 }
+            guard isLess(storage[parent], storage[largest]) else { return }
+            storage.swapAt(parent, largest)
+            parent = largest
+        }
+    }
 }

@@ -1,5 +1,5 @@
 /// Maps each cached 4 KiB block of the backing store (its block number) to the cache block that
-/// holds its newest copy, in at most 14 bytes per cache block.
+/// holds its newest copy, in at most 14.2 bytes per cache block.
 ///
 /// Two arrays, both allocated once for the cache's capacity:
 /// - `residents`, one 8-byte word per cache block: the block number it holds and its sector mask
@@ -8,9 +8,14 @@
 ///   4-byte cache-block position per slot and 1.5 slots per cache block. The key of a slot is read
 ///   from `residents`, so the table stores no keys.
 ///
-/// dm-writeboost needs about 1% of the cache size for its metadata; this is 14 bytes per 4 KiB
-/// block, 0.34%. The index holds only the newest copy of each block: a write that hits a block
-/// already cached merges into a new copy and the old position is released.
+/// Every entry is *dirty* (its data is newer than the backing store's) or *clean* (writeback
+/// wrote it and synced the backing store; one bit per cache block). The index also counts, per
+/// ring slot, the entries pointing into it and how many of them are dirty, which is what the
+/// cleaner needs to decide how to reclaim the ring's tail.
+///
+/// dm-writeboost needs about 1% of the cache size for its metadata; this is about 14 bytes per
+/// 4 KiB block, 0.35%. The index holds only the newest copy of each block: a write that hits a
+/// block already cached merges into a new copy and the old position is released.
 public struct CacheIndex {
     /// A cache block position: segment slot × data blocks per segment + block within the segment.
     public typealias Position = UInt32
@@ -19,44 +24,76 @@ public struct CacheIndex {
     public static let emptyResident = UInt64.max
     private static let emptySlot = Position.max
 
+    /// What a cache block holds: a block number, its sectors, and whether it is dirty.
+    public struct Resident: Equatable, Sendable {
+        public var blockNumber: UInt64
+        public var sectorMask: UInt8
+        public var isDirty: Bool
+    }
+
+    /// Where the newest copy of a block is, its sectors, and whether it is dirty.
+    public struct Entry: Equatable, Sendable {
+        public var position: Position
+        public var sectorMask: UInt8
+        public var isDirty: Bool
+    }
+
     public let capacity: Int
+    /// Cache blocks per ring slot (a segment's data blocks); positions of slot *s* are
+    /// `s × positionsPerSlot ..< (s + 1) × positionsPerSlot`.
+    public let positionsPerSlot: Int
     private var residents: [UInt64]
     private var table: [Position]
+    /// One bit per cache block: set when the entry there is clean.
+    private var cleanBits: [UInt64]
+    /// Per ring slot: entries pointing into it, and how many of them are dirty.
+    private var liveBySlot: [UInt16]
+    private var dirtyBySlot: [UInt16]
     public private(set) var count = 0
+    public private(set) var dirtyCount = 0
 
-    /// Creates an index for `capacity` cache blocks.
-    public init(capacity: Int) {
+    /// Creates an index for `capacity` cache blocks in ring slots of `positionsPerSlot` each (the
+    /// engine's: a segment's data blocks; by default up to 4096).
+    public init(capacity: Int, positionsPerSlot: Int? = nil) {
         precondition(capacity > 0 && capacity < Int(Position.max), "cache block count out of range")
+        let perSlot = positionsPerSlot ?? min(capacity, 4096)
+        precondition(perSlot > 0 && perSlot <= Int(UInt16.max), "positions per slot out of range")
         self.capacity = capacity
+        self.positionsPerSlot = perSlot
         residents = [UInt64](repeating: Self.emptyResident, count: capacity)
         table = [Position](repeating: Self.emptySlot, count: capacity + capacity / 2 + 1)
+        cleanBits = [UInt64](repeating: 0, count: (capacity + 63) / 64)
+        liveBySlot = [UInt16](repeating: 0, count: (capacity + perSlot - 1) / perSlot)
+        dirtyBySlot = liveBySlot
     }
 
     /// Bytes of memory the index uses.
-    public var memoryBytes: Int { residents.count * 8 + table.count * 4 }
+    public var memoryBytes: Int { residents.count * 8 + table.count * 4 + cleanBits.count * 8 + liveBySlot.count * 4 }
 
     /// What a cache block holds, if anything.
-    public func resident(at position: Position) -> (blockNumber: UInt64, sectorMask: UInt8)? {
+    public func resident(at position: Position) -> Resident? {
         let word = residents[Int(position)]
         guard word != Self.emptyResident else { return nil }
-        return (word >> 8, UInt8(truncatingIfNeeded: word))
+        return Resident(blockNumber: word >> 8, sectorMask: UInt8(truncatingIfNeeded: word), isDirty: !isCleanBit(position))
     }
 
-    /// Where the newest copy of `blockNumber` is, and which of its sectors it holds.
-    public func lookup(_ blockNumber: UInt64) -> (position: Position, sectorMask: UInt8)? {
+    /// Where the newest copy of `blockNumber` is, which of its sectors it holds, and whether it is dirty.
+    public func lookup(_ blockNumber: UInt64) -> Entry? {
         var slot = home(of: blockNumber)
         // Bounded: the table always has empty slots (load ≤ 2/3), and a probe stops at one.
         for _ in 0..<table.count {
             let position = table[slot]
             if position == Self.emptySlot { return nil }
             let word = residents[Int(position)]
-            if word >> 8 == blockNumber { return (position, UInt8(truncatingIfNeeded: word)) }
+            if word >> 8 == blockNumber {
+                return Entry(position: position, sectorMask: UInt8(truncatingIfNeeded: word), isDirty: !isCleanBit(position))
+            }
             slot = next(slot)
         }
         preconditionFailure("cache index probe found no empty slot")
     }
 
-    /// Records that `position` now holds the newest copy of `blockNumber` with `sectorMask`.
+    /// Records that `position` now holds the newest copy of `blockNumber` with `sectorMask`, dirty.
     /// Returns the position of the copy it replaces, which the caller releases.
     @discardableResult
     public mutating func insert(_ blockNumber: UInt64, sectorMask: UInt8, at position: Position) -> Position? {
@@ -72,12 +109,16 @@ public struct CacheIndex {
                 residents[Int(position)] = blockNumber << 8 | UInt64(sectorMask)
                 count += 1
                 precondition(count <= capacity, "more entries than cache blocks")
+                counted(position, live: 1, dirty: 1)
                 return nil
             }
             if residents[Int(current)] >> 8 == blockNumber {
+                counted(current, live: -1, dirty: isCleanBit(current) ? 0 : -1)
+                setCleanBit(current, false)
                 residents[Int(current)] = Self.emptyResident
                 residents[Int(position)] = blockNumber << 8 | UInt64(sectorMask)
                 table[slot] = position
+                counted(position, live: 1, dirty: 1)
                 return current
             }
             slot = next(slot)
@@ -86,12 +127,27 @@ public struct CacheIndex {
     }
 
     /// Grows the sector mask of the copy at `position`, which must be the newest copy of its block
-    /// (a block rewritten while it is still in the open buffer).
+    /// (a block rewritten while it is still in the open buffer). The copy is dirty again.
     public mutating func updateMask(at position: Position, to sectorMask: UInt8) {
         let word = residents[Int(position)]
         precondition(word != Self.emptyResident, "updating the mask of an empty cache position")
         precondition(sectorMask != 0 && UInt8(truncatingIfNeeded: word) & ~sectorMask == 0, "a mask may only grow")
         residents[Int(position)] = word & ~0xFF | UInt64(sectorMask)
+        if isCleanBit(position) {
+            setCleanBit(position, false)
+            counted(position, live: 0, dirty: 1)
+        }
+    }
+
+    /// Marks the copy at `position` clean: its data is on the backing store, synced. Returns
+    /// whether it was dirty.
+    @discardableResult
+    public mutating func markClean(at position: Position) -> Bool {
+        precondition(residents[Int(position)] != Self.emptyResident, "marking an empty cache position clean")
+        guard !isCleanBit(position) else { return false }
+        setCleanBit(position, true)
+        counted(position, live: 0, dirty: -1)
+        return true
     }
 
     /// Forgets the copy at `position`, if it is still the newest copy of its block (a superseded
@@ -106,6 +162,8 @@ public struct CacheIndex {
             let current = table[slot]
             precondition(current != Self.emptySlot, "resident block \(blockNumber) is missing from the table")
             if current == position {
+                counted(position, live: -1, dirty: isCleanBit(position) ? 0 : -1)
+                setCleanBit(position, false)
                 residents[Int(position)] = Self.emptyResident
                 deleteSlot(slot)
                 count -= 1
@@ -119,18 +177,70 @@ public struct CacheIndex {
     /// Removes the entry of `blockNumber`, if cached; returns the position it occupied.
     @discardableResult
     public mutating func remove(blockNumber: UInt64) -> Position? {
-        guard let (position, _) = lookup(blockNumber) else { return nil }
-        remove(at: position)
-        return position
+        guard let entry = lookup(blockNumber) else { return nil }
+        remove(at: entry.position)
+        return entry.position
     }
 
-    /// Every (block number, position, mask) entry, in no particular order. For recovery checks and tests.
+    /// Entries pointing into ring slot `slot`, and how many of them are dirty.
+    public func liveBlocks(inSlot slot: Int) -> Int { Int(liveBySlot[slot]) }
+    public func dirtyBlocks(inSlot slot: Int) -> Int { Int(dirtyBySlot[slot]) }
+
+    /// The positions of ring slot `slot`.
+    public func positions(ofSlot slot: Int) -> Range<Position> {
+        Position(slot * positionsPerSlot)..<Position(min(capacity, (slot + 1) * positionsPerSlot))
+    }
+
+    /// Every entry, in no particular order. For recovery checks and tests.
     public func entries() -> [(blockNumber: UInt64, position: Position, sectorMask: UInt8)] {
         table.compactMap { position in
             guard position != Self.emptySlot else { return nil }
             let word = residents[Int(position)]
             return (word >> 8, position, UInt8(truncatingIfNeeded: word))
         }
+    }
+
+    /// Calls `body` with every dirty entry's block number and position, in position order, for
+    /// the positions `positions` selects (writeback's candidates).
+    public func forEachDirty(in positions: Range<Position>, _ body: (UInt64, Position) -> Void) {
+        for position in positions {
+            let word = residents[Int(position)]
+            if word != Self.emptyResident && !isCleanBit(position) { body(word >> 8, position) }
+        }
+    }
+
+    /// Checks the per-slot counts against the entries (a full scan: tests and recovery checks).
+    public func countsAreConsistent() -> Bool {
+        var live = [Int](repeating: 0, count: liveBySlot.count)
+        var dirty = live
+        for position in 0..<capacity where residents[position] != Self.emptyResident {
+            live[position / positionsPerSlot] += 1
+            if !isCleanBit(Position(position)) { dirty[position / positionsPerSlot] += 1 }
+        }
+        return live == liveBySlot.map(Int.init) && dirty == dirtyBySlot.map(Int.init)
+            && live.reduce(0, +) == count && dirty.reduce(0, +) == dirtyCount
+    }
+
+    // MARK: - Clean bits and counts
+
+    @inline(__always)
+    private func isCleanBit(_ position: Position) -> Bool {
+        cleanBits[Int(position) >> 6] & (1 << (UInt64(position) & 63)) != 0
+    }
+
+    @inline(__always)
+    private mutating func setCleanBit(_ position: Position, _ clean: Bool) {
+        let bit: UInt64 = 1 << (UInt64(position) & 63)
+        if clean { cleanBits[Int(position) >> 6] |= bit } else { cleanBits[Int(position) >> 6] &= ~bit }
+    }
+
+    @inline(__always)
+    private mutating func counted(_ position: Position, live: Int, dirty: Int) {
+        let slot = Int(position) / positionsPerSlot
+        liveBySlot[slot] = UInt16(Int(liveBySlot[slot]) + live)
+        dirtyBySlot[slot] = UInt16(Int(dirtyBySlot[slot]) + dirty)
+        dirtyCount += dirty
+        precondition(dirtyBySlot[slot] <= liveBySlot[slot] && dirtyCount <= count, "dirty blocks outnumber live ones")
     }
 
     /// The longest distance of any entry from its home slot: a degenerate hash shows up here long

@@ -1,11 +1,22 @@
-/// The run-time tunables of a cache, with dm-writeboost's names. Each is a flag of `sluice serve`
-/// and can be changed while serving with `sluice set KEY VALUE`.
+/// The run-time tunables of a cache, with dm-writeboost's and dm-writecache's names. Each is a
+/// flag of `sluice serve` and can be changed while serving with `sluice set KEY VALUE`.
 public struct CacheTunables: Codable, Sendable, Equatable {
-    /// Write back only while the backing store is busy less than this share of the time (percent,
-    /// measured over the last second), unless free segments run short. 0 stops background
-    /// writeback (it still runs when urged or drained); 100 writes back whenever there is work.
+    /// Cleaning starts when more of the ring than this is occupied (percent, as dm-writecache's
+    /// high watermark)...
+    public var highWatermarkPercent = 50
+    /// ... and stops once occupancy is down to this (percent).
+    public var lowWatermarkPercent = 45
+    /// Write back continuously, at the pace the backing store sustains, while more of the cache
+    /// than this is dirty (percent), whatever the backing store's foreground load.
+    public var dirtyTargetPercent = 10
+    /// Below `dirty_target`, write back only while the backing store is busy with foreground work
+    /// less than this share of the time (percent, measured over the last second). 0 stops
+    /// opportunistic writeback; 100 writes back whenever there is work.
     public var writebackThresholdPercent = 70
-    /// How many sealed segments one writeback batch takes at most.
+    /// Write back blocks dirty longer than this (seconds), whatever the other triggers say; 0 = off.
+    public var maxAgeSeconds = 0
+    /// The most blocks one writeback batch takes, in segments' worth (a batch's size otherwise
+    /// follows what the backing store writes in about half a second).
     public var maxBatchedWritebackSegments = 32
     /// Seconds between refreshes of the superblock record while writeback is idle (0: only when a
     /// batch completes, which is always done).
@@ -20,6 +31,10 @@ public struct CacheTunables: Codable, Sendable, Equatable {
     public init() {}
 
     enum CodingKeys: String, CodingKey {
+        case highWatermarkPercent = "high_watermark"
+        case lowWatermarkPercent = "low_watermark"
+        case dirtyTargetPercent = "dirty_target"
+        case maxAgeSeconds = "max_age"
         case writebackThresholdPercent = "writeback_threshold"
         case maxBatchedWritebackSegments = "nr_max_batched_writeback"
         case updateSuperblockRecordIntervalSeconds = "update_sb_record_interval"
@@ -28,8 +43,8 @@ public struct CacheTunables: Codable, Sendable, Equatable {
     }
 
     /// Every key `set` accepts.
-    public static let keys = ["writeback_threshold", "nr_max_batched_writeback", "update_sb_record_interval",
-                              "sync_data_interval", "barrier_deadline_ms"]
+    public static let keys = ["high_watermark", "low_watermark", "dirty_target", "writeback_threshold", "max_age",
+                              "nr_max_batched_writeback", "update_sb_record_interval", "sync_data_interval", "barrier_deadline_ms"]
 
     /// A tunable was given a name or value it does not take.
     public struct Invalid: Error, CustomStringConvertible {
@@ -44,6 +59,20 @@ public struct CacheTunables: Codable, Sendable, Equatable {
             }
         }
         switch key {
+        case "high_watermark":
+            try check(1...100)
+            guard value >= lowWatermarkPercent else {
+                throw Invalid(description: "high_watermark must be at least low_watermark (\(lowWatermarkPercent)), not \(value)")
+            }
+            highWatermarkPercent = value
+        case "low_watermark":
+            try check(0...99)
+            guard value <= highWatermarkPercent else {
+                throw Invalid(description: "low_watermark must be at most high_watermark (\(highWatermarkPercent)), not \(value)")
+            }
+            lowWatermarkPercent = value
+        case "dirty_target": try check(0...100); dirtyTargetPercent = value
+        case "max_age": try check(0...86_400 * 30); maxAgeSeconds = value
         case "writeback_threshold": try check(0...100); writebackThresholdPercent = value
         case "nr_max_batched_writeback": try check(1...1024); maxBatchedWritebackSegments = value
         case "update_sb_record_interval": try check(0...86_400); updateSuperblockRecordIntervalSeconds = value
@@ -56,6 +85,10 @@ public struct CacheTunables: Codable, Sendable, Equatable {
 
     public func value(of key: String) -> Int? {
         switch key {
+        case "high_watermark": return highWatermarkPercent
+        case "low_watermark": return lowWatermarkPercent
+        case "dirty_target": return dirtyTargetPercent
+        case "max_age": return maxAgeSeconds
         case "writeback_threshold": return writebackThresholdPercent
         case "nr_max_batched_writeback": return maxBatchedWritebackSegments
         case "update_sb_record_interval": return updateSuperblockRecordIntervalSeconds
@@ -63,5 +96,12 @@ public struct CacheTunables: Codable, Sendable, Equatable {
         case "barrier_deadline_ms": return barrierDeadlineMs
         default: return nil
         }
+    }
+}
+
+extension CacheTunables {
+    /// Every tunable as `key=value`, for logs and test failure messages.
+    public var summary: String {
+        Self.keys.map { "\($0)=\(value(of: $0)!)" }.joined(separator: " ")
     }
 }

@@ -78,7 +78,7 @@ public final class PmemSegmentBuffer: WriteBuffer {
     /// copy, merged over the sectors of the block's previous copy in this buffer.
     @discardableResult
     public func write(blockNumber: UInt64, sectorMask: UInt8, sectors: UnsafeRawBufferPointer) -> Int {
-        precondition(sectorMask != 0 && sectors.count == sectorMask.nonzeroBitCount * SegmentBuffer.sectorBytes,
+        precondition(sectorMask != 0 && sectors.count == sectorMask.nonzeroBitCount * CacheGeometry.sectorBytes,
                      "sector data does not match the mask")
         precondition(!isFull && segmentID > 0, "write to a full or closed pmem buffer")
         let index = entries.count
@@ -88,16 +88,16 @@ public final class PmemSegmentBuffer: WriteBuffer {
             // Carry the sectors this write does not cover from the previous copy.
             let previousMask = entries[previous].sectorMask
             let source = UnsafeRawBufferPointer(start: memory.baseAddress + dataOffset(previous), count: CacheGeometry.blockBytes)
-            forEachRun(of: previousMask & ~sectorMask) { first, count in
-                memory.copyAndFlush(to: target + first * SegmentBuffer.sectorBytes,
-                                    from: UnsafeRawBufferPointer(rebasing: source[(first * SegmentBuffer.sectorBytes)...].prefix(count * SegmentBuffer.sectorBytes)))
+            forEachSectorRun(previousMask & ~sectorMask) { first, count in
+                memory.copyAndFlush(to: target + first * CacheGeometry.sectorBytes,
+                                    from: UnsafeRawBufferPointer(rebasing: source[(first * CacheGeometry.sectorBytes)...].prefix(count * CacheGeometry.sectorBytes)))
             }
             mask |= previousMask
         }
         var consumed = 0
-        forEachRun(of: sectorMask) { first, count in
-            let length = count * SegmentBuffer.sectorBytes
-            memory.copyAndFlush(to: target + first * SegmentBuffer.sectorBytes,
+        forEachSectorRun(sectorMask) { first, count in
+            let length = count * CacheGeometry.sectorBytes
+            memory.copyAndFlush(to: target + first * CacheGeometry.sectorBytes,
                                 from: UnsafeRawBufferPointer(rebasing: sectors[consumed..<(consumed + length)]))
             consumed += length
         }
@@ -118,18 +118,6 @@ public final class PmemSegmentBuffer: WriteBuffer {
         let index = entries.count
         commitEntry(index: index, blockNumber: blockNumber, sectorMask: 0)
         return index
-    }
-
-    /// Calls `body` with each run of consecutive set bits of `mask`: its first sector and length.
-    private func forEachRun(of mask: UInt8, _ body: (Int, Int) -> Void) {
-        var sector = 0
-        while sector < SegmentBuffer.sectorsPerBlock {
-            guard mask & (1 << sector) != 0 else { sector += 1; continue }
-            var end = sector
-            while end < SegmentBuffer.sectorsPerBlock && mask & (1 << end) != 0 { end += 1 }
-            body(sector, end - sector)
-            sector = end
-        }
     }
 
     private func commitEntry(index: Int, blockNumber: UInt64, sectorMask: UInt8) {

@@ -15,7 +15,7 @@ public struct RecoveredCache {
     /// copy's sector mask already holds every dirty sector). The result is checked against the
     /// chain (`checkReplay`) before the engine may serve from it.
     public init(chain: SegmentChain, geometry: CacheGeometry) {
-        var index = CacheIndex(capacity: geometry.cacheBlocks)
+        var index = CacheIndex(capacity: geometry.cacheBlocks, positionsPerSlot: geometry.dataBlocksPerSegment)
         for segment in chain.segments {
             let slot = geometry.slot(ofSegment: segment.segmentID)
             for (offset, entry) in segment.entries.enumerated() {

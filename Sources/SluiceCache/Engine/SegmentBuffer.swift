@@ -17,18 +17,15 @@ public final class SegmentBuffer: WriteBuffer {
     private let storage: UnsafeMutableRawBufferPointer
     public private(set) var entries: [SegmentHeader.Entry] = []
     /// Where each block number sits among the data blocks.
-    private var slots: [UInt64: Int] = [:]
+    private var dataIndexByBlock: [UInt64: Int] = [:]
     public private(set) var segmentID: UInt64 = 0
-
-    public static let sectorBytes = 512
-    public static let sectorsPerBlock = CacheGeometry.blockBytes / sectorBytes
 
     public init(geometry: CacheGeometry) {
         self.geometry = geometry
         storage = .allocate(byteCount: geometry.segmentBytes, alignment: CacheGeometry.blockBytes)
         storage.initializeMemory(as: UInt8.self, repeating: 0)
         entries.reserveCapacity(geometry.dataBlocksPerSegment)
-        slots.reserveCapacity(geometry.dataBlocksPerSegment)
+        dataIndexByBlock.reserveCapacity(geometry.dataBlocksPerSegment)
     }
 
     deinit {
@@ -40,16 +37,16 @@ public final class SegmentBuffer: WriteBuffer {
     public var blockCount: Int { entries.count }
 
     public func open(segmentID: UInt64) {
-        precondition(entries.isEmpty && slots.isEmpty, "opening a buffer that still holds a segment")
+        precondition(entries.isEmpty && dataIndexByBlock.isEmpty, "opening a buffer that still holds a segment")
         self.segmentID = segmentID
     }
 
     /// Whether a write to `blockNumber` fits without sealing: it is here already or a block is free.
     public func canAccept(_ blockNumber: UInt64) -> Bool {
-        slots[blockNumber] != nil || !isFull
+        dataIndexByBlock[blockNumber] != nil || !isFull
     }
 
-    public func dataIndex(of blockNumber: UInt64) -> Int? { slots[blockNumber] }
+    public func dataIndex(of blockNumber: UInt64) -> Int? { dataIndexByBlock[blockNumber] }
 
     public func sectorMask(at dataIndex: Int) -> UInt8 { entries[dataIndex].sectorMask }
 
@@ -58,24 +55,17 @@ public final class SegmentBuffer: WriteBuffer {
     @discardableResult
     public func write(blockNumber: UInt64, sectorMask: UInt8, sectors: UnsafeRawBufferPointer) -> Int {
         precondition(sectorMask != 0)
-        precondition(sectors.count == sectorMask.nonzeroBitCount * Self.sectorBytes, "sector data does not match the mask")
+        precondition(sectors.count == sectorMask.nonzeroBitCount * CacheGeometry.sectorBytes, "sector data does not match the mask")
         let index = claim(blockNumber, sectorMask: sectorMask)
         let base = (geometry.headerBlocks + index) * CacheGeometry.blockBytes
         var source = 0
-        do {
-            let destination = storage
-            var sector = 0
-            while sector < Self.sectorsPerBlock {
-                // Copy each run of consecutive sectors at once.
-                guard sectorMask & (1 << sector) != 0 else { sector += 1; continue }
-                var end = sector
-                while end < Self.sectorsPerBlock && sectorMask & (1 << end) != 0 { end += 1 }
-                let length = (end - sector) * Self.sectorBytes
-                (destination.baseAddress! + base + sector * Self.sectorBytes)
-                    .copyMemory(from: sectors.baseAddress! + source, byteCount: length)
-                source += length
-                sector = end
-            }
+        let destination = storage
+        // Copy each run of consecutive sectors at once.
+        forEachSectorRun(sectorMask) { sector, count in
+            let length = count * CacheGeometry.sectorBytes
+            (destination.baseAddress! + base + sector * CacheGeometry.sectorBytes)
+                .copyMemory(from: sectors.baseAddress! + source, byteCount: length)
+            source += length
         }
         return index
     }
@@ -87,12 +77,10 @@ public final class SegmentBuffer: WriteBuffer {
         precondition(sectorMask != 0 && block.count == CacheGeometry.blockBytes)
         let index = claim(blockNumber, sectorMask: sectorMask)
         let base = (geometry.headerBlocks + index) * CacheGeometry.blockBytes
-        do {
-            let destination = storage
-            for sector in 0..<Self.sectorsPerBlock where sectorMask & (1 << sector) != 0 {
-                (destination.baseAddress! + base + sector * Self.sectorBytes)
-                    .copyMemory(from: block.baseAddress! + sector * Self.sectorBytes, byteCount: Self.sectorBytes)
-            }
+        let destination = storage
+        forEachSectorRun(sectorMask) { sector, count in
+            (destination.baseAddress! + base + sector * CacheGeometry.sectorBytes)
+                .copyMemory(from: block.baseAddress! + sector * CacheGeometry.sectorBytes, byteCount: count * CacheGeometry.sectorBytes)
         }
         return index
     }
@@ -101,26 +89,26 @@ public final class SegmentBuffer: WriteBuffer {
     /// takes as "forget every earlier copy". Returns the data-block index used.
     @discardableResult
     public func markDiscarded(blockNumber: UInt64) -> Int {
-        if let index = slots[blockNumber] {
+        if let index = dataIndexByBlock[blockNumber] {
             entries[index].sectorMask = 0
             return index
         }
         precondition(!isFull, "discard marker in a full segment buffer")
         let index = entries.count
         entries.append(SegmentHeader.Entry(blockNumber: blockNumber, sectorMask: 0))
-        slots[blockNumber] = index
+        dataIndexByBlock[blockNumber] = index
         return index
     }
 
     private func claim(_ blockNumber: UInt64, sectorMask: UInt8) -> Int {
-        if let existing = slots[blockNumber] {
+        if let existing = dataIndexByBlock[blockNumber] {
             entries[existing].sectorMask |= sectorMask
             return existing
         }
         precondition(!isFull, "write to a full segment buffer")
         let index = entries.count
         entries.append(SegmentHeader.Entry(blockNumber: blockNumber, sectorMask: sectorMask))
-        slots[blockNumber] = index
+        dataIndexByBlock[blockNumber] = index
         return index
     }
 
@@ -133,7 +121,7 @@ public final class SegmentBuffer: WriteBuffer {
 
     /// The sector mask and the 4 KiB of data of `blockNumber`, if it is here (for tests).
     public func read(blockNumber: UInt64) -> (sectorMask: UInt8, block: [UInt8])? {
-        guard let index = slots[blockNumber] else { return nil }
+        guard let index = dataIndexByBlock[blockNumber] else { return nil }
         return (entries[index].sectorMask, withBlock(at: index) { Array($0) })
     }
 
@@ -153,7 +141,7 @@ public final class SegmentBuffer: WriteBuffer {
     /// Empties the buffer for the next segment. The memory is kept.
     public func reset() {
         entries.removeAll(keepingCapacity: true)
-        slots.removeAll(keepingCapacity: true)
+        dataIndexByBlock.removeAll(keepingCapacity: true)
         segmentID = 0
     }
 }

@@ -82,9 +82,9 @@ final class CacheSession: VolumeSession {
         }
         if isOnEngineLoop {
             isSubmitting = true
-            engine.isInsideSessionBurst = true
+            engine.beginSessionBurst()
             Self.perform(request, on: engine, completion: completion)
-            engine.isInsideSessionBurst = false
+            engine.endSessionBurst()
             isSubmitting = false
         } else {
             let engine = self.engine
@@ -137,7 +137,7 @@ final class CacheSession: VolumeSession {
     /// are persisted here, with one drain, so their replies go out with the server's flush that
     /// follows; a drain scheduled on the engine's loop covers anything that completes later.
     func submitBatch() {
-        guard isOnEngineLoop, engine.isPmemMode else { return }
+        guard isOnEngineLoop, engine.groupsRepliesPerBurst else { return }
         isSubmitting = true
         engine.persistPendingReplies()
         isSubmitting = false

@@ -1,0 +1,267 @@
+import NIOCore
+import SluiceFormat
+
+/// The cleaner's relocation of one segment: its dirty blocks when it started, in position order,
+/// and where their data comes from.
+final class RelocationJob {
+    struct Item {
+        var blockNumber: UInt64
+        var position: CacheIndex.Position
+        var sectorMask: UInt8
+        /// Where the block's 4 KiB are: a fetched run and the offset in it (device reads).
+        var run = -1
+        var offset = 0
+    }
+
+    let segmentID: UInt64
+    let slot: Int
+    var items: [Item]
+    /// The blocks' bytes: read from the cache device, per run of nearby positions, or copied from
+    /// the segment's buffer while it was still in memory (one run).
+    var runs: [ByteBuffer?] = []
+    var readsOutstanding = 0
+    var readsIssued = 0
+    var failure: MediumError?
+    /// The next item to append, and how many were appended.
+    var next = 0
+    var relocatedCount = 0
+
+    init(segmentID: UInt64, slot: Int, items: [Item]) {
+        self.segmentID = segmentID
+        self.slot = slot
+        self.items = items
+    }
+
+    /// Calls `body` with the fetched 4 KiB of item `index`.
+    func withData<Result>(_ index: Int, _ body: (UnsafeRawBufferPointer) -> Result) -> Result {
+        let item = items[index]
+        let run = runs[item.run]!
+        return run.withUnsafeReadableBytes { body(UnsafeRawBufferPointer(rebasing: $0[item.offset..<(item.offset + CacheGeometry.blockBytes)])) }
+    }
+}
+
+extension CacheEngine {
+    /// Gaps of up to this many blocks between dirty blocks are read with them: one larger read
+    /// costs the device less than two.
+    static let relocationReadGapBlocks = 4
+
+    /// Asks the cleaner what to do with the ring's tail and does it; reclaims without I/O go on
+    /// in a loop, a relocation runs in the background.
+    func stepCleaner() {
+        guard failure == nil, relocation == nil else { return }
+        cleaner.settings = Cleaner.Settings(highWatermarkPercent: tunables.highWatermarkPercent, lowWatermarkPercent: tunables.lowWatermarkPercent)
+        for _ in 0..<ring.segmentCount {
+            let situation = cleanerSituation()
+            let phase = cleaner.phase
+            let decision = cleaner.decide(situation)
+            if phase == .resting && cleaner.phase == .cleaning { counters.cleaningRounds += 1 }
+            switch decision {
+            case .rest:
+                return
+            case .reclaimWithoutIO(let id):
+                reclaim(id, withoutIO: true)
+            case .relocate(let id):
+                // Writing everything back, or closing, cleans the blocks anyway: no relocation.
+                guard lifecycle.acceptsRequests, writeBackAllWaiters.isEmpty else { return }
+                return startRelocation(id)
+            case .waitForWriteback:
+                counters.cleanerWaitsForWriteback += 1
+                return
+            }
+        }
+    }
+
+    private func cleanerSituation() -> Cleaner.Situation {
+        let tail = ring.reclaimableTailID.map { Cleaner.Tail(id: $0, dirtyBlocks: index.dirtyBlocks(inSlot: ring.slot(of: $0))) }
+        var reclaimClean = !lifecycle.acceptsRequests
+        if !writeBackAllWaiters.isEmpty { reclaimClean = true }
+        return Cleaner.Situation(
+            occupancyPercent: (ring.liveSegments - ring.reclaimedNotRetired) * 100 / ring.segmentCount,
+            freeSegments: ring.freeSegments, reserveSegments: reserveSegments,
+            writersWaitForSpace: updates.headWait.isForSlot, reclaimCleanSegments: reclaimClean,
+            tail: tail, blocksPerSegment: geometry.dataBlocksPerSegment)
+    }
+
+    /// Segment `id` holds no dirty block any more: record it with its fence, the newest segment
+    /// holding an append so far.
+    private func reclaim(_ id: UInt64, withoutIO: Bool) {
+        let slot = ring.slot(of: id)
+        precondition(index.dirtyBlocks(inSlot: slot) == 0, "segment \(id) reclaimed with dirty blocks in slot \(slot)")
+        ring.reclaimed(id)
+        cleaner.reclaimed(id, fenceID: newestAppendedSegmentID)
+        counters.segmentsReclaimed += 1
+        if withoutIO { counters.segmentsReclaimedWithoutIO += 1 }
+    }
+
+    /// Collects the tail's dirty blocks and fetches their data: from the segment's buffer if it is
+    /// still in memory, otherwise from the cache device in runs of nearby positions.
+    private func startRelocation(_ id: UInt64) {
+        let slot = ring.slot(of: id)
+        var items: [RelocationJob.Item] = []
+        for position in index.positions(ofSlot: slot) {
+            guard let resident = index.resident(at: position), resident.isDirty else { continue }
+            if discards.isDiscardedOnBacking(resident.blockNumber) {
+                // The backing store has the discard at the head of the queue, synced: this copy
+                // needs nothing more, and its marker follows.
+                index.markClean(at: position)
+                continue
+            }
+            items.append(RelocationJob.Item(blockNumber: resident.blockNumber, position: position, sectorMask: resident.sectorMask))
+        }
+        let job = RelocationJob(segmentID: id, slot: slot, items: items)
+        cleaner.relocationStarted(id)
+        relocation = job
+        if let memory = buffers.inMemory(slot: slot, segmentID: id) {
+            // Copied now: the buffer may be reused for another segment before every block is
+            // appended (the relocation can wait for a slot).
+            copyForRelocation(job, from: memory)
+        } else {
+            readForRelocation(job)
+        }
+        continueRelocation()
+    }
+
+    private func copyForRelocation(_ job: RelocationJob, from memory: any WriteBuffer) {
+        var copy = ByteBufferAllocator().buffer(capacity: job.items.count * CacheGeometry.blockBytes)
+        for index in job.items.indices {
+            job.items[index].run = 0
+            job.items[index].offset = index * CacheGeometry.blockBytes
+            memory.withBlock(at: dataIndex(of: job.items[index].position)) { copy.writeBytes($0) }
+        }
+        job.runs = [copy]
+    }
+
+    private func readForRelocation(_ job: RelocationJob) {
+        var runStart = 0
+        while runStart < job.items.count {
+            var runEnd = runStart + 1
+            while runEnd < job.items.count,
+                  Int(job.items[runEnd].position - job.items[runEnd - 1].position) <= Self.relocationReadGapBlocks + 1 { runEnd += 1 }
+            let first = job.items[runStart].position
+            let runIndex = job.runs.count
+            for item in runStart..<runEnd {
+                job.items[item].run = runIndex
+                job.items[item].offset = Int(job.items[item].position - first) * CacheGeometry.blockBytes
+            }
+            let count = Int(job.items[runEnd - 1].position - first + 1) * CacheGeometry.blockBytes
+            job.runs.append(nil)
+            job.readsOutstanding += 1
+            job.readsIssued += 1
+            ring.readerStarted(slot: job.slot)
+            cacheDevice.read(offset: geometry.offset(ofDataBlock: dataIndex(of: first), inSlot: job.slot), count: count) { result in
+                job.readsOutstanding -= 1
+                self.readerFinished(slot: job.slot)
+                switch result {
+                case .success(let bytes):
+                    self.counters.cacheBytesRead += UInt64(count)
+                    job.runs[runIndex] = bytes
+                case .failure(let error):
+                    if job.failure == nil { job.failure = error }
+                }
+                if job.readsOutstanding == 0, self.relocation === job { self.drive() }
+            }
+            runStart = runEnd
+        }
+    }
+
+    /// Appends the fetched dirty blocks of the tail to the head of the log, skipping those a
+    /// newer write or discard superseded (relocation never resurrects an old copy) and those
+    /// writeback cleaned meanwhile. Waits when the open buffer needs a slot that is not free yet.
+    func continueRelocation() {
+        guard let job = relocation, job.readsOutstanding == 0, failure == nil else { return }
+        if let error = job.failure {
+            relocation = nil
+            return fail(error, doing: "reading segment \(job.segmentID) from the cache device to relocate its blocks")
+        }
+        while job.next < job.items.count {
+            let item = job.items[job.next]
+            guard let entry = index.lookup(item.blockNumber), entry.position == item.position, entry.isDirty else {
+                job.next += 1
+                continue
+            }
+            if discards.isDiscardedOnBacking(item.blockNumber) {
+                index.markClean(at: item.position)
+                job.next += 1
+                continue
+            }
+            guard let buffer = openBufferAccepting(item.blockNumber, for: .cleaner) else { return }
+            precondition(buffer.dataIndex(of: item.blockNumber) == nil, "block \(item.blockNumber) is newer in the open buffer than its indexed copy")
+            let dataIndex = job.withData(job.next) {
+                buffer.write(blockNumber: item.blockNumber, sectorMask: entry.sectorMask, block: $0)
+            }
+            let position = CacheIndex.Position(firstPosition(ofSlot: ring.slot(of: buffer.segmentID)) + dataIndex)
+            let replaced = index.insert(item.blockNumber, sectorMask: entry.sectorMask, at: position)
+            precondition(replaced == item.position, "a relocated copy replaced another copy than the one relocated")
+            batch?.relocated(item.blockNumber, from: item.position, to: position, segmentID: buffer.segmentID)
+            counters.relocatedBlocks += 1
+            job.relocatedCount += 1
+            job.next += 1
+            if buffer.isFull { sealOpenBuffer(isPartial: false) }
+        }
+        relocation = nil
+        reclaim(job.segmentID, withoutIO: job.relocatedCount == 0 && job.readsIssued == 0)
+    }
+
+    /// Whether the tail must be written back before the cleaner can reclaim it: it is (nearly)
+    /// all dirty, or its relocation waits for a slot that only retiring it would free.
+    var tailNeedsWriteback: Bool {
+        if case .waitForWriteback = cleaner.lastDecision { return true }
+        guard let job = relocation, job.readsOutstanding == 0, job.next < job.items.count else { return false }
+        return updates.headWait.isForSlot || ring.freeSegments == 0
+    }
+
+    /// Abandons a relocation (a graceful close): what was relocated stays relocated, and the
+    /// segment stays in the log, unreclaimed.
+    func abandonRelocation() {
+        guard let job = relocation else { return }
+        relocation = nil
+        cleaner.relocationAbandoned(job.segmentID)
+    }
+
+    /// Retires reclaimed segments whose fence has passed: in pmem mode one drain makes every
+    /// append durable; in volatile mode the fence segment must be synced on the cache device.
+    func retireReclaimedSegments() {
+        guard failure == nil, records.isIdle, let fence = cleaner.oldestFenceID, clock.nowNs >= cleaner.retryNotBeforeNs else { return }
+        var durableThrough = ring.syncedThroughID
+        if fence > durableThrough, persistAppended() { durableThrough = .max }
+        guard let target = cleaner.retirable(durableThroughID: durableThrough) else { return }
+        writeRecord(.retire(target)) { result in
+            if case .failure(let error) = result, !self.lifecycle.isPoweredOff {
+                self.logger.error("recording retired segments up to \(target) in the superblock failed: \(error); retrying")
+                self.cleaner.retryRetirement(through: target, nowNs: self.clock.nowNs)
+            }
+        }
+    }
+
+    /// In volatile mode a reclaim's fence may be the open segment, and only a barrier (a partial
+    /// segment) makes it durable before it fills. It is sealed when the tick comes round (so a
+    /// reclaimed segment waits at most a tick for its record), or at once when writers wait for
+    /// space and the cleaner can do nothing more without the slots that retirement frees. Sealing
+    /// it any sooner would turn each relocation into a partial segment of its own, which frees
+    /// nothing.
+    func sealFenceSegmentIfWaiting(onlyIfCleanerIsStuck: Bool) {
+        guard let fence = cleaner.oldestFenceID, fence > ring.syncedThroughID, let open = buffers.open,
+              open.segmentID == fence, !open.isEmpty, !barriers.isGathering else { return }
+        if onlyIfCleanerIsStuck {
+            if let job = relocation, job.readsOutstanding > 0 || job.next == job.items.count { return }
+            if relocation == nil, case .relocate = cleaner.lastDecision { return }
+        }
+        addBarrierWaiter { _ in }
+    }
+
+    /// A durable record retired every segment up to `id`: the clean copies still pinned in their
+    /// slots are forgotten, and the slots are free.
+    func retire(through id: UInt64) {
+        var segment = ring.retiredThroughID + 1
+        while segment <= id {
+            let slot = ring.slot(of: segment)
+            precondition(index.dirtyBlocks(inSlot: slot) == 0, "retiring segment \(segment) with dirty blocks")
+            if index.liveBlocks(inSlot: slot) > 0 {
+                for position in index.positions(ofSlot: slot) { index.remove(at: position) }
+            }
+            segment += 1
+        }
+        counters.segmentsRetired += id - ring.retiredThroughID
+        ring.retired(through: id)
+    }
+}
