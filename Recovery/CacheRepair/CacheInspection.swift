@@ -159,6 +159,7 @@ final class DryRunRecoveryDevice: RecoveryDevice {
 
     var sizeBytes: UInt64 { device.sizeBytes }
     func readBytes(offset: UInt64, count: Int) throws -> [UInt8] { try device.readBytes(offset: offset, count: count) }
+    func readBytes(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws { try device.readBytes(offset: offset, into: buffer) }
     func writeBytes(offset: UInt64, bytes: [UInt8]) throws { writesDropped += 1 }
     func synchronizeBytes() throws {}
 }

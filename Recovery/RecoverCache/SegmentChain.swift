@@ -42,46 +42,81 @@ public struct SegmentChain: Equatable, Sendable {
         geometry: CacheGeometry, cacheUUID: [UInt8], lastWrittenBackSegmentID: UInt64, trustedThroughID: UInt64 = 0,
         readSegment: (Int) throws -> [UInt8]
     ) rethrows -> SegmentChain {
-        var segments: [SegmentHeader] = []
-        var expected = lastWrittenBackSegmentID + 1
-        // At most one lap: a chain longer than the ring would overwrite its own start.
-        for _ in 0..<geometry.segmentCount {
-            let slot = geometry.slot(ofSegment: expected)
+        var walk = Walk(geometry: geometry, cacheUUID: cacheUUID, lastWrittenBackSegmentID: lastWrittenBackSegmentID,
+                        trustedThroughID: trustedThroughID)
+        while let slot = walk.nextSlot {
             let bytes = try readSegment(slot)
-            let header: SegmentHeader
+            bytes.withUnsafeBytes { walk.take($0) }
+        }
+        return walk.chain!
+    }
+
+    /// The walk as a state machine, one slot at a time, so that recovery can feed it bytes from
+    /// buffers it reuses while the next reads are in flight. `scan` is this loop over arrays.
+    public struct Walk {
+        public let geometry: CacheGeometry
+        public let cacheUUID: [UInt8]
+        public let lastWrittenBackSegmentID: UInt64
+        public let trustedThroughID: UInt64
+        /// The id the next slot must hold.
+        public private(set) var expectedID: UInt64
+        private var segments: [SegmentHeader] = []
+        private var end: End?
+
+        public init(geometry: CacheGeometry, cacheUUID: [UInt8], lastWrittenBackSegmentID: UInt64, trustedThroughID: UInt64 = 0) {
+            self.geometry = geometry
+            self.cacheUUID = cacheUUID
+            self.lastWrittenBackSegmentID = lastWrittenBackSegmentID
+            self.trustedThroughID = trustedThroughID
+            expectedID = lastWrittenBackSegmentID + 1
+        }
+
+        /// The slot to read next, or nil once the chain has ended. At most one lap: a chain longer
+        /// than the ring would overwrite its own start.
+        public var nextSlot: Int? {
+            end == nil ? geometry.slot(ofSegment: expectedID) : nil
+        }
+
+        /// The chain, once the walk has ended.
+        public var chain: SegmentChain? {
+            end.map { SegmentChain(segments: segments, end: $0, lastWrittenBackSegmentID: lastWrittenBackSegmentID) }
+        }
+
+        /// Takes the bytes of `nextSlot` (only its header blocks suffice up to `trustedThroughID`):
+        /// accepts the segment and goes on, or ends the chain, saying why.
+        public mutating func take(_ bytes: UnsafeRawBufferPointer) {
+            precondition(end == nil, "the walk has ended")
+            let slot = geometry.slot(ofSegment: expectedID)
             do {
                 // Read the id before verifying, so a stale segment from an earlier lap is reported
                 // as such even when its data has since been partly overwritten.
-                let unverified = try bytes.withUnsafeBytes {
-                    try SegmentHeader(decodingHeader: UnsafeRawBufferPointer(rebasing: $0[0..<(geometry.headerBlocks * CacheGeometry.blockBytes)]),
-                                      geometry: geometry, cacheUUID: cacheUUID)
+                let headerBytes = geometry.headerBlocks * CacheGeometry.blockBytes
+                let unverified = try SegmentHeader(decodingHeader: UnsafeRawBufferPointer(rebasing: bytes[0..<headerBytes]),
+                                                   geometry: geometry, cacheUUID: cacheUUID)
+                if unverified.segmentID < expectedID {
+                    return end = .staleLap(slot: slot, expectedID: expectedID, foundID: unverified.segmentID)
                 }
-                if unverified.segmentID < expected {
-                    return SegmentChain(segments: segments, end: .staleLap(slot: slot, expectedID: expected, foundID: unverified.segmentID),
-                                        lastWrittenBackSegmentID: lastWrittenBackSegmentID)
+                if unverified.segmentID > expectedID {
+                    return end = .idJump(slot: slot, expectedID: expectedID, foundID: unverified.segmentID)
                 }
-                if unverified.segmentID > expected {
-                    return SegmentChain(segments: segments, end: .idJump(slot: slot, expectedID: expected, foundID: unverified.segmentID),
-                                        lastWrittenBackSegmentID: lastWrittenBackSegmentID)
-                }
-                if expected <= trustedThroughID {
-                    header = unverified
+                if expectedID <= trustedThroughID {
+                    segments.append(unverified)
                 } else {
-                    header = try bytes.withUnsafeBytes { try SegmentHeader(verifying: $0, geometry: geometry, cacheUUID: cacheUUID) }
+                    segments.append(try SegmentHeader(verifying: bytes, geometry: geometry, cacheUUID: cacheUUID))
                 }
             } catch let invalid as SegmentHeader.Invalid {
-                let end: End
                 switch invalid {
                 case .noHeader: end = .empty(slot: slot)
                 case .foreign: end = .foreign(slot: slot)
                 case .malformed: end = .malformed(slot: slot)
-                case .checksumMismatch: end = .checksumMismatch(slot: slot, expectedID: expected)
+                case .checksumMismatch: end = .checksumMismatch(slot: slot, expectedID: expectedID)
                 }
-                return SegmentChain(segments: segments, end: end, lastWrittenBackSegmentID: lastWrittenBackSegmentID)
+                return
+            } catch {
+                preconditionFailure("segment decoding throws only SegmentHeader.Invalid: \(error)")
             }
-            segments.append(header)
-            expected += 1
+            expectedID += 1
+            if segments.count == geometry.segmentCount { end = .ringFull }
         }
-        return SegmentChain(segments: segments, end: .ringFull, lastWrittenBackSegmentID: lastWrittenBackSegmentID)
     }
 }

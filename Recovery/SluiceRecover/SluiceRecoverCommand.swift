@@ -58,6 +58,7 @@ struct CheckCommand: ParsableCommand {
             lines.append("  log: \(chain.segments.count) segments (\(range)) after last written-back segment \(chain.lastWrittenBackSegmentID); ends: \(chain.end)")
             lines.append("  shutdown: \(report.cleanShutdown ? "clean" : "not clean (crashed, or still in use)")")
             lines.append("  dirty blocks: \(inspection.dirtyBlocks) (\(inspection.dirtyBlocks * 4096) bytes)")
+            lines.append("  scan: \(report.bytesRead) bytes read and verified in \(String(format: "%.3f", report.seconds)) s (\(String(format: "%.2f", report.gigabytesPerSecond)) GB/s)")
         }
         if let header = inspection.header {
             lines.append("  mode: \(header.mode); backing: \(header.backingIdentity) (\(header.backingSizeBytes) bytes)")

@@ -11,6 +11,8 @@ public enum CacheStartup {
         public var state: RecoveredCache
         public var report: RecoveryReport
         public var durationSeconds: Double
+        /// Of which rebuilding (and checking) the index from the chain.
+        public var replaySeconds: Double
         /// Pmem mode: the pmem file's layout, checked against the superblock.
         public var pmemLayout: PmemLayout?
     }
@@ -37,9 +39,10 @@ public enum CacheStartup {
                               path: pmem.path)
         }
         let report = try RecoverCache.recover(device: device, header: opened.header, geometry: opened.geometry, record: opened.record, pmem: image)
+        let replayStarted = Date()
         let state = RecoveredCache(chain: report.chain, geometry: opened.geometry)
         return Recovered(opened: opened, state: state, report: report, durationSeconds: Date().timeIntervalSince(started),
-                         pmemLayout: image?.layout)
+                         replaySeconds: Date().timeIntervalSince(replayStarted), pmemLayout: image?.layout)
     }
 
     /// Formats `cacheFile` for `expectation`. Refuses a device that already holds a Sluice cache

@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 import SluiceCache
 
@@ -17,6 +18,7 @@ public final class SimulatedMedium: BlockMedium {
     public private(set) var visible: [UInt8]
     private var unsynced: [(offset: Int, bytes: [UInt8])] = []
     private var isPoweredOff = false
+    private let recoveryReadLock = NSLock()
 
     /// Failures to inject: the next this many writes (or syncs) fail with EIO.
     public var failNextWrites = 0
@@ -55,6 +57,24 @@ public final class SimulatedMedium: BlockMedium {
         }
         readCount += 1
         completion(.success(visible.withUnsafeBytes { ByteBuffer(bytes: UnsafeRawBufferPointer(rebasing: $0[range])) }))
+    }
+
+    /// Recovery's read straight into its buffer, from several threads at once (while nothing
+    /// writes): the counters and injected failures are taken under a lock, the copy is not.
+    public func readBytes(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        let range: Range<Int> = try {
+            recoveryReadLock.lock()
+            defer { recoveryReadLock.unlock() }
+            guard !isPoweredOff else { throw MediumError.poweredOff }
+            guard let found = self.range(offset: offset, count: buffer.count) else { throw MediumError.outOfRange }
+            if failNextReads > 0 {
+                failNextReads -= 1
+                throw MediumError.inputOutput(errno: 5)
+            }
+            readCount += 1
+            return found
+        }()
+        visible.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[range])) }
     }
 
     public func write(offset: UInt64, bytes buffer: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void) {

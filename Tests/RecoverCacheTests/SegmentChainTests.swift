@@ -17,19 +17,7 @@ final class SegmentChainTests: XCTestCase {
 
     /// Writes segment `id` into its slot, as the engine would, with `blocks` data blocks.
     private func put(id: UInt64, blocks: Int = 2, uuid: [UInt8]? = nil) {
-        var segment = [UInt8](repeating: 0, count: geometry.segmentBytes)
-        let entries = (0..<blocks).map { SegmentHeader.Entry(blockNumber: id * 100 + UInt64($0), sectorMask: 0xFF) }
-        for index in 0..<blocks {
-            let base = (geometry.headerBlocks + index) * CacheGeometry.blockBytes
-            for offset in 0..<CacheGeometry.blockBytes { segment[base + offset] = UInt8(truncatingIfNeeded: Int(id) &* 31 &+ index &+ offset) }
-        }
-        let header = SegmentHeader(segmentID: id, cacheUUID: uuid ?? self.uuid, isPartial: blocks < geometry.dataBlocksPerSegment, entries: entries)
-        segment.withUnsafeMutableBytes { raw in
-            let headerBytes = geometry.headerBlocks * CacheGeometry.blockBytes
-            header.encode(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<headerBytes]),
-                          data: UnsafeRawBufferPointer(rebasing: raw[headerBytes...]), geometry: geometry)
-        }
-        ring[geometry.slot(ofSegment: id)] = segment
+        ring[geometry.slot(ofSegment: id)] = segmentImage(id: id, blocks: blocks, uuid: uuid ?? self.uuid, geometry: geometry)
     }
 
     private func scan(after lastWrittenBack: UInt64) -> SegmentChain {

@@ -35,6 +35,42 @@ final class RecoveredCacheTests: XCTestCase {
         XCTAssertNil(recovered.index.lookup(13))
     }
 
+    /// A log that wraps the ring, with copies of one block in one segment, discard markers, and
+    /// blocks written again after their marker: the index is the newest copy of each block (the
+    /// replay's own check, `checkReplay`, runs in `init` and would stop the process otherwise).
+    func testReplayAcrossTheRingWithMarkersMatchesTheNewestEntries() throws {
+        let geometry = try CacheGeometry(segmentBytes: 64 * 1024, deviceBytes: 64 * 1024 * 9)
+        let uuid = [UInt8](repeating: 7, count: 16)
+        var ring = Array(repeating: [UInt8](repeating: 0, count: geometry.segmentBytes), count: geometry.segmentCount)
+        var generator = SystemRandomNumberGenerator()
+        var newest: [UInt64: (position: CacheIndex.Position, mask: UInt8)?] = [:]
+        for id: UInt64 in 6...13 {  // slots 5, 6, 7, 0, 1, ... : the log wraps
+            let entries = (0..<geometry.dataBlocksPerSegment).map { _ in
+                SegmentHeader.Entry(blockNumber: UInt64.random(in: 0..<40, using: &generator),
+                                    sectorMask: Bool.random(using: &generator) ? 0 : UInt8.random(in: 1...255, using: &generator))
+            }
+            let slot = geometry.slot(ofSegment: id)
+            for (offset, entry) in entries.enumerated() {
+                let position = CacheIndex.Position(slot * geometry.dataBlocksPerSegment + offset)
+                newest[entry.blockNumber] = entry.sectorMask == 0 ? .some(nil) : (position, entry.sectorMask)
+            }
+            let header = SegmentHeader(segmentID: id, cacheUUID: uuid, isPartial: false, entries: entries)
+            ring[slot].withUnsafeMutableBytes { raw in
+                let headerBytes = geometry.headerBlocks * CacheGeometry.blockBytes
+                header.encode(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<headerBytes]),
+                              data: UnsafeRawBufferPointer(rebasing: raw[headerBytes...]), geometry: geometry)
+            }
+        }
+        let chain = SegmentChain.scan(geometry: geometry, cacheUUID: uuid, lastWrittenBackSegmentID: 5) { ring[$0] }
+        XCTAssertEqual(chain.end, .ringFull)
+        let recovered = RecoveredCache(chain: chain, geometry: geometry)
+        XCTAssertEqual(recovered.index.count, newest.values.filter { $0 != nil }.count)
+        for (block, copy) in newest {
+            XCTAssertEqual(recovered.index.lookup(block)?.position, copy?.position, "block \(block)")
+            XCTAssertEqual(recovered.index.lookup(block)?.sectorMask, copy?.mask, "block \(block)")
+        }
+    }
+
     func testAnEmptyLogRecoversToAnEmptyCache() throws {
         let geometry = try CacheGeometry(segmentBytes: 64 * 1024, deviceBytes: 64 * 1024 * 9)
         let blank = [UInt8](repeating: 0, count: geometry.segmentBytes)

@@ -112,6 +112,10 @@ extension CacheVolume {
                 "pmem_sealed_segments_written": "\(report.pmemSealedSegmentsWritten.count)",
                 "pmem_open_entries_written": "\(report.pmemOpenEntries)",
                 "seconds": "\(String(format: "%.3f", recovered.durationSeconds))",
+                // The scan rate, to hold against the device's sequential read rate.
+                "bytes_read": "\(report.bytesRead)", "scan_seconds": "\(String(format: "%.3f", report.seconds))",
+                "scan_gb_per_s": "\(String(format: "%.2f", report.gigabytesPerSecond))",
+                "replay_seconds": "\(String(format: "%.3f", recovered.replaySeconds))",
             ])
             var placement = CacheEngine.BufferPlacement.volatile
             if let pmem, let layout = recovered.pmemLayout { placement = .persistent(memory: pmem.memory, layout: layout) }
