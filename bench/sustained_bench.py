@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -63,9 +64,10 @@ SLUICE_CACHES = tuple(MODES.values())
 # Keys of `sluice status --json` worth seeing after a sustained run. The engine is being changed, so
 # any of them may be missing; every other key naming relocation, reclaiming, waiting or writeback is
 # shown as well.
-STATUS_KEYS = ["write_amplification", "relocated_blocks", "relocated_share", "relocation_share",
-               "segments_reclaimed_without_io", "written_back_blocks", "writeback_batches", "dirty_blocks",
-               "live_segments", "free_segments"]
+STATUS_KEYS = ["write_amplification", "relocated_blocks", "relocation_share_of_cache_writes", "segments_reclaimed",
+               "segments_reclaimed_without_io", "writer_stalls", "writer_stall_seconds", "writer_stall_max_ms",
+               "written_back_blocks", "written_back_blocks_per_batch", "writeback_batches", "dirty_blocks",
+               "occupancy_percent", "live_segments", "free_segments"]
 STATUS_KEY_PARTS = ("reloc", "reclaim", "wait", "writeback")
 
 
@@ -252,6 +254,7 @@ class Bench:
     def run(self, system, percent, runtime_s):
         """One fio job against a freshly started system; returns the result, or raises."""
         self.clean()
+        settle_s = settle_disk()
         try:
             uri, sluice_socket = self.start(system)
             prefix = os.path.join(self.directory, f"{system}-{percent}")
@@ -259,7 +262,7 @@ class Bench:
             job = run_fio_job(uri, FIO_ARGUMENTS + [f"--write_iops_log={prefix}", "--log_avg_msec=1000"],
                               runtime_s, size, ramp_s=0, timeout_s=runtime_s * 3 + 120)
             result = {"system": system, "working_set_percent": percent, "working_set_bytes": size,
-                      "runtime_s": runtime_s, "fio_iops": job["write"]["iops"]}
+                      "runtime_s": runtime_s, "fio_iops": job["write"]["iops"], "settle_s": settle_s}
             if sluice_socket is not None:
                 # Before the server stops: what the engine did while the ring filled over and over.
                 try:
@@ -295,6 +298,15 @@ class Bench:
 
 
 # --- output ----------------------------------------------------------------------------------------
+
+def settle_disk():
+    """Writes every dirty page to disk before a run starts, and returns how long that took: the
+    previous run's page cache (a passthrough run leaves up to its whole volume dirty) would
+    otherwise be written back during this one, on the same disk as this run's cache device."""
+    started = time.monotonic()
+    os.sync()
+    return round(time.monotonic() - started, 1)
+
 
 def fmt(value, digits=0):
     if value is None:

@@ -16,7 +16,7 @@ struct TunableOptions: ParsableArguments {
     var lowWatermark: Int?
 
     @Option(name: .customLong("dirty-target"), help: ArgumentHelp(
-        "Write back continuously, at the backing store's pace, while more of the cache than this is dirty (percent, default 10).",
+        "Write back continuously, at the backing store's pace, while more of the cache than this is dirty (percent, default 50).",
         valueName: "percent"))
     var dirtyTarget: Int?
 

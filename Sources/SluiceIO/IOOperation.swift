@@ -32,9 +32,15 @@ public struct IOOperation {
     public var mode: Int32
     /// For a write without a `buffer`: memory the owner keeps valid and unchanged until the
     /// operation completes (for example a 4 KiB-aligned segment buffer written with O_DIRECT).
+    /// For a read without a `buffer`: memory the owner keeps valid, and does not touch, until the
+    /// operation completes; the data lands there.
     public var unownedBytes: UnsafeRawPointer?
     /// A value the owner uses to find its request again.
     public var context: UInt64
+    /// Hand the operation to an io-wq worker thread at once instead of starting it on the
+    /// submitting thread: for direct reads, whose submission (the block layer's work) would
+    /// otherwise run on the event loop.
+    public var runsOnWorker = false
 
     public init(
         kind: Kind, fileDescriptor: Int32, offset: UInt64 = 0, lengthBytes: UInt32 = 0,

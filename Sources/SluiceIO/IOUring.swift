@@ -115,13 +115,19 @@ public final class IOUring {
         var basePointer: UnsafeMutableRawPointer? = nil
         switch operation.kind {
         case .read:
-            precondition(buffer != nil, "an io_uring read needs a buffer")
+            if buffer == nil, let unowned = operation.unownedBytes {
+                basePointer = UnsafeMutableRawPointer(mutating: unowned)
+                break
+            }
+            precondition(buffer != nil, "an io_uring read needs a buffer or unowned memory")
             precondition(buffer!.writableBytes >= Int(operation.lengthBytes), "an io_uring read buffer is too small")
-            // The "very unsafe" view skips copy-on-write: callers may still hold references to the
-            // buffer for a moment, and copying a read buffer of up to 32 MiB to make it unique would
-            // cost more than the read. Nothing else writes to it while the kernel fills it.
+            // The read-only view of the whole storage skips copy-on-write (the mutable one does
+            // not: it would copy the storage whenever the caller still holds a reference, which it
+            // usually does for a moment, and move the data away from an alignment the caller
+            // chose for O_DIRECT). Copying a read buffer of up to 32 MiB would cost more than the
+            // read, and nothing else writes to the storage while the kernel fills it.
             let writerIndex = buffer!.writerIndex
-            basePointer = buffer!.withVeryUnsafeMutableBytes { $0.baseAddress! + writerIndex }
+            basePointer = buffer!.withVeryUnsafeBytes { UnsafeMutableRawPointer(mutating: $0.baseAddress!) + writerIndex }
         case .write:
             if buffer == nil, let unowned = operation.unownedBytes {
                 basePointer = UnsafeMutableRawPointer(mutating: unowned)
@@ -257,7 +263,7 @@ public final class IOUring {
         slots[Int(index)] = Slot()
         freeSlots.append(index)
         operationsInFlight -= 1
-        if kind == .read && finalResult >= 0 {
+        if kind == .read && finalResult >= 0, buffer != nil {
             buffer!.moveWriterIndex(forwardBy: Int(lengthBytes))
         }
         operation.buffer = buffer
@@ -303,6 +309,7 @@ public final class IOUring {
             io_uring_prep_fadvise(entry, operation.fileDescriptor, offset, off_t(remaining), operation.mode)
         }
         entry.pointee.user_data = UInt64(index)
+        if operation.runsOnWorker { entry.pointee.flags |= UInt8(1 << IOSQE_ASYNC_BIT) }
         unsubmittedCount += 1
     }
 }

@@ -15,9 +15,13 @@ struct BufferPool {
     /// Written segments whose buffer stays until the cache device has synced them.
     private(set) var awaitingSync: [any WriteBuffer] = []
 
+    /// Buffers the engine owns.
+    let total: Int
+
     init(free: [any WriteBuffer]) {
         precondition(free.count >= 2, "the engine needs an open buffer and at least one sealed one")
         self.free = free
+        total = free.count
     }
 
     /// The buffer holding segment `segmentID` (in ring slot `slot`) in memory, if any: the open

@@ -42,7 +42,8 @@ final class RelocationJob {
 
 extension CacheEngine {
     /// Gaps of up to this many blocks between dirty blocks are read with them: one larger read
-    /// costs the device less than two.
+    /// costs the device (and the engine's thread) less than two, and a tail segment usually
+    /// comes in one or two reads.
     static let relocationReadGapBlocks = 4
 
     /// Asks the cleaner what to do with the ring's tail and does it; reclaims without I/O go on
@@ -132,6 +133,10 @@ extension CacheEngine {
     }
 
     private func readForRelocation(_ job: RelocationJob) {
+        cacheDevice.submittingTogether { issueRelocationReads(job) }
+    }
+
+    private func issueRelocationReads(_ job: RelocationJob) {
         var runStart = 0
         while runStart < job.items.count {
             var runEnd = runStart + 1
@@ -221,10 +226,12 @@ extension CacheEngine {
     /// Retires reclaimed segments whose fence has passed: in pmem mode one drain makes every
     /// append durable; in volatile mode the fence segment must be synced on the cache device.
     func retireReclaimedSegments() {
-        guard failure == nil, records.isIdle, let fence = cleaner.oldestFenceID, clock.nowNs >= cleaner.retryNotBeforeNs else { return }
+        guard failure == nil, records.isIdle, let fence = cleaner.oldestFenceID, clock.nowNs >= cleaner.retryNotBeforeNs,
+              retirementIsDue else { return }
         var durableThrough = ring.syncedThroughID
         if fence > durableThrough, persistAppended() { durableThrough = .max }
         guard let target = cleaner.retirable(durableThroughID: durableThrough) else { return }
+        lastRetirementNs = clock.nowNs
         writeRecord(.retire(target)) { result in
             if case .failure(let error) = result, !self.lifecycle.isPoweredOff {
                 self.logger.error("recording retired segments up to \(target) in the superblock failed: \(error); retrying")
@@ -240,13 +247,31 @@ extension CacheEngine {
     /// it any sooner would turn each relocation into a partial segment of its own, which frees
     /// nothing.
     func sealFenceSegmentIfWaiting(onlyIfCleanerIsStuck: Bool) {
-        guard !durability.persistsAppends, let fence = cleaner.oldestFenceID, fence > ring.syncedThroughID, let open = buffers.open,
+        guard !durability.persistsAppends, retirementIsDue, let fence = cleaner.oldestFenceID, fence > ring.syncedThroughID, let open = buffers.open,
               open.segmentID == fence, !open.isEmpty, !barriers.isGathering else { return }
         if onlyIfCleanerIsStuck {
             if let job = relocation, job.readsOutstanding > 0 || job.next == job.items.count { return }
             if relocation == nil, case .relocate = cleaner.lastDecision { return }
         }
         addBarrierWaiter { _ in }
+    }
+
+    /// Reclaimed segments gathered before one record retires them all. Each retirement costs a
+    /// record write and a cache-device sync (two in volatile mode, with the fences' segments),
+    /// and device flushes are what a busy SSD does worst; slots are retired sooner when the ring
+    /// needs them.
+    var retirementBatchSegments: Int { max(1, geometry.segmentCount / 16) }
+    static let retirementIntervalNs: UInt64 = 1_000_000_000
+
+    /// Whether reclaimed segments should be retired now: writers wait for a slot, free slots run
+    /// short, enough have gathered, a second has passed, or the cache is closing or writing
+    /// everything back.
+    var retirementIsDue: Bool {
+        guard ring.reclaimedNotRetired > 0 else { return false }
+        if updates.headWait.isForSlot || !lifecycle.acceptsRequests || !writeBackAllWaiters.isEmpty { return true }
+        if ring.freeSegments <= 2 * reserveSegments + retirementBatchSegments { return true }
+        if ring.reclaimedNotRetired >= retirementBatchSegments { return true }
+        return clock.nowNs &- lastRetirementNs >= Self.retirementIntervalNs
     }
 
     /// A durable record retired every segment up to `id`: the clean copies still pinned in their

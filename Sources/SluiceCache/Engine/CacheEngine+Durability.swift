@@ -141,8 +141,8 @@ extension CacheEngine {
         let synced = ring.syncedThroughID
         let wanted = !syncs.writeWaiters.isEmpty
             || syncs.segmentWaiters.contains { $0.throughID <= written }
-            || buffers.needsSync(writtenThroughID: written, syncedThroughID: synced)
-            || cleaner.oldestFenceID.map { $0 > synced && $0 <= written } ?? false
+            || (buffers.needsSync(writtenThroughID: written, syncedThroughID: synced) && buffersRunShort)
+            || (retirementIsDue && cleaner.oldestFenceID.map { $0 > synced && $0 <= written } ?? false)
         guard wanted else { return }
         let number = syncs.issue(coversThroughID: written)
         cacheDevice.synchronize { result in self.syncCompleted(number: number, coveringThroughID: written, result: result) }
@@ -172,6 +172,13 @@ extension CacheEngine {
         }
         for completion in due { completion(.success(())) }
         drive()
+    }
+
+    /// Whether written segments' buffers should be freed now (pmem mode, where an area is
+    /// reused only after a sync): half of them are in use, or a writer waits for one. One sync
+    /// then frees several, instead of a device flush per segment.
+    var buffersRunShort: Bool {
+        buffers.free.count * 2 <= buffers.total || { if case .forBuffer = updates.headWait { return true } else { return false } }()
     }
 
     /// Fails every FUA write, flush and sync waiter (after a medium failure).

@@ -17,6 +17,9 @@ final class WritebackBatch {
         /// Rewritten in place (the DRAM open buffer): the data read is an older copy.
         var rewrittenInPlace = false
         var issued = false
+        /// A clean cached block between two dirty ones, read only to join their writes: the
+        /// backing store already holds its data, so writing it again changes nothing there.
+        var isFiller = false
     }
 
     /// Where the batch stands: reading its data, writing it back, syncing the backing store.
@@ -27,17 +30,21 @@ final class WritebackBatch {
         case finished
     }
 
-    /// A cache-device read of consecutive positions of one slot, for the items it lists.
+    /// A cache-device read of positions `first ..< first + count` of one slot, straight into the
+    /// data of items `firstItem ..< firstItem + count` (consecutive on the device and in the batch).
     struct Read {
         var slot: Int
         var first: CacheIndex.Position
-        var items: [Int]
+        var count: Int
+        var firstItem: Int
     }
 
     let trigger: WritebackBatcher.Trigger
-    /// Sorted by block number; item *i*'s 4 KiB are at `i × 4096` in `data`.
+    /// Sorted by block number; item *i*'s 4 KiB are at `i × 4096` in `memory`.
     var items: [Item]
-    var data: ByteBuffer
+    /// 4 KiB-aligned, so reads land in it with O_DIRECT and backing writes go out from it: the
+    /// data is never copied on its way from the cache device to the backing store.
+    let memory: WritebackMemory
     var phase = Phase.fetching
     /// Issuing reads or writes: completions within the call go round the running pass again.
     var pass = ReentrantPass()
@@ -53,14 +60,21 @@ final class WritebackBatch {
     private var nextWriteID: UInt64 = 0
     var failure: (MediumError, String)?
     var writingStartedNs: UInt64?
+    /// When the batch was collected (its whole duration counts for the opportunistic duty cycle).
+    var startedNs: UInt64 = 0
     /// Items written to the backing store (issued and completed).
     var writtenItems = 0
 
-    init(trigger: WritebackBatcher.Trigger, items: [Item]) {
+    init(trigger: WritebackBatcher.Trigger, items: [Item], memory: WritebackMemory) {
+        precondition(memory.bytes.count >= items.count * CacheGeometry.blockBytes, "writeback memory too small for the batch")
         self.trigger = trigger
         self.items = items
-        data = ByteBufferAllocator().buffer(capacity: items.count * CacheGeometry.blockBytes)
-        data.writeRepeatingByte(0, count: items.count * CacheGeometry.blockBytes)
+        self.memory = memory
+    }
+
+    /// The 4 KiB of item `index`.
+    func data(ofItem index: Int, count: Int = 1) -> UnsafeMutableRawBufferPointer {
+        UnsafeMutableRawBufferPointer(rebasing: memory.bytes[(index * CacheGeometry.blockBytes)..<((index + count) * CacheGeometry.blockBytes)])
     }
 
     var allIssued: Bool { nextItem == items.count }
@@ -134,7 +148,8 @@ extension CacheEngine {
         guard let (trigger, selection, maxBlocks) = writeback.next(situation) else { return }
         let items = collectWriteback(selection, maxBlocks: maxBlocks)
         guard !items.isEmpty else { return }
-        let batch = WritebackBatch(trigger: trigger, items: items)
+        let batch = WritebackBatch(trigger: trigger, items: items, memory: writebackMemory(forBlocks: items.count))
+        batch.startedNs = now
         self.batch = batch
         fetchWritebackData(batch)
     }
@@ -157,17 +172,7 @@ extension CacheEngine {
         var items: [WritebackBatch.Item] = []
         switch selection {
         case .oldest(let openedBeforeNs):
-            var id = ring.reclaimedThroughID + 1
-            while id < openID, items.count < maxBlocks {
-                if let openedBeforeNs, ring.openedAtNs(of: id) >= openedBeforeNs { break }
-                index.forEachDirty(in: index.positions(ofSlot: ring.slot(of: id))) { blockNumber, position in
-                    guard items.count < maxBlocks else { return }
-                    items.append(WritebackBatch.Item(blockNumber: blockNumber, position: position, segmentID: id,
-                                                     sectorMask: index.resident(at: position)!.sectorMask))
-                }
-                id += 1
-            }
-            items.sort { $0.blockNumber < $1.blockNumber }
+            items = collectOldest(openedBeforeNs: openedBeforeNs, below: openID, maxBlocks: maxBlocks)
         case .blockOrder(let from):
             items = collectInBlockOrder(from: from, below: openID, maxBlocks: maxBlocks)
             if items.isEmpty && from > 0 {
@@ -177,6 +182,47 @@ extension CacheEngine {
             if let last = items.last { writeback.sweptThrough(last.blockNumber) }
         }
         return items
+    }
+
+    /// For the ring's tail and `max_age`: dirty blocks of the oldest segments, at most a few more
+    /// than the cleaner needs to reclaim the tail without relocating most of it (each is a random
+    /// write on a slow disk, so a small batch comes back soon), each with the dirty blocks next
+    /// to it in block order, which join its backing write for free; sorted by block number.
+    private func collectOldest(openedBeforeNs: UInt64?, below openID: UInt64, maxBlocks: Int) -> [WritebackBatch.Item] {
+        let oldestBlocks = min(maxBlocks, geometry.dataBlocksPerSegment * Cleaner.relocationYieldPercentMin / 100 + 8)
+        var items: [WritebackBatch.Item] = []
+        var taken = Set<UInt64>()
+        var id = ring.reclaimedThroughID + 1
+        while id < openID, items.count < oldestBlocks {
+            if let openedBeforeNs, ring.openedAtNs(of: id) >= openedBeforeNs { break }
+            let segmentID = id
+            index.forEachDirty(in: index.positions(ofSlot: ring.slot(of: id))) { blockNumber, position in
+                guard items.count < oldestBlocks, taken.insert(blockNumber).inserted else { return }
+                items.append(WritebackBatch.Item(blockNumber: blockNumber, position: position, segmentID: segmentID,
+                                                 sectorMask: index.resident(at: position)!.sectorMask))
+            }
+            id += 1
+        }
+        for item in items where items.count < maxBlocks {
+            for direction in [-1, 1] {
+                var neighbor = item.blockNumber
+                for _ in 0..<Self.writebackBridgeBlocksMax {
+                    guard items.count < maxBlocks, direction > 0 || neighbor > 0 else { break }
+                    neighbor = direction > 0 ? neighbor + 1 : neighbor - 1
+                    guard let extra = sealedDirtyItem(neighbor, below: openID), taken.insert(neighbor).inserted else { break }
+                    items.append(extra)
+                }
+            }
+        }
+        return withFillers(items.sorted { $0.blockNumber < $1.blockNumber })
+    }
+
+    /// `blockNumber`'s copy as a writeback item, if it is dirty, whole-sector-contiguous with its
+    /// neighbors (full), and in a sealed segment.
+    private func sealedDirtyItem(_ blockNumber: UInt64, below openID: UInt64) -> WritebackBatch.Item? {
+        guard let entry = index.lookup(blockNumber), entry.isDirty, entry.sectorMask == 0xFF,
+              let segmentID = ring.segmentID(inSlot: slot(of: entry.position)), segmentID < openID else { return nil }
+        return WritebackBatch.Item(blockNumber: blockNumber, position: entry.position, segmentID: segmentID, sectorMask: entry.sectorMask)
     }
 
     /// The `maxBlocks` dirty blocks with the smallest block numbers at or after `from`, among the
@@ -196,42 +242,77 @@ extension CacheEngine {
             }
             id += 1
         }
-        return heap.sortedAscending()
+        return withFillers(heap.sortedAscending())
+    }
+
+    /// Adds, between dirty blocks a few blocks apart, the clean cached blocks that join them, so
+    /// the two become one backing write: a sweep over data being rewritten leaves clean blocks
+    /// scattered among the dirty ones, and on a slow disk each request costs milliseconds.
+    private func withFillers(_ dirty: [WritebackBatch.Item]) -> [WritebackBatch.Item] {
+        guard dirty.count > 1 else { return dirty }
+        var items: [WritebackBatch.Item] = []
+        items.reserveCapacity(dirty.count)
+        for (position, item) in dirty.enumerated() {
+            if position > 0 {
+                let previous = dirty[position - 1]
+                let gap = item.blockNumber - previous.blockNumber - 1
+                if gap > 0, gap <= UInt64(Self.writebackBridgeBlocksMax), previous.sectorMask & 0x80 != 0, item.sectorMask & 0x01 != 0,
+                   let fillers = cleanFillers(previous.blockNumber + 1..<item.blockNumber) {
+                    items += fillers
+                }
+            }
+            items.append(item)
+        }
+        return items
+    }
+
+    /// The clean, whole cached copies of every block of `blocks`, or nil if one is missing.
+    private func cleanFillers(_ blocks: Range<UInt64>) -> [WritebackBatch.Item]? {
+        var fillers: [WritebackBatch.Item] = []
+        for blockNumber in blocks {
+            guard let entry = index.lookup(blockNumber), !entry.isDirty, entry.sectorMask == 0xFF,
+                  !discards.isBeingDiscarded(blockNumber),
+                  let segmentID = ring.segmentID(inSlot: slot(of: entry.position)) else { return nil }
+            var filler = WritebackBatch.Item(blockNumber: blockNumber, position: entry.position, segmentID: segmentID, sectorMask: 0xFF)
+            filler.isFiller = true
+            fillers.append(filler)
+        }
+        return fillers
     }
 
     /// Copies each item's data from its buffer if the segment is still in memory, and plans reads
-    /// of the others from the cache device, a run of consecutive positions of one slot per read.
+    /// of the others from the cache device, one per run of items consecutive both on the device
+    /// and in the batch (a sequentially written range comes in one read).
     private func fetchWritebackData(_ batch: WritebackBatch) {
-        var reads: [WritebackBatch.Read] = []
         for (itemIndex, item) in batch.items.enumerated() {
             let slot = slot(of: item.position)
             if let memory = buffers.inMemory(slot: slot, segmentID: item.segmentID) {
-                memory.withBlock(at: dataIndex(of: item.position)) { block in
-                    batch.data.setBytes(block, at: itemIndex * CacheGeometry.blockBytes)
-                }
+                memory.withBlock(at: dataIndex(of: item.position)) { batch.data(ofItem: itemIndex).copyMemory(from: $0) }
                 continue
             }
-            reads.append(WritebackBatch.Read(slot: slot, first: item.position, items: [itemIndex]))
-        }
-        reads.sort { $0.first < $1.first }
-        for read in reads {
-            if let last = batch.reads.last, last.slot == read.slot, last.first + CacheIndex.Position(last.items.count) == read.first {
-                batch.reads[batch.reads.count - 1].items += read.items
+            if let last = batch.reads.last, last.slot == slot, last.first + CacheIndex.Position(last.count) == item.position,
+               last.firstItem + last.count == itemIndex {
+                batch.reads[batch.reads.count - 1].count += 1
             } else {
-                batch.reads.append(read)
+                batch.reads.append(WritebackBatch.Read(slot: slot, first: item.position, count: 1, firstItem: itemIndex))
             }
         }
         issueWritebackReads(batch)
     }
 
-    /// Keeps up to ``writebackReadsInFlightMax`` reads in flight; once all are in, the writes start.
+    /// Keeps up to ``writebackReadsInFlightMax`` reads in flight, topping them up only once half
+    /// have completed, so each submission hands the device a group (one system call for many);
+    /// once all are in, the writes start.
     private func issueWritebackReads(_ batch: WritebackBatch) {
         guard batch.pass.begin() else { return }
         repeat {
-            while batch.failure == nil, batch.readsOutstanding < Self.writebackReadsInFlightMax, batch.nextRead < batch.reads.count {
-                let read = batch.reads[batch.nextRead]
-                batch.nextRead += 1
-                readForWriteback(batch, read)
+            guard batch.readsOutstanding <= Self.writebackReadsInFlightMax / 2 else { continue }
+            cacheDevice.submittingTogether {
+                while batch.failure == nil, batch.readsOutstanding < Self.writebackReadsInFlightMax, batch.nextRead < batch.reads.count {
+                    let read = batch.reads[batch.nextRead]
+                    batch.nextRead += 1
+                    readForWriteback(batch, read)
+                }
             }
         } while batch.pass.again()
         let done = batch.nextRead == batch.reads.count || batch.failure != nil
@@ -241,19 +322,16 @@ extension CacheEngine {
     }
 
     private func readForWriteback(_ batch: WritebackBatch, _ read: WritebackBatch.Read) {
-        let count = read.items.count * CacheGeometry.blockBytes
+        let count = read.count * CacheGeometry.blockBytes
         batch.readsOutstanding += 1
         ring.readerStarted(slot: read.slot)
-        cacheDevice.read(offset: geometry.offset(ofDataBlock: dataIndex(of: read.first), inSlot: read.slot), count: count) { result in
+        cacheDevice.read(offset: geometry.offset(ofDataBlock: dataIndex(of: read.first), inSlot: read.slot),
+                         into: batch.data(ofItem: read.firstItem, count: read.count)) { result in
             self.readerFinished(slot: read.slot)
             batch.readsOutstanding -= 1
             switch result {
-            case .success(let bytes):
+            case .success:
                 self.counters.cacheBytesRead += UInt64(count)
-                for (offset, itemIndex) in read.items.enumerated() {
-                    batch.data.setBuffer(bytes.getSlice(at: bytes.readerIndex + offset * CacheGeometry.blockBytes, length: CacheGeometry.blockBytes)!,
-                                         at: itemIndex * CacheGeometry.blockBytes)
-                }
             case .failure(let error):
                 if batch.failure == nil { batch.failure = (error, "reading dirty blocks from the cache device for writeback") }
             }
@@ -288,11 +366,12 @@ extension CacheEngine {
         syncWriteback(batch)
     }
 
-    private func writeBack(_ batch: WritebackBatch, _ run: (offset: UInt64, bytes: ByteBuffer, blocks: Range<UInt64>, items: [Int])) {
+    private func writeBack(_ batch: WritebackBatch, _ run: (offset: UInt64, bytes: UnsafeRawBufferPointer, blocks: Range<UInt64>, items: [Int])) {
         let writeID = batch.writeStarted(run.blocks)
         counters.backingWriteRequests += 1
-        let length = run.bytes.readableBytes
-        backingStore.write(offset: run.offset, bytes: run.bytes) { result in
+        let length = run.bytes.count
+        // The batch's memory stays put until the batch ends, after every write has completed.
+        backingStore.write(offset: run.offset, unownedBytes: run.bytes) { result in
             batch.writeFinished(writeID)
             switch result {
             case .success:
@@ -308,17 +387,18 @@ extension CacheEngine {
     }
 
     /// Superseded blocks (rewritten since the batch read them) are skipped, but one that lies
-    /// between current blocks of a run is written with it, up to this many in a row: on a slow
-    /// disk a request costs milliseconds and a block microseconds, so splitting a run costs far
-    /// more than writing an older copy the newer one will overwrite. Such a block is not marked
-    /// clean. A discarded block is never written.
+    /// between current blocks of a run is written with it, up to this many in a row, and so are
+    /// clean cached blocks the batch took to fill gaps: on a slow disk a request costs
+    /// milliseconds and a block microseconds, so splitting a run costs far more than writing an
+    /// older copy the newer one will overwrite, or a copy the backing store already holds.
+    /// Neither is marked clean. A discarded block is never written.
     static let writebackBridgeBlocksMax = 64
 
     /// The next run of contiguous sectors to write: its offset, a slice of the batch's data (items
     /// are laid out in block order, so a run contiguous on the backing store is contiguous there
     /// too), its block range, and the items it starts. An item whose mask has holes is written as
     /// several runs; whether it is current is checked before its first run.
-    private func nextWritebackRun(_ batch: WritebackBatch) -> (offset: UInt64, bytes: ByteBuffer, blocks: Range<UInt64>, items: [Int])? {
+    private func nextWritebackRun(_ batch: WritebackBatch) -> (offset: UInt64, bytes: UnsafeRawBufferPointer, blocks: Range<UInt64>, items: [Int])? {
         var run = WritebackRun()
         while batch.nextItem < batch.items.count {
             let itemIndex = batch.nextItem
@@ -331,7 +411,7 @@ extension CacheEngine {
                 batch.nextSector = 0
                 continue
             }
-            let current = batch.nextSector > 0 || item.issued || isCurrent(item)
+            let current = !item.isFiller && (batch.nextSector > 0 || item.issued || isCurrent(item))
             guard let (sector, count) = firstSectorRun(item.sectorMask, from: batch.nextSector) else {
                 batch.nextItem += 1
                 batch.nextSector = 0
@@ -341,7 +421,7 @@ extension CacheEngine {
             let dataOffset = itemIndex * CacheGeometry.blockBytes + sector * CacheGeometry.sectorBytes
             if !current && !(run.canBridge(offset: offset, dataOffset: dataOffset) && run.bridged < Self.writebackBridgeBlocksMax) {
                 if run.isStarted { break }
-                skipWriteback(item)
+                if !item.isFiller { skipWriteback(item) }
                 batch.nextItem += 1
                 continue
             }
@@ -399,8 +479,9 @@ extension CacheEngine {
         counters.writtenBackBlocks += cleaned
         counters.lastBatchWrittenBackBlocks = cleaned
         counters.writebackBatches += 1
-        writeback.finished(blocks: batch.items.count, durationNs: clock.nowNs &- (batch.writingStartedNs ?? clock.nowNs))
+        writeback.finished(blocks: batch.items.count, durationNs: clock.nowNs &- (batch.startedNs), nowNs: clock.nowNs)
         self.batch = nil
+        spareWritebackMemory = batch.memory
         drive()
     }
 
@@ -415,6 +496,7 @@ extension CacheEngine {
         }
         writeback.failed(nowNs: clock.nowNs)
         self.batch = nil
+        spareWritebackMemory = batch.memory
         drive()
     }
 
@@ -445,6 +527,32 @@ extension CacheEngine {
         writeBackAllWaiters.removeAll()
         for waiter in waiters { waiter(.success(())) }
     }
+}
+
+/// The aligned memory a writeback batch holds its data in, kept for the next batch.
+final class WritebackMemory {
+    let bytes: UnsafeMutableRawBufferPointer
+
+    init(blocks: Int) {
+        bytes = .allocate(byteCount: blocks * CacheGeometry.blockBytes, alignment: CacheGeometry.blockBytes)
+    }
+
+    deinit { bytes.deallocate() }
+}
+
+extension CacheEngine {
+    /// The spare batch memory if it is large enough, otherwise new memory (the spare is dropped):
+    /// a steady stream of batches allocates and faults in nothing.
+    func writebackMemory(forBlocks blocks: Int) -> WritebackMemory {
+        if let spare = spareWritebackMemory, spare.bytes.count >= blocks * CacheGeometry.blockBytes {
+            spareWritebackMemory = nil
+            return spare
+        }
+        spareWritebackMemory = nil
+        return WritebackMemory(blocks: max(blocks, Self.writebackMemoryBlocksMin))
+    }
+
+    static let writebackMemoryBlocksMin = 2048
 }
 
 /// Measures how busy the backing store is with foreground work (read misses, discards): the share
@@ -578,14 +686,14 @@ struct WritebackRun {
 
     /// The run up to its last current item; the bridged blocks after it are given back (the next
     /// run skips them).
-    func finish(_ batch: WritebackBatch) -> (offset: UInt64, bytes: ByteBuffer, blocks: Range<UInt64>, items: [Int])? {
+    func finish(_ batch: WritebackBatch) -> (offset: UInt64, bytes: UnsafeRawBufferPointer, blocks: Range<UInt64>, items: [Int])? {
         guard let start, let lastCurrentItem else { return nil }
         if bridged > 0 {
             batch.nextItem = lastCurrentItem + 1
             batch.nextSector = 0
         }
         let firstBlock = start.offset / UInt64(CacheGeometry.blockBytes)
-        return (start.offset, batch.data.getSlice(at: batch.data.readerIndex + start.dataOffset, length: currentLengthBytes)!,
-                firstBlock..<(lastBlock + 1), items)
+        let bytes = UnsafeRawBufferPointer(rebasing: batch.memory.bytes[start.dataOffset..<(start.dataOffset + currentLengthBytes)])
+        return (start.offset, bytes, firstBlock..<(lastBlock + 1), items)
     }
 }

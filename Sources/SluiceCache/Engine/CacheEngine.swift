@@ -55,8 +55,9 @@ public final class CacheEngine {
     /// The cleaner's relocation of the tail segment, while it runs.
     var relocation: RelocationJob?
     var writeback = WritebackBatcher()
-    /// The writeback batch in flight.
+    /// The writeback batch in flight, and the memory the last one used, kept for the next.
     var batch: WritebackBatch?
+    var spareWritebackMemory: WritebackMemory?
     var backingLoad = BackingLoadMeter()
     var lifecycle = Lifecycle.running
     var drivePass = ReentrantPass()
@@ -65,6 +66,7 @@ public final class CacheEngine {
     var periodicTimer: (any EngineTimer)?
     var lastBarrierNs: UInt64 = 0
     var lastRecordNs: UInt64 = 0
+    var lastRetirementNs: UInt64 = 0
 
     /// Set when a medium failed in a way that leaves acknowledged data only in memory: the engine
     /// refuses every new write until restarted, so nothing more is acknowledged on a lie.

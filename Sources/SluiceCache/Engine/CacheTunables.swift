@@ -7,8 +7,10 @@ public struct CacheTunables: Codable, Sendable, Equatable {
     /// ... and stops once occupancy is down to this (percent).
     public var lowWatermarkPercent = 45
     /// Write back continuously, at the pace the backing store sustains, while more of the cache
-    /// than this is dirty (percent), whatever the backing store's foreground load.
-    public var dirtyTargetPercent = 10
+    /// than this is dirty (percent), whatever the backing store's foreground load. Below it,
+    /// writeback is opportunistic (`writeback_threshold`): the cleaner relocates what is still
+    /// dirty at the ring's tail, which costs a sequential cache-device write instead.
+    public var dirtyTargetPercent = 50
     /// Below `dirty_target`, write back only while the backing store is busy with foreground work
     /// less than this share of the time (percent, measured over the last second). 0 stops
     /// opportunistic writeback; 100 writes back whenever there is work.

@@ -105,8 +105,12 @@ struct Cleaner {
             return wanted || situation.reclaimCleanSegments ? .reclaimWithoutIO(tail.id) : .rest
         }
         guard wanted else { return .rest }
+        // Relocating a tail that is nearly all dirty frees almost nothing and rewrites almost a
+        // segment: in a ring full of dirty data that turns into rewriting the ring over and over
+        // (each lap gathers less garbage the faster it goes). Writeback of the tail's oldest blocks
+        // brings it over the yield instead, whether or not writers wait.
         let gain = situation.blocksPerSegment - tail.dirtyBlocks
-        if gain * 100 >= situation.blocksPerSegment * Self.relocationYieldPercentMin || (urgent && gain > 0) {
+        if gain * 100 >= situation.blocksPerSegment * Self.relocationYieldPercentMin {
             return .relocate(tail.id)
         }
         return .waitForWriteback(tail.id)

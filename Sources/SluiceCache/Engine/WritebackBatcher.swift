@@ -10,7 +10,8 @@
 /// - *dirty_target*: continuously while more of the cache than that is dirty, whatever the
 ///   backing store's load;
 /// - *writeback_threshold*: opportunistically while the backing store is busy with foreground
-///   work less than that share of the time.
+///   work less than that share of the time, for at most a quarter of its time (a hot block
+///   written back is soon dirty again: that work buys little).
 ///
 /// Except for the tail and max_age, a batch takes the next dirty blocks in block order from where
 /// the previous one stopped (an elevator sweep over the whole dirty set), so contiguous blocks
@@ -65,6 +66,11 @@ struct WritebackBatcher {
     private(set) var batchBlocks = Self.batchBlocksInitial
     /// No batch starts before this (a second after a failed one).
     private(set) var retryNotBeforeNs: UInt64 = 0
+    /// No opportunistic batch starts before this: below the dirty target, writeback takes at most
+    /// ``opportunisticDutyPercent`` of the backing store's time (and of the engine's effort),
+    /// since data rewritten soon after is written back for nothing.
+    private(set) var opportunisticNotBeforeNs: UInt64 = 0
+    static let opportunisticDutyPercent: UInt64 = 25
     /// The last batch's trigger, for `status`.
     private(set) var lastTrigger: Trigger?
 
@@ -86,7 +92,8 @@ struct WritebackBatcher {
             selection = .oldest(openedBeforeNs: situation.nowNs - UInt64(tunables.maxAgeSeconds) * 1_000_000_000)
         } else if situation.dirtyBlocks * 100 > situation.cacheBlocks * tunables.dirtyTargetPercent {
             trigger = .dirtyTarget
-        } else if tunables.writebackThresholdPercent > 0, situation.backingBusyPercent < tunables.writebackThresholdPercent {
+        } else if tunables.writebackThresholdPercent > 0, situation.backingBusyPercent < tunables.writebackThresholdPercent,
+                  situation.nowNs >= opportunisticNotBeforeNs {
             trigger = .backingIdle
         }
         guard let trigger else { return nil }
@@ -107,7 +114,10 @@ struct WritebackBatcher {
     /// A batch of `blocks` took `durationNs` from its first backing write to its sync: the next
     /// batch takes what the store managed per second times the target, at most twice as many
     /// blocks as this one and at least half.
-    mutating func finished(blocks: Int, durationNs: UInt64) {
+    mutating func finished(blocks: Int, durationNs: UInt64, nowNs: UInt64) {
+        if lastTrigger == .backingIdle {
+            opportunisticNotBeforeNs = nowNs + durationNs * (100 - Self.opportunisticDutyPercent) / Self.opportunisticDutyPercent
+        }
         guard blocks > 0 else { return }
         let perTarget = Double(blocks) * Double(Self.batchTargetNs) / Double(max(durationNs, 1_000_000))
         let bounded = min(Double(blocks) * 2, max(Double(blocks) / 2, perTarget))

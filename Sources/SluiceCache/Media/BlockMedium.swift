@@ -22,15 +22,34 @@ public protocol BlockMedium: AnyObject {
     /// copy it (the default).
     func write(offset: UInt64, unownedBytes bytes: UnsafeRawBufferPointer, completion: @escaping (Result<Void, MediumError>) -> Void)
 
+    /// Reads `bytes.count` bytes at `offset` into `bytes`, which the caller keeps valid, and does
+    /// not touch, until the completion runs. Media that can read straight into it (O_DIRECT into
+    /// 4 KiB-aligned memory) do; the others read and copy (the default).
+    func read(offset: UInt64, into bytes: UnsafeMutableRawBufferPointer, completion: @escaping (Result<Void, MediumError>) -> Void)
+
     /// Makes the range read as zeros (`zeroes`) or tells the medium it is no longer needed (reads
     /// then return the old bytes or zeros). Durable only after a later sync.
     func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void)
 
     /// Makes every write that completed before this call durable.
     func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void)
+
+    /// Runs `body`, whose operations the medium may hand to the device together (one system
+    /// call for a batch of reads). Completions may still arrive within `body`.
+    func submittingTogether(_ body: () -> Void)
 }
 
 extension BlockMedium {
+    public func submittingTogether(_ body: () -> Void) { body() }
+
+    public func read(offset: UInt64, into bytes: UnsafeMutableRawBufferPointer, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        read(offset: offset, count: bytes.count) { result in
+            completion(result.map { buffer in
+                buffer.withUnsafeReadableBytes { bytes.copyMemory(from: $0) }
+            })
+        }
+    }
+
     public func write(offset: UInt64, unownedBytes bytes: UnsafeRawBufferPointer, completion: @escaping (Result<Void, MediumError>) -> Void) {
         write(offset: offset, bytes: ByteBuffer(bytes: bytes), completion: completion)
     }

@@ -122,6 +122,16 @@ public final class NBDMedium: BlockMedium, @unchecked Sendable {
         }
     }
 
+    /// Writes straight from the caller's memory, which stays valid until the completion.
+    public func write(offset: UInt64, unownedBytes bytes: UnsafeRawBufferPointer, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        guard contains(offset: offset, count: bytes.count) else { return completion(.failure(.outOfRange)) }
+        let base = bytes.baseAddress!
+        let count = bytes.count
+        issue(.done(completion)) { callback in
+            nbd_aio_pwrite(self.handle, base, count, offset, callback, 0)
+        }
+    }
+
     public func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
         guard contains(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
         if zeroes {

@@ -121,7 +121,7 @@ extension CacheVolume {
             if let pmem, let layout = recovered.pmemLayout { placement = .persistent(memory: pmem.memory, layout: layout) }
             let engine = try eventLoop.submit { () throws -> CacheEngine in
                 let driver = try IOUringDrivers.shared.driver(for: eventLoop)
-                let cacheMedium = UringFileMedium(file: cacheFile, driver: driver, directWrites: true)
+                let cacheMedium = UringFileMedium(file: cacheFile, driver: driver, direct: true)
                 let backingMedium: any BlockMedium = opened.nbd ?? UringFileMedium(file: opened.file!, driver: driver)
                 return CacheEngine(eventLoop: eventLoop, cacheDevice: cacheMedium, backingStore: backingMedium,
                                    opened: recovered.opened, recovered: recovered.state, tunables: tunables, logger: logger,
