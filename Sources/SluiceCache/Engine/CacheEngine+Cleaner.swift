@@ -211,8 +211,14 @@ extension CacheEngine {
     /// all dirty, or its relocation waits for a slot that only retiring it would free.
     var tailNeedsWriteback: Bool {
         if case .waitForWriteback = cleaner.lastDecision { return true }
-        guard let job = relocation, job.readsOutstanding == 0, job.next < job.items.count else { return false }
-        return updates.headWait.isForSlot || ring.freeSegments == 0
+        if let job = relocation, job.readsOutstanding == 0, job.next < job.items.count {
+            return updates.headWait.isForSlot || ring.freeSegments == 0
+        }
+        // Space is short and the tail is below the yield: the next reclaim needs writeback of it,
+        // whatever the cleaner answered a moment ago (a block-order batch now would be wasted).
+        guard updates.headWait.isForSlot || ring.freeSegments <= 2 * reserveSegments, let tail = ring.reclaimableTailID else { return false }
+        let gain = geometry.dataBlocksPerSegment - index.dirtyBlocks(inSlot: ring.slot(of: tail))
+        return gain * 100 < geometry.dataBlocksPerSegment * Cleaner.relocationYieldPercentMin
     }
 
     /// Abandons a relocation (a graceful close): what was relocated stays relocated, and the
