@@ -143,4 +143,39 @@ final class CacheEnginePmemTests: XCTestCase {
         XCTAssertNil(report.pmemOpenSegmentWritten, "the clean shutdown wrote the open segment; the pmem copy is stale")
         XCTAssertEqual(try harness.read(at: 16 * 512, count: 3 * 512), data(7, sector: 16, count: 3))
     }
+
+    /// BUG: recovery leaves the pmem file's control words as it found them. An open area whose
+    /// entries all failed to persist is not written to the log, so the next engine gives the
+    /// next segment that area's id, in whichever area it takes first; a second power failure then
+    /// found two open areas with one id, and recovery stopped on a precondition.
+    /// 1. a write opens segment N in an area; the power fails before its entry is drained
+    /// 2. recovery finds the open area with no valid entry (nothing to replay): the log ends at N-1
+    /// 3. the new engine opens segment N for the next write, in another area; the power fails again
+    /// Expected: recovery succeeds and every acknowledged write reads back.
+    func testAnOpenAreaLeftEmptyByACrashIsNeverTakenForASecondOneWithItsId() throws {
+        try runInChildProcess("SluiceCacheTests.CacheEnginePmemTests/testAnOpenAreaLeftEmptyByACrashIsNeverTakenForASecondOneWithItsId") {
+            for seed: UInt64 in 1...12 {
+                let harness = try pmemHarness(areas: 4)
+                defer { harness.close() }
+                // Two full segments first, so the crashing write opens a new segment in a third area.
+                let dataBlocks = try harness.inspect { $0.geometry.dataBlocksPerSegment }
+                for block in 0..<(2 * dataBlocks) {
+                    try harness.write(data(UInt32(block + 1), sector: block * 8, count: 8), at: UInt64(block * 4096))
+                }
+                for round in 0..<2 {
+                    let blockNumber = 100 + round
+                    try harness.loop.submit {
+                        harness.engine.submitWrite(offset: UInt64(blockNumber * 4096),
+                                                   data: ByteBuffer(bytes: self.data(999, sector: blockNumber * 8, count: 8)), fua: false) { _ in }
+                        harness.powerFailOnLoop(seed: seed &* 7 &+ UInt64(round))
+                    }.wait()
+                    try harness.recoverFromPowerFailure()
+                }
+                for block in 0..<(2 * dataBlocks) {
+                    XCTAssertEqual(try harness.read(at: UInt64(block * 4096), count: 4096), data(UInt32(block + 1), sector: block * 8, count: 8),
+                                   "seed \(seed): block \(block)")
+                }
+            }
+        }
+    }
 }

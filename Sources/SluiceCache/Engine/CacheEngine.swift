@@ -144,6 +144,9 @@ public final class CacheEngine {
         writeRecord(.markInUse) { result in
             switch result {
             case .success:
+                // The record's sync made every segment recovery took or wrote durable. (Not counted
+                // among the drains: those are the ones replies wait for.)
+                _ = self.durability.forgetStaleBuffers(geometry: self.geometry)
                 self.schedulePeriodicTick()
                 self.drive()
                 promise.succeed(())

@@ -38,6 +38,9 @@ protocol DurabilityPolicy: AnyObject {
     func persistAppended() -> Bool
     /// The cache device has synced every segment up to `id`. Returns whether a pmem drain ran.
     func cacheDeviceSynced(through id: UInt64) -> Bool
+    /// Recovery is over and its writes (and every segment it took from the device) are synced:
+    /// whatever the buffers still hold from before is stale. Returns whether a pmem drain ran.
+    func forgetStaleBuffers(geometry: CacheGeometry) -> Bool
 }
 
 /// Volatile mode: the buffers are DRAM, so only a synced segment on the cache device is durable.
@@ -56,6 +59,7 @@ final class VolatileDurability: DurabilityPolicy {
     func flushWait(repliesAwaitingPersist: Bool) -> DurabilityWait { .barrier }
     func persistAppended() -> Bool { false }
     func cacheDeviceSynced(through id: UInt64) -> Bool { false }
+    func forgetStaleBuffers(geometry: CacheGeometry) -> Bool { false }
 }
 
 /// Pmem mode: every write is persisted in the pmem file before its reply, so a FUA write needs
@@ -91,6 +95,20 @@ final class PmemDurability: DurabilityPolicy {
     }
 
     func persistAppended() -> Bool {
+        memory.drain()
+        return true
+    }
+
+    /// Marks every area free in the pmem file. Recovery leaves the control words as it found
+    /// them (it never writes the pmem file); an open area with no valid entry, say, keeps its id,
+    /// which the next segment then gets too: left alone, a later crash would find two open areas
+    /// with one id.
+    func forgetStaleBuffers(geometry: CacheGeometry) -> Bool {
+        for area in 0..<layout.areaCount {
+            let offset = layout.areaOffset(area, geometry: geometry)
+            memory.storeWord(PmemLayout.controlWord(segmentID: 0, state: .free), at: offset)
+            memory.flush(offset: offset, count: 8)
+        }
         memory.drain()
         return true
     }
