@@ -22,7 +22,7 @@ public struct CacheDump: Codable, Sendable {
         public var slot: Int
         public var valid: Bool
         public var sequence: UInt64?
-        public var lastWrittenBackSegmentID: UInt64?
+        public var lastRetiredSegmentID: UInt64?
         public var lastFlushedSegmentID: UInt64?
         public var cleanShutdown: Bool?
         public var current: Bool
@@ -76,7 +76,7 @@ public struct CacheDump: Codable, Sendable {
                                     pmemUUID: UUIDText.format(header.pmemUUID), createdSeconds: header.createdSeconds)
         }
         records = inspection.recordSlots.enumerated().map { slot, record in
-            Record(slot: slot, valid: record != nil, sequence: record?.sequence, lastWrittenBackSegmentID: record?.lastWrittenBackSegmentID,
+            Record(slot: slot, valid: record != nil, sequence: record?.sequence, lastRetiredSegmentID: record?.lastRetiredSegmentID,
                    lastFlushedSegmentID: record?.lastFlushedSegmentID, cleanShutdown: record?.cleanShutdown,
                    current: record != nil && record == inspection.record)
         }
@@ -113,7 +113,7 @@ public struct CacheDump: Codable, Sendable {
         }
         for record in records {
             if record.valid {
-                lines.append("record slot \(record.slot)       sequence \(record.sequence!), last written back \(record.lastWrittenBackSegmentID!), "
+                lines.append("record slot \(record.slot)       sequence \(record.sequence!), last written back \(record.lastRetiredSegmentID!), "
                              + "last flushed \(record.lastFlushedSegmentID!), \(record.cleanShutdown! ? "clean shutdown" : "in use or crashed")"
                              + (record.current ? " (current)" : ""))
             } else {

@@ -73,8 +73,8 @@ public enum Salvage {
         }
 
         // The dry run, with the damage taken out of recovery's way one piece at a time.
-        let lenient = SuperblockRecord(sequence: record.sequence, lastWrittenBackSegmentID: record.lastWrittenBackSegmentID,
-                                       lastFlushedSegmentID: record.lastWrittenBackSegmentID, cleanShutdown: false)
+        let lenient = SuperblockRecord(sequence: record.sequence, lastRetiredSegmentID: record.lastRetiredSegmentID,
+                                       lastFlushedSegmentID: record.lastRetiredSegmentID, cleanShutdown: false)
         var ignoredAreas: [Int] = []
         var report: RecoveryReport?
         for _ in 0...(layout?.areaCount ?? 0) {
@@ -146,9 +146,9 @@ public enum Salvage {
             memory.flush(offset: PmemLayout.syncedWordOffset, count: 8)
             memory.drain()
         }
-        let next = SuperblockRecord(sequence: record.sequence + 1, lastWrittenBackSegmentID: record.lastWrittenBackSegmentID,
-                                    lastFlushedSegmentID: record.lastWrittenBackSegmentID, cleanShutdown: false)
-        try device.writeBytes(offset: next.slotOffset, bytes: next.encoded())
+        let next = SuperblockRecord(sequence: record.sequence + 1, lastRetiredSegmentID: record.lastRetiredSegmentID,
+                                    lastFlushedSegmentID: record.lastRetiredSegmentID, cleanShutdown: false)
+        try device.writeBytes(offset: next.blockOffset, bytes: next.encoded())
         try device.synchronizeBytes()
         // The drain opens both files again and takes their locks.
         memory = nil

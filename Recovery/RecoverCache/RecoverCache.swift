@@ -68,8 +68,8 @@ public struct PmemImage {
 /// `precondition`, kept in release builds: a failed one is a bug in recovery, and serving on
 /// after it could replay stale data). The rows are those of the recovery tables in `docs/FORMAT.md`.
 /// 1. `readPmemAreas` (pmem mode): the sealed areas by id and the open area, ignoring those at or
-///    below the last written-back id.
-/// 2. `walkChain`: walks the ring from the segment after the last written-back one, accepting only
+///    below the last retired id.
+/// 2. `walkChain`: walks the ring from the segment after the last retired one, accepting only
 ///    consecutive ids whose checksums verify (headers only up to the last flushed id after a clean
 ///    shutdown): the ring-walk table, and pmem rows P1 (the device's copy verifies) and P2 (it does
 ///    not, and the sealed pmem copy is written to the slot; the walk goes on). Reads run ahead of
@@ -96,7 +96,7 @@ public enum RecoverCache {
     public static func recover(device: any RecoveryDevice, header: SuperblockHeader, geometry: CacheGeometry,
                                record: SuperblockRecord, pmem: PmemImage? = nil, verifyAll: Bool = false) throws -> RecoveryReport {
         let started = DispatchTime.now()
-        let areas = readPmemAreas(pmem, geometry: geometry, lastWrittenBackSegmentID: record.lastWrittenBackSegmentID)
+        let areas = readPmemAreas(pmem, geometry: geometry, lastRetiredSegmentID: record.lastRetiredSegmentID)
         // After a clean shutdown the segments up to the last flushed one are taken from their
         // headers alone, unless every checksum is wanted (`sluice-recover check`).
         let trustedThroughID = record.cleanShutdown && !verifyAll ? record.lastFlushedSegmentID : 0
@@ -127,24 +127,24 @@ public enum RecoverCache {
     }
 
     /// Step 1. Areas whose segment was written back already are stale and left out.
-    static func readPmemAreas(_ pmem: PmemImage?, geometry: CacheGeometry, lastWrittenBackSegmentID: UInt64) -> PmemAreas {
+    static func readPmemAreas(_ pmem: PmemImage?, geometry: CacheGeometry, lastRetiredSegmentID: UInt64) -> PmemAreas {
         var areas = PmemAreas()
         guard let pmem else { return areas }
         for area in 0..<pmem.layout.areaCount {
             let decoded = pmem.layout.decodeArea(area, in: pmem.bytes, geometry: geometry)
             switch decoded.state {
-            case .sealed where decoded.segmentID > lastWrittenBackSegmentID:
+            case .sealed where decoded.segmentID > lastRetiredSegmentID:
                 areas.sealed[decoded.segmentID] = area
-            case .open where decoded.segmentID > lastWrittenBackSegmentID:
+            case .open where decoded.segmentID > lastRetiredSegmentID:
                 precondition(areas.open?.segmentID != decoded.segmentID, "two open pmem areas with one id")
                 if areas.open == nil || decoded.segmentID > areas.open!.segmentID { areas.open = decoded }
             default:
                 break
             }
         }
-        precondition(areas.sealed.keys.allSatisfy { $0 > lastWrittenBackSegmentID }
-                     && (areas.open.map { $0.segmentID > lastWrittenBackSegmentID && $0.state == .open } ?? true),
-                     "readPmemAreas kept an area at or below the last written-back segment")
+        precondition(areas.sealed.keys.allSatisfy { $0 > lastRetiredSegmentID }
+                     && (areas.open.map { $0.segmentID > lastRetiredSegmentID && $0.state == .open } ?? true),
+                     "readPmemAreas kept an area at or below the last retired segment")
         return areas
     }
 
@@ -156,15 +156,15 @@ public enum RecoverCache {
         var bytesRead: UInt64
     }
 
-    /// Step 2. The chain from the segment after the last written-back one, with every sealed pmem
+    /// Step 2. The chain from the segment after the last retired one, with every sealed pmem
     /// segment the device lacks written to its slot (P2) on the way.
     static func walkChain(device: any RecoveryDevice, cacheUUID: [UInt8], geometry: CacheGeometry, record: SuperblockRecord,
                           trustedThroughID: UInt64, areas: PmemAreas, pmem: PmemImage?) throws -> Walked {
-        let firstID = record.lastWrittenBackSegmentID + 1
+        let firstID = record.lastRetiredSegmentID + 1
         let headerBytes = geometry.headerBlocks * CacheGeometry.blockBytes
         // After a clean shutdown the log normally ends right after the trusted segments: whole
         // segments past the first untrusted one are read only once the walk has got that far.
-        let trustedCount = Int(trustedThroughID > record.lastWrittenBackSegmentID ? trustedThroughID - record.lastWrittenBackSegmentID : 0)
+        let trustedCount = Int(trustedThroughID > record.lastRetiredSegmentID ? trustedThroughID - record.lastRetiredSegmentID : 0)
         let reader = ReadAhead(device: device, depth: min(readAheadSegments, geometry.segmentCount), threads: readerThreads,
                                bufferBytes: geometry.segmentBytes,
                                horizon: { taken in trustedCount > 0 && taken <= trustedCount + 1 ? trustedCount + 1 : .max }) { sequence in
@@ -174,7 +174,7 @@ public enum RecoverCache {
             return (geometry.offset(ofSlot: geometry.slot(ofSegment: id)), id <= trustedThroughID ? headerBytes : geometry.segmentBytes)
         }
         defer { reader.finish() }
-        var walk = SegmentChain.Walk(geometry: geometry, cacheUUID: cacheUUID, lastWrittenBackSegmentID: record.lastWrittenBackSegmentID,
+        var walk = SegmentChain.Walk(geometry: geometry, cacheUUID: cacheUUID, lastRetiredSegmentID: record.lastRetiredSegmentID,
                                      trustedThroughID: trustedThroughID)
         var sealedWritten: [UInt64] = []
         var takenFromPmem: [UInt64] = []
@@ -330,10 +330,10 @@ public enum RecoverCache {
     static func checkReport(_ report: RecoveryReport, geometry: CacheGeometry, record: SuperblockRecord) {
         let chain = report.chain
         let ids = chain.segments.map(\.segmentID)
-        let firstID = record.lastWrittenBackSegmentID + 1
-        precondition(chain.lastWrittenBackSegmentID == record.lastWrittenBackSegmentID
+        let firstID = record.lastRetiredSegmentID + 1
+        precondition(chain.lastRetiredSegmentID == record.lastRetiredSegmentID
                      && ids == Array(firstID..<(firstID + UInt64(ids.count))) && ids.count <= geometry.segmentCount,
-                     "recovery report: the chain does not run consecutively from the last written-back segment")
+                     "recovery report: the chain does not run consecutively from the last retired segment")
         precondition(report.cleanShutdown == record.cleanShutdown && (!report.cleanShutdown || report.erasedSlots.isEmpty),
                      "recovery report: a clean shutdown erased slots")
         let chainSlots = Set(ids.map { geometry.slot(ofSegment: $0) })

@@ -1,6 +1,6 @@
 import SluiceFormat
 
-/// The log that recovery accepts: the segments whose ids follow the last written-back segment one
+/// The log that recovery accepts: the segments whose ids follow the last retired segment one
 /// by one, each verified by its checksum, and why the chain ends where it does.
 public struct SegmentChain: Equatable, Sendable {
     /// Why the chain ends. Each case is one row of the recovery table in `docs/FORMAT.md`.
@@ -24,25 +24,25 @@ public struct SegmentChain: Equatable, Sendable {
         case ringFull
     }
 
-    /// The accepted segments, in id order, starting right after the last written-back one.
+    /// The accepted segments, in id order, starting right after the last retired one.
     public var segments: [SegmentHeader]
     public var end: End
 
-    /// The id of the newest accepted segment, or the last written-back id when none was accepted.
-    public var lastSegmentID: UInt64 { segments.last?.segmentID ?? (lastWrittenBackSegmentID) }
-    public let lastWrittenBackSegmentID: UInt64
+    /// The id of the newest accepted segment, or the last retired id when none was accepted.
+    public var lastSegmentID: UInt64 { segments.last?.segmentID ?? (lastRetiredSegmentID) }
+    public let lastRetiredSegmentID: UInt64
 
-    /// Walks the ring from the segment after `lastWrittenBackSegmentID`. `readSegment` returns the
+    /// Walks the ring from the segment after `lastRetiredSegmentID`. `readSegment` returns the
     /// bytes of a ring slot (its header blocks and data blocks); it is called at most once per slot.
     ///
     /// Segments up to `trustedThroughID` (the last flushed id of a clean shutdown) are accepted
     /// from their headers alone: `readSegment` may return just the header blocks for them, and only
     /// the headers' ids are checked. Every later segment must verify in full.
     public static func scan(
-        geometry: CacheGeometry, cacheUUID: [UInt8], lastWrittenBackSegmentID: UInt64, trustedThroughID: UInt64 = 0,
+        geometry: CacheGeometry, cacheUUID: [UInt8], lastRetiredSegmentID: UInt64, trustedThroughID: UInt64 = 0,
         readSegment: (Int) throws -> [UInt8]
     ) rethrows -> SegmentChain {
-        var walk = Walk(geometry: geometry, cacheUUID: cacheUUID, lastWrittenBackSegmentID: lastWrittenBackSegmentID,
+        var walk = Walk(geometry: geometry, cacheUUID: cacheUUID, lastRetiredSegmentID: lastRetiredSegmentID,
                         trustedThroughID: trustedThroughID)
         while let slot = walk.nextSlot {
             let bytes = try readSegment(slot)
@@ -56,19 +56,19 @@ public struct SegmentChain: Equatable, Sendable {
     public struct Walk {
         public let geometry: CacheGeometry
         public let cacheUUID: [UInt8]
-        public let lastWrittenBackSegmentID: UInt64
+        public let lastRetiredSegmentID: UInt64
         public let trustedThroughID: UInt64
         /// The id the next slot must hold.
         public private(set) var expectedID: UInt64
         private var segments: [SegmentHeader] = []
         private var end: End?
 
-        public init(geometry: CacheGeometry, cacheUUID: [UInt8], lastWrittenBackSegmentID: UInt64, trustedThroughID: UInt64 = 0) {
+        public init(geometry: CacheGeometry, cacheUUID: [UInt8], lastRetiredSegmentID: UInt64, trustedThroughID: UInt64 = 0) {
             self.geometry = geometry
             self.cacheUUID = cacheUUID
-            self.lastWrittenBackSegmentID = lastWrittenBackSegmentID
+            self.lastRetiredSegmentID = lastRetiredSegmentID
             self.trustedThroughID = trustedThroughID
-            expectedID = lastWrittenBackSegmentID + 1
+            expectedID = lastRetiredSegmentID + 1
         }
 
         /// The slot to read next, or nil once the chain has ended. At most one lap: a chain longer
@@ -79,7 +79,7 @@ public struct SegmentChain: Equatable, Sendable {
 
         /// The chain, once the walk has ended.
         public var chain: SegmentChain? {
-            end.map { SegmentChain(segments: segments, end: $0, lastWrittenBackSegmentID: lastWrittenBackSegmentID) }
+            end.map { SegmentChain(segments: segments, end: $0, lastRetiredSegmentID: lastRetiredSegmentID) }
         }
 
         /// Takes the bytes of `nextSlot` (only its header blocks suffice up to `trustedThroughID`):

@@ -55,7 +55,7 @@ struct CheckCommand: ParsableCommand {
         if let report = inspection.report {
             let chain = report.chain
             let range = chain.segments.isEmpty ? "none" : "segments \(chain.segments.first!.segmentID)...\(chain.lastSegmentID)"
-            lines.append("  log: \(chain.segments.count) segments (\(range)) after last written-back segment \(chain.lastWrittenBackSegmentID); ends: \(chain.end)")
+            lines.append("  log: \(chain.segments.count) segments (\(range)) after last retired segment \(chain.lastRetiredSegmentID); ends: \(chain.end)")
             lines.append("  shutdown: \(report.cleanShutdown ? "clean" : "not clean (crashed, or still in use)")")
             lines.append("  dirty blocks: \(inspection.dirtyBlocks) (\(inspection.dirtyBlocks * 4096) bytes)")
             lines.append("  scan: \(report.bytesRead) bytes read and verified in \(String(format: "%.3f", report.seconds)) s (\(String(format: "%.2f", report.gigabytesPerSecond)) GB/s)")

@@ -57,9 +57,9 @@ public enum CacheSuperblock {
                                       backingIdentity: expectation.backingIdentity, pmemUUID: pmemUUID, createdSeconds: nowSeconds)
         // Both record slots are written, the second one newer, so no stale record of an earlier
         // format can ever win.
-        let first = SuperblockRecord(sequence: 1, lastWrittenBackSegmentID: 0, lastFlushedSegmentID: 0, cleanShutdown: true)
-        let second = SuperblockRecord(sequence: 2, lastWrittenBackSegmentID: 0, lastFlushedSegmentID: 0, cleanShutdown: true)
-        medium.write(offset: 0, bytes: header.encoded() + first.encodedForSlot(at: first.slotOffset, pairedWith: second)) { written in
+        let first = SuperblockRecord(sequence: 1, lastRetiredSegmentID: 0, lastFlushedSegmentID: 0, cleanShutdown: true)
+        let second = SuperblockRecord(sequence: 2, lastRetiredSegmentID: 0, lastFlushedSegmentID: 0, cleanShutdown: true)
+        medium.write(offset: 0, bytes: header.encoded() + first.encodedForSlot(at: first.blockOffset, pairedWith: second)) { written in
             if case .failure(let error) = written { return completion(.failure(error)) }
             medium.synchronize { synced in
                 switch synced {
@@ -137,7 +137,7 @@ public enum CacheSuperblock {
 extension SuperblockRecord {
     /// The two record slots (8 KiB) with `self` in its slot and `other` in the other one.
     func encodedForSlot(at offset: UInt64, pairedWith other: SuperblockRecord) -> [UInt8] {
-        precondition(offset != other.slotOffset, "two records for the same slot")
-        return offset == Self.slotOffsets[0] ? encoded() + other.encoded() : other.encoded() + encoded()
+        precondition(offset != other.blockOffset, "two records for the same slot")
+        return offset == Self.blockOffsets[0] ? encoded() + other.encoded() : other.encoded() + encoded()
     }
 }

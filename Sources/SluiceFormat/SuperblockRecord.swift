@@ -1,20 +1,23 @@
-/// The mutable part of the superblock: how far writeback has got and whether the last shutdown was
-/// clean. Two 4 KiB slots (at 4 KiB and 8 KiB) are written alternately, each with a sequence number
-/// and a CRC-32C, so a write torn by a crash leaves the other, older slot intact; the valid slot
-/// with the higher sequence number is the current record.
+/// The mutable part of the superblock: where the log starts (every segment up to the last retired
+/// one is no longer needed) and whether the last shutdown was clean. Two 4 KiB record blocks (at
+/// 4 KiB and 8 KiB) are written alternately, each with a sequence number and a CRC-32C, so a write
+/// torn by a crash leaves the other, older block intact; the valid block with the higher sequence
+/// number is the current record.
 ///
-/// Layout (little-endian): magic `SLREC\x00\x00\x01` (8), sequence (8), last written-back segment id
+/// Layout (little-endian): magic `SLREC\x00\x00\x01` (8), sequence (8), last retired segment id
 /// (8), last segment id known to be on the device (8), flags (4; bit 0: clean shutdown), CRC-32C over
 /// the preceding 36 bytes (4); the rest of the block is zero.
 public struct SuperblockRecord: Hashable, Sendable {
     public static let magic: [UInt8] = Array("SLREC".utf8) + [0x00, 0x00, 0x01]
-    public static let slotOffsets: [UInt64] = [4096, 8192]
+    public static let blockOffsets: [UInt64] = [4096, 8192]
     static let encodedBytes = 40
 
-    /// Grows by one with every record written; picks the newer slot.
+    /// Grows by one with every record written; picks the newer record block.
     public var sequence: UInt64
-    /// Every segment with an id up to this one has been written back and the backing store synced.
-    public var lastWrittenBackSegmentID: UInt64
+    /// Every segment with an id up to this one is retired: each block it held is on the backing
+    /// store, synced, or has a newer copy (or discard marker) that was durable in a later segment
+    /// before this record was written. Recovery starts the log after it.
+    public var lastRetiredSegmentID: UInt64
     /// A hint: segments up to this id were on the device when the record was written. Recovery
     /// never trusts it over the segments themselves.
     public var lastFlushedSegmentID: UInt64
@@ -22,21 +25,21 @@ public struct SuperblockRecord: Hashable, Sendable {
     /// beyond the hint.
     public var cleanShutdown: Bool
 
-    public init(sequence: UInt64, lastWrittenBackSegmentID: UInt64, lastFlushedSegmentID: UInt64, cleanShutdown: Bool) {
+    public init(sequence: UInt64, lastRetiredSegmentID: UInt64, lastFlushedSegmentID: UInt64, cleanShutdown: Bool) {
         self.sequence = sequence
-        self.lastWrittenBackSegmentID = lastWrittenBackSegmentID
+        self.lastRetiredSegmentID = lastRetiredSegmentID
         self.lastFlushedSegmentID = lastFlushedSegmentID
         self.cleanShutdown = cleanShutdown
     }
 
-    /// The slot this record goes to: sequences alternate between the two.
-    public var slotOffset: UInt64 { Self.slotOffsets[Int(sequence % 2)] }
+    /// The record block this record goes to: sequences alternate between the two.
+    public var blockOffset: UInt64 { Self.blockOffsets[Int(sequence % 2)] }
 
     public func encoded() -> [UInt8] {
         var writer = LittleEndianWriter(count: CacheGeometry.blockBytes)
         writer.write(bytes: Self.magic)
         writer.write(sequence)
-        writer.write(lastWrittenBackSegmentID)
+        writer.write(lastRetiredSegmentID)
         writer.write(lastFlushedSegmentID)
         writer.write(UInt32(cleanShutdown ? 1 : 0))
         let crc = CRC32C.checksum(Array(writer.bytes[0..<36]))
@@ -44,14 +47,14 @@ public struct SuperblockRecord: Hashable, Sendable {
         return writer.bytes
     }
 
-    /// Decodes one slot; nil if it holds no valid record (never written, torn, or corrupt).
+    /// Decodes one record block; nil if it holds no valid record (never written, torn, or corrupt).
     public init?(decoding bytes: UnsafeRawBufferPointer) {
         guard bytes.count >= Self.encodedBytes else { return nil }
         var reader = LittleEndianReader(bytes)
         guard reader.read(count: 8) == Self.magic else { return nil }
         let computed = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: bytes[0..<36]))
         sequence = reader.read()
-        lastWrittenBackSegmentID = reader.read()
+        lastRetiredSegmentID = reader.read()
         lastFlushedSegmentID = reader.read()
         let flags: UInt32 = reader.read()
         let stored: UInt32 = reader.read()

@@ -30,8 +30,8 @@ final class RecoverStepsTests: XCTestCase {
         device.bytes[slotRange(slot).lowerBound + CacheGeometry.blockBytes + 100] ^= 0xFF
     }
 
-    private func record(lastWrittenBack: UInt64, lastFlushed: UInt64 = 0, clean: Bool = false) -> SuperblockRecord {
-        SuperblockRecord(sequence: 3, lastWrittenBackSegmentID: lastWrittenBack, lastFlushedSegmentID: lastFlushed, cleanShutdown: clean)
+    private func record(lastRetired: UInt64, lastFlushed: UInt64 = 0, clean: Bool = false) -> SuperblockRecord {
+        SuperblockRecord(sequence: 3, lastRetiredSegmentID: lastRetired, lastFlushedSegmentID: lastFlushed, cleanShutdown: clean)
     }
 
     private func header() -> SuperblockHeader {
@@ -51,13 +51,13 @@ final class RecoverStepsTests: XCTestCase {
             ("foreign", 0, { self.put(id: 1); self.put(id: 2, uuid: [UInt8](repeating: 1, count: 16)) }),
             ("ring full", 4, { (5...12).forEach { self.put(id: $0) } }),
         ]
-        for (label, lastWrittenBack, build) in builds {
+        for (label, lastRetired, build) in builds {
             setUp()
             build()
             let walked = try RecoverCache.walkChain(device: device, cacheUUID: uuid, geometry: geometry,
-                                                    record: record(lastWrittenBack: lastWrittenBack), trustedThroughID: 0,
+                                                    record: record(lastRetired: lastRetired), trustedThroughID: 0,
                                                     areas: .init(), pmem: nil)
-            let scanned = SegmentChain.scan(geometry: geometry, cacheUUID: uuid, lastWrittenBackSegmentID: lastWrittenBack) {
+            let scanned = SegmentChain.scan(geometry: geometry, cacheUUID: uuid, lastRetiredSegmentID: lastRetired) {
                 Array(device.bytes[slotRange($0)])
             }
             XCTAssertEqual(walked.chain, scanned, label)
@@ -72,7 +72,7 @@ final class RecoverStepsTests: XCTestCase {
     func testWalkReadsHeadersOnlyUpToTheTrustedID() throws {
         (1...4).forEach { put(id: $0) }
         corrupt(slot: 1)
-        let walked = try RecoverCache.walkChain(device: device, cacheUUID: uuid, geometry: geometry, record: record(lastWrittenBack: 0),
+        let walked = try RecoverCache.walkChain(device: device, cacheUUID: uuid, geometry: geometry, record: record(lastRetired: 0),
                                                 trustedThroughID: 2, areas: .init(), pmem: nil)
         XCTAssertEqual(walked.chain.segments.map(\.segmentID), [1, 2, 3, 4])
         let headerBytes = UInt64(geometry.headerBlocks * CacheGeometry.blockBytes)
@@ -84,7 +84,7 @@ final class RecoverStepsTests: XCTestCase {
     /// their headers and the one slot after them, nothing more.
     func testACleanLogIsReadAsHeadersAndOneSlot() throws {
         (1...3).forEach { put(id: $0) }
-        let walked = try RecoverCache.walkChain(device: device, cacheUUID: uuid, geometry: geometry, record: record(lastWrittenBack: 0),
+        let walked = try RecoverCache.walkChain(device: device, cacheUUID: uuid, geometry: geometry, record: record(lastRetired: 0),
                                                 trustedThroughID: 3, areas: .init(), pmem: nil)
         XCTAssertEqual(walked.chain.end, .empty(slot: 3))
         XCTAssertEqual(walked.bytesRead, UInt64(3 * geometry.headerBlocks * CacheGeometry.blockBytes + geometry.segmentBytes))
@@ -95,12 +95,12 @@ final class RecoverStepsTests: XCTestCase {
     func testAReadFailureCountsOnlyInsideTheLog() throws {
         (1...2).forEach { put(id: $0) }
         device.failingOffsets = [geometry.offset(ofSlot: 5)]
-        let walked = try RecoverCache.walkChain(device: device, cacheUUID: uuid, geometry: geometry, record: record(lastWrittenBack: 0),
+        let walked = try RecoverCache.walkChain(device: device, cacheUUID: uuid, geometry: geometry, record: record(lastRetired: 0),
                                                 trustedThroughID: 0, areas: .init(), pmem: nil)
         XCTAssertEqual(walked.chain.end, .empty(slot: 2))
         device.failingOffsets = [geometry.offset(ofSlot: 1)]
         XCTAssertThrowsError(try RecoverCache.walkChain(device: device, cacheUUID: uuid, geometry: geometry,
-                                                        record: record(lastWrittenBack: 0), trustedThroughID: 0, areas: .init(), pmem: nil))
+                                                        record: record(lastRetired: 0), trustedThroughID: 0, areas: .init(), pmem: nil))
     }
 
     /// Segments written after the one that tore are erased; an older lap's and another cache's
@@ -109,7 +109,7 @@ final class RecoverStepsTests: XCTestCase {
         (1...7).forEach { put(id: $0) }  // then a crash tore 4 while 5...7 completed
         corrupt(slot: 3)
         put(id: 8, uuid: [UInt8](repeating: 1, count: 16))
-        let chain = SegmentChain.scan(geometry: geometry, cacheUUID: uuid, lastWrittenBackSegmentID: 0) { Array(device.bytes[slotRange($0)]) }
+        let chain = SegmentChain.scan(geometry: geometry, cacheUUID: uuid, lastRetiredSegmentID: 0) { Array(device.bytes[slotRange($0)]) }
         XCTAssertEqual(chain.lastSegmentID, 3)
         let erasure = try RecoverCache.eraseStaleSegments(device: device, cacheUUID: uuid, geometry: geometry, chain: chain)
         XCTAssertEqual(erasure.slots, [3, 4, 5, 6], "the torn segment 4 and the later 5...7")
@@ -126,9 +126,9 @@ final class RecoverStepsTests: XCTestCase {
     func testRecoverIsIdempotent() throws {
         (1...6).forEach { put(id: $0) }
         corrupt(slot: 2)
-        let first = try RecoverCache.recover(device: device, header: header(), geometry: geometry, record: record(lastWrittenBack: 0))
+        let first = try RecoverCache.recover(device: device, header: header(), geometry: geometry, record: record(lastRetired: 0))
         let after = device.bytes
-        let second = try RecoverCache.recover(device: device, header: header(), geometry: geometry, record: record(lastWrittenBack: 0))
+        let second = try RecoverCache.recover(device: device, header: header(), geometry: geometry, record: record(lastRetired: 0))
         XCTAssertEqual(first.chain.segments.map(\.segmentID), [1, 2])
         XCTAssertEqual(first.chain.end, .checksumMismatch(slot: 2, expectedID: 3))
         XCTAssertEqual(first.erasedSlots, [2, 3, 4, 5])
@@ -144,7 +144,7 @@ final class RecoverStepsTests: XCTestCase {
         (1...3).forEach { put(id: $0) }
         corrupt(slot: 1)
         XCTAssertThrowsError(try RecoverCache.recover(device: device, header: header(), geometry: geometry,
-                                                      record: record(lastWrittenBack: 0, lastFlushed: 3))) { error in
+                                                      record: record(lastRetired: 0, lastFlushed: 3))) { error in
             guard case FormatError.logShorterThanRecorded(lastFlushedID: 3, foundID: 1, reason: _)? = error as? FormatError else {
                 return XCTFail("\(error)")
             }
@@ -167,7 +167,7 @@ final class RecoverStepsTests: XCTestCase {
             let pmem = PmemImage(layout: layout, bytes: raw, path: "/pmem")
             let areas = RecoverCache.PmemAreas(sealed: [2: 5], open: nil)
             for (run, written) in [(1, [UInt64(2)]), (2, [])] {
-                let walked = try RecoverCache.walkChain(device: device, cacheUUID: uuid, geometry: geometry, record: record(lastWrittenBack: 0),
+                let walked = try RecoverCache.walkChain(device: device, cacheUUID: uuid, geometry: geometry, record: record(lastRetired: 0),
                                                         trustedThroughID: 0, areas: areas, pmem: pmem)
                 XCTAssertEqual(walked.chain.segments.map(\.segmentID), [1, 2, 3, 4], "run \(run)")
                 XCTAssertEqual(walked.sealedWritten, written, "run \(run)")
@@ -181,12 +181,12 @@ final class RecoverStepsTests: XCTestCase {
     /// written. A sealed area inside the log (already on the device) changes nothing.
     func testReplayOpenAreaRefusesAGapAndIgnoresAStaleArea() throws {
         (1...3).forEach { put(id: $0) }
-        var chain = SegmentChain.scan(geometry: geometry, cacheUUID: uuid, lastWrittenBackSegmentID: 0) { Array(device.bytes[slotRange($0)]) }
+        var chain = SegmentChain.scan(geometry: geometry, cacheUUID: uuid, lastRetiredSegmentID: 0) { Array(device.bytes[slotRange($0)]) }
         let layout = PmemLayout(cacheUUID: uuid, pmemUUID: [UInt8](repeating: 3, count: 16), segmentBytes: geometry.segmentBytes)
         let file = [UInt8](repeating: 0, count: layout.fileBytes(for: geometry))
         try file.withUnsafeBytes { raw in
             let pmem = PmemImage(layout: layout, bytes: raw, path: "/pmem")
-            XCTAssertTrue(RecoverCache.readPmemAreas(pmem, geometry: geometry, lastWrittenBackSegmentID: 0).sealed.isEmpty,
+            XCTAssertTrue(RecoverCache.readPmemAreas(pmem, geometry: geometry, lastRetiredSegmentID: 0).sealed.isEmpty,
                           "a fresh pmem file has no areas in use")
             XCTAssertThrowsError(try RecoverCache.replayOpenArea(.init(sealed: [6: 0]), chain: &chain, device: device, cacheUUID: uuid,
                                                                  geometry: geometry, pmem: pmem)) { error in

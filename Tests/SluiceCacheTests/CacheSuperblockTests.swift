@@ -34,7 +34,7 @@ final class CacheSuperblockTests: XCTestCase {
         let opened = try open(survivor).get()
         XCTAssertEqual(opened, formatted)
         XCTAssertTrue(opened.record.cleanShutdown)
-        XCTAssertEqual(opened.record.lastWrittenBackSegmentID, 0)
+        XCTAssertEqual(opened.record.lastRetiredSegmentID, 0)
     }
 
     func testABackingIdentityTooLongToRecordWholeIsRefusedAtFormat() throws {

@@ -21,7 +21,7 @@ final class RecoveredCacheTests: XCTestCase {
             let sealed = Array(buffer.seal(cacheUUID: uuid, isPartial: true))
             ring[geometry.slot(ofSegment: id)].replaceSubrange(0..<sealed.count, with: sealed)
         }
-        let chain = SegmentChain.scan(geometry: geometry, cacheUUID: uuid, lastWrittenBackSegmentID: 2) { ring[$0] }
+        let chain = SegmentChain.scan(geometry: geometry, cacheUUID: uuid, lastRetiredSegmentID: 2) { ring[$0] }
         XCTAssertEqual(chain.segments.map(\.segmentID), [3, 4])
         let recovered = RecoveredCache(chain: chain, geometry: geometry)
         XCTAssertEqual(recovered.index.count, 3)
@@ -61,7 +61,7 @@ final class RecoveredCacheTests: XCTestCase {
                               data: UnsafeRawBufferPointer(rebasing: raw[headerBytes...]), geometry: geometry)
             }
         }
-        let chain = SegmentChain.scan(geometry: geometry, cacheUUID: uuid, lastWrittenBackSegmentID: 5) { ring[$0] }
+        let chain = SegmentChain.scan(geometry: geometry, cacheUUID: uuid, lastRetiredSegmentID: 5) { ring[$0] }
         XCTAssertEqual(chain.end, .ringFull)
         let recovered = RecoveredCache(chain: chain, geometry: geometry)
         XCTAssertEqual(recovered.index.count, newest.values.filter { $0 != nil }.count)
@@ -74,7 +74,7 @@ final class RecoveredCacheTests: XCTestCase {
     func testAnEmptyLogRecoversToAnEmptyCache() throws {
         let geometry = try CacheGeometry(segmentBytes: 64 * 1024, deviceBytes: 64 * 1024 * 9)
         let blank = [UInt8](repeating: 0, count: geometry.segmentBytes)
-        let chain = SegmentChain.scan(geometry: geometry, cacheUUID: [UInt8](repeating: 1, count: 16), lastWrittenBackSegmentID: 41) { _ in blank }
+        let chain = SegmentChain.scan(geometry: geometry, cacheUUID: [UInt8](repeating: 1, count: 16), lastRetiredSegmentID: 41) { _ in blank }
         let recovered = RecoveredCache(chain: chain, geometry: geometry)
         XCTAssertEqual(recovered.index.count, 0)
         XCTAssertEqual(recovered.nextSegmentID, 42)

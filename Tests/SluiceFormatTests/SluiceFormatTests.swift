@@ -55,9 +55,9 @@ final class SluiceFormatTests: XCTestCase {
     }
 
     func testRecordsAlternateAndATornSlotKeepsTheOtherOne() {
-        let first = SuperblockRecord(sequence: 1, lastWrittenBackSegmentID: 10, lastFlushedSegmentID: 20, cleanShutdown: false)
-        let second = SuperblockRecord(sequence: 2, lastWrittenBackSegmentID: 15, lastFlushedSegmentID: 25, cleanShutdown: true)
-        XCTAssertNotEqual(first.slotOffset, second.slotOffset)
+        let first = SuperblockRecord(sequence: 1, lastRetiredSegmentID: 10, lastFlushedSegmentID: 20, cleanShutdown: false)
+        let second = SuperblockRecord(sequence: 2, lastRetiredSegmentID: 15, lastFlushedSegmentID: 25, cleanShutdown: true)
+        XCTAssertNotEqual(first.blockOffset, second.blockOffset)
         let a = first.encoded()
         var b = second.encoded()
         let current = a.withUnsafeBytes { slotA in b.withUnsafeBytes { SuperblockRecord.current(slotA: slotA, slotB: $0) } }

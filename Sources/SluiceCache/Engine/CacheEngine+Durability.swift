@@ -226,9 +226,9 @@ extension CacheEngine {
         guard records.isIdle, let request = records.pending else { return }
         records.pending = nil
         let record = records.next(for: request, syncedThroughID: ring.syncedThroughID)
-        precondition(record.lastWrittenBackSegmentID <= ring.reclaimedThroughID, "a record retires segments that were not reclaimed")
+        precondition(record.lastRetiredSegmentID <= ring.reclaimedThroughID, "a record retires segments that were not reclaimed")
         records.started(record)
-        cacheDevice.write(offset: record.slotOffset, bytes: record.encoded()) { written in
+        cacheDevice.write(offset: record.blockOffset, bytes: record.encoded()) { written in
             if case .failure(let error) = written { return self.recordFinished(request, .failure(error)) }
             self.whenNextSyncCompletes { synced in self.recordFinished(request, synced) }
         }
@@ -242,7 +242,7 @@ extension CacheEngine {
         if !succeeded { counters.recordWriteErrors += 1 }
         if succeeded {
             lastRecordNs = clock.nowNs
-            let retired = records.current.lastWrittenBackSegmentID
+            let retired = records.current.lastRetiredSegmentID
             if retired > ring.retiredThroughID { retire(through: retired) }
         }
         for completion in request.completions { completion(result) }

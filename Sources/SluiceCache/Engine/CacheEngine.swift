@@ -105,7 +105,7 @@ public final class CacheEngine {
         self.clock = clock
         self.index = recovered.index
         precondition(recovered.index.positionsPerSlot == opened.geometry.dataBlocksPerSegment, "the index counts per ring slot")
-        ring = SegmentRing(segmentCount: opened.geometry.segmentCount, retiredThroughID: opened.record.lastWrittenBackSegmentID,
+        ring = SegmentRing(segmentCount: opened.geometry.segmentCount, retiredThroughID: opened.record.lastRetiredSegmentID,
                            nextSegmentID: recovered.nextSegmentID, nowNs: clock.nowNs)
         records = RecordWriter(current: opened.record)
         switch placement {

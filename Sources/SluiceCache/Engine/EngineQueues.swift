@@ -186,8 +186,8 @@ struct RecordWriter {
 
     /// The record the next write carries.
     func next(for request: Request, syncedThroughID: UInt64) -> SuperblockRecord {
-        let retired = max(request.retireThroughID ?? current.lastWrittenBackSegmentID, current.lastWrittenBackSegmentID)
-        return SuperblockRecord(sequence: current.sequence + 1, lastWrittenBackSegmentID: retired,
+        let retired = max(request.retireThroughID ?? current.lastRetiredSegmentID, current.lastRetiredSegmentID)
+        return SuperblockRecord(sequence: current.sequence + 1, lastRetiredSegmentID: retired,
                                 lastFlushedSegmentID: max(syncedThroughID, retired), cleanShutdown: request.cleanShutdown)
     }
 

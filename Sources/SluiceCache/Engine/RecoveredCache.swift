@@ -49,7 +49,7 @@ public struct RecoveredCache {
     /// index's positions in order.
     static func checkReplay(_ index: CacheIndex, chain: SegmentChain, geometry: CacheGeometry) {
         let perSegment = geometry.dataBlocksPerSegment
-        let firstSlot = geometry.slot(ofSegment: chain.lastWrittenBackSegmentID + 1)
+        let firstSlot = geometry.slot(ofSegment: chain.lastRetiredSegmentID + 1)
         // A position's place in the log, oldest first (positions outside the chain sort after it).
         func order(_ position: CacheIndex.Position) -> Int {
             let slot = Int(position) / perSegment
