@@ -87,7 +87,9 @@ struct WritebackBatcher {
             trigger = .ringTail
             selection = .oldest(openedBeforeNs: nil)
         } else if tunables.maxAgeSeconds > 0, let oldest = situation.oldestDirtyOpenedAtNs,
-                  situation.nowNs &- oldest >= UInt64(tunables.maxAgeSeconds) * 1_000_000_000 {
+                  oldest < situation.nowNs, situation.nowNs - oldest > UInt64(tunables.maxAgeSeconds) * 1_000_000_000 {
+            // Opened longer ago than max_age (strictly, as the selection takes segments opened
+            // strictly before `openedBeforeNs`: the one that triggered is always among them).
             trigger = .maxAge
             selection = .oldest(openedBeforeNs: situation.nowNs - UInt64(tunables.maxAgeSeconds) * 1_000_000_000)
         } else if situation.dirtyBlocks * 100 > situation.cacheBlocks * tunables.dirtyTargetPercent {
