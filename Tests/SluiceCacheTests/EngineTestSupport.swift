@@ -153,9 +153,49 @@ func describe(_ tag: UInt32?) -> String {
 /// precondition failure fails this one test instead of ending the whole test run. In the child,
 /// `body` runs directly.
 func runInChildProcess(_ test: String, file: StaticString = #filePath, line: UInt = #line, _ body: () throws -> Void) throws {
+    guard let child = try childProcessRun(test, body) else { return }
+    let interesting = child.output.split(separator: "\n").filter {
+        $0.contains("error:") || $0.contains("Fatal error") || $0.contains("Precondition failed") || $0.contains("precondition")
+            || $0.contains("Index out of range")
+    }
+    if child.crashed {
+        XCTFail("the engine crashed the process (signal \(child.status)) in \(test):\n"
+                + interesting.prefix(6).joined(separator: "\n"), file: file, line: line)
+    } else if child.status != 0 {
+        XCTFail("\(test) failed in its child process:\n" + interesting.prefix(10).joined(separator: "\n"), file: file, line: line)
+    }
+}
+
+/// Runs `body` in a child process and passes only if the child dies of a precondition failure
+/// whose message contains `message`: the part refuses the illegal event it describes (and not
+/// for some other reason, which would say nothing). A body that returns fails the test.
+func assertRefused(_ test: String, message: String, file: StaticString = #filePath, line: UInt = #line,
+                   _ body: () throws -> Void) throws {
+    guard let child = try childProcessRun(test, body) else { return }
+    guard child.crashed else {
+        return XCTFail("\(test): the illegal event was accepted (the child ended with status \(child.status))", file: file, line: line)
+    }
+    let failure = child.output.split(separator: "\n").first { $0.contains("Precondition failed") || $0.contains("Fatal error") }
+    XCTAssertTrue(failure?.contains(message) ?? false,
+                  "\(test): expected a precondition failure saying \"\(message)\", got: \(failure.map(String.init) ?? child.output.suffix(400).description)",
+                  file: file, line: line)
+}
+
+extension XCTestCase {
+    /// The name `runInChildProcess` and `assertRefused` run a test method of this class by.
+    func childTestName(_ function: String = #function) -> String {
+        let method = function.hasSuffix("()") ? String(function.dropLast(2)) : function
+        return "SluiceCacheTests.\(String(describing: type(of: self)))/\(method)"
+    }
+}
+
+/// In the child (the environment names `test`), runs `body` and returns nil; in the parent, runs
+/// `test` in a child process and returns how it ended and what it printed.
+private func childProcessRun(_ test: String, _ body: () throws -> Void) throws -> (crashed: Bool, status: Int32, output: String)? {
     let marker = "SLUICE_TEST_CHILD"
     if ProcessInfo.processInfo.environment[marker] == test {
-        return try body()
+        try body()
+        return nil
     }
     let process = Process()
     process.executableURL = URL(fileURLWithPath: CommandLine.arguments[0])
@@ -170,17 +210,7 @@ func runInChildProcess(_ test: String, file: StaticString = #filePath, line: UIn
     try process.run()
     let data = output.fileHandleForReading.readDataToEndOfFile()
     process.waitUntilExit()
-    let text = String(decoding: data, as: UTF8.self)
-    let interesting = text.split(separator: "\n").filter {
-        $0.contains("error:") || $0.contains("Fatal error") || $0.contains("Precondition failed") || $0.contains("precondition")
-            || $0.contains("Index out of range")
-    }
-    if process.terminationReason == .uncaughtSignal {
-        XCTFail("the engine crashed the process (signal \(process.terminationStatus)) in \(test):\n"
-                + interesting.prefix(6).joined(separator: "\n"), file: file, line: line)
-    } else if process.terminationStatus != 0 {
-        XCTFail("\(test) failed in its child process:\n" + interesting.prefix(10).joined(separator: "\n"), file: file, line: line)
-    }
+    return (process.terminationReason == .uncaughtSignal, process.terminationStatus, String(decoding: data, as: UTF8.self))
 }
 
 extension CacheCounters {

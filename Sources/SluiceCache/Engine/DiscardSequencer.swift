@@ -56,7 +56,8 @@ struct DiscardSequencer {
 
     /// Every marker of discard `id` is placed.
     mutating func markersPlaced(_ id: UInt64) {
-        precondition(rangesInFlight[id] == passedDownRange, "markers placed for a discard that is not the passed-down one")
+        precondition(passedDownRange != nil && rangesInFlight[id] == passedDownRange,
+                     "markers placed for a discard that is not the passed-down one")
         rangesInFlight[id] = nil
         passedDownRange = nil
     }

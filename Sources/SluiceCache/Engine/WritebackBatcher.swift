@@ -87,7 +87,9 @@ struct WritebackBatcher {
             trigger = .ringTail
             selection = .oldest(openedBeforeNs: nil)
         } else if tunables.maxAgeSeconds > 0, let oldest = situation.oldestDirtyOpenedAtNs,
-                  situation.nowNs &- oldest >= UInt64(tunables.maxAgeSeconds) * 1_000_000_000 {
+                  oldest < situation.nowNs, situation.nowNs - oldest > UInt64(tunables.maxAgeSeconds) * 1_000_000_000 {
+            // Opened longer ago than max_age (strictly, as the selection takes segments opened
+            // strictly before `openedBeforeNs`: the one that triggered is always among them).
             trigger = .maxAge
             selection = .oldest(openedBeforeNs: situation.nowNs - UInt64(tunables.maxAgeSeconds) * 1_000_000_000)
         } else if situation.dirtyBlocks * 100 > situation.cacheBlocks * tunables.dirtyTargetPercent {
@@ -112,19 +114,28 @@ struct WritebackBatcher {
     }
 
     /// A batch of `blocks` took `durationNs` from its first backing write to its sync: the next
-    /// batch takes what the store managed per second times the target, at most twice as many
-    /// blocks as this one and at least half.
+    /// batch takes what the store managed per second times the target: after a full batch, at most
+    /// twice as many blocks as this one and at least half; after a short one, no more than before
+    /// and at least half as many as this one.
     mutating func finished(blocks: Int, durationNs: UInt64, nowNs: UInt64) {
         if lastTrigger == .backingIdle {
             opportunisticNotBeforeNs = nowNs + durationNs * (100 - Self.opportunisticDutyPercent) / Self.opportunisticDutyPercent
         }
         guard blocks > 0 else { return }
         let perTarget = Double(blocks) * Double(Self.batchTargetNs) / Double(max(durationNs, 1_000_000))
-        let bounded = min(Double(blocks) * 2, max(Double(blocks) / 2, perTarget))
-        // Only a batch that was full says the store could have done more.
-        if blocks >= batchBlocks || bounded < Double(batchBlocks) {
-            batchBlocks = min(Self.batchBlocksMax, max(Self.batchBlocksMin, Int(bounded)))
+        let next: Double
+        if blocks >= batchBlocks {
+            next = min(Double(blocks) * 2, max(Double(blocks) / 2, perTarget))
+        } else if perTarget < Double(batchBlocks) {
+            // Only a batch that was full says the store could have done more. A short one (the
+            // dirty set, or the tail's oldest blocks, had fewer) can only say it did less: the size
+            // goes down to what the store managed, if that is less. Twice the short batch is no
+            // measure of the store: a fast ring-tail batch of 40 blocks would cut the size to 80.
+            next = max(Double(blocks) / 2, perTarget)
+        } else {
+            return
         }
+        batchBlocks = min(Self.batchBlocksMax, max(Self.batchBlocksMin, Int(next)))
     }
 
     mutating func failed(nowNs: UInt64) {
