@@ -120,7 +120,7 @@ final class EngineQueuesTests: XCTestCase {
     // MARK: RecordWriter
 
     private func record(sequence: UInt64, retired: UInt64, flushed: UInt64) -> SuperblockRecord {
-        SuperblockRecord(sequence: sequence, lastWrittenBackSegmentID: retired, lastFlushedSegmentID: flushed, cleanShutdown: false)
+        SuperblockRecord(sequence: sequence, lastRetiredSegmentID: retired, lastFlushedSegmentID: flushed, cleanShutdown: false)
     }
 
     private func request(retire: UInt64?, clean: Bool = false, tag: Int = 0, into log: Log? = nil) -> RecordWriter.Request {
@@ -135,11 +135,11 @@ final class EngineQueuesTests: XCTestCase {
     func testTheNextRecordNeverRetiresBackwards() {
         let writer = RecordWriter(current: record(sequence: 5, retired: 10, flushed: 12))
         let keep = writer.next(for: request(retire: nil), syncedThroughID: 15)
-        XCTAssertEqual(keep, SuperblockRecord(sequence: 6, lastWrittenBackSegmentID: 10, lastFlushedSegmentID: 15, cleanShutdown: false))
-        XCTAssertNotEqual(keep.slotOffset, writer.current.slotOffset)
-        XCTAssertEqual(writer.next(for: request(retire: 8), syncedThroughID: 15).lastWrittenBackSegmentID, 10, "retiring backwards")
+        XCTAssertEqual(keep, SuperblockRecord(sequence: 6, lastRetiredSegmentID: 10, lastFlushedSegmentID: 15, cleanShutdown: false))
+        XCTAssertNotEqual(keep.blockOffset, writer.current.blockOffset)
+        XCTAssertEqual(writer.next(for: request(retire: 8), syncedThroughID: 15).lastRetiredSegmentID, 10, "retiring backwards")
         let ahead = writer.next(for: request(retire: 20, clean: true), syncedThroughID: 15)
-        XCTAssertEqual(ahead, SuperblockRecord(sequence: 6, lastWrittenBackSegmentID: 20, lastFlushedSegmentID: 20, cleanShutdown: true))
+        XCTAssertEqual(ahead, SuperblockRecord(sequence: 6, lastRetiredSegmentID: 20, lastFlushedSegmentID: 20, cleanShutdown: true))
     }
 
     /// Only a durable write becomes the current record; after a failed one the next record takes
@@ -192,10 +192,10 @@ final class EngineQueuesTests: XCTestCase {
                 let next = writer.next(for: pending, syncedThroughID: synced)
                 let context = "seed \(seed) step \(step)"
                 XCTAssertEqual(next.sequence, before.sequence + 1, context)
-                XCTAssertNotEqual(next.slotOffset, before.slotOffset, context)
-                XCTAssertGreaterThanOrEqual(next.lastWrittenBackSegmentID, before.lastWrittenBackSegmentID, context)
-                XCTAssertEqual(next.lastWrittenBackSegmentID, max(before.lastWrittenBackSegmentID, pending.retireThroughID ?? 0), context)
-                XCTAssertGreaterThanOrEqual(next.lastFlushedSegmentID, next.lastWrittenBackSegmentID, context)
+                XCTAssertNotEqual(next.blockOffset, before.blockOffset, context)
+                XCTAssertGreaterThanOrEqual(next.lastRetiredSegmentID, before.lastRetiredSegmentID, context)
+                XCTAssertEqual(next.lastRetiredSegmentID, max(before.lastRetiredSegmentID, pending.retireThroughID ?? 0), context)
+                XCTAssertGreaterThanOrEqual(next.lastFlushedSegmentID, next.lastRetiredSegmentID, context)
                 writer.started(next)
                 writer.finished(durable: random.chance(80))
                 XCTAssertTrue(writer.current == before || writer.current == next, context)
