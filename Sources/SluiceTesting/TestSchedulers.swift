@@ -1,6 +1,43 @@
 import NIOCore
 import SluiceCache
 
+// MARK: - One wrapper for every test medium
+
+/// A simulated medium whose every operation passes through `interpose` first: the one place the
+/// test media below decide when an operation takes effect (later, in a shuffled order; when a
+/// test releases it; never, after a power cut).
+open class InterposedMedium: BlockMedium {
+    public enum Kind: Equatable { case read, write, discard, sync }
+    public let inner: SimulatedMedium
+
+    public init(_ inner: SimulatedMedium) {
+        self.inner = inner
+    }
+
+    public var sizeBytes: UInt64 { inner.sizeBytes }
+
+    /// Performs the operation (`perform`) now, later or never. The default performs it now.
+    open func interpose(_ kind: Kind, offset: UInt64, count: Int, _ perform: @escaping () -> Void) {
+        perform()
+    }
+
+    public func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void) {
+        interpose(.read, offset: offset, count: count) { self.inner.read(offset: offset, count: count, completion: completion) }
+    }
+
+    public func write(offset: UInt64, bytes: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        interpose(.write, offset: offset, count: bytes.readableBytes) { self.inner.write(offset: offset, bytes: bytes, completion: completion) }
+    }
+
+    public func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
+        interpose(.discard, offset: offset, count: count) { self.inner.discard(offset: offset, count: count, zeroes: zeroes, completion: completion) }
+    }
+
+    public func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
+        interpose(.sync, offset: 0, count: 0) { self.inner.synchronize(completion: completion) }
+    }
+}
+
 // MARK: - Media whose completions come later, in a seeded random order
 
 /// Holds the operations of both media of an engine and performs them one at a time, in a seeded
@@ -44,30 +81,15 @@ public final class ShuffledScheduler {
     }
 }
 
-public final class DeferredMedium: BlockMedium {
-    public let inner: SimulatedMedium
+public final class DeferredMedium: InterposedMedium {
     public let scheduler: ShuffledScheduler
     public init(_ inner: SimulatedMedium, _ scheduler: ShuffledScheduler) {
-        self.inner = inner
         self.scheduler = scheduler
+        super.init(inner)
     }
 
-    public var sizeBytes: UInt64 { inner.sizeBytes }
-
-    public func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void) {
-        scheduler.enqueue { self.inner.read(offset: offset, count: count, completion: completion) }
-    }
-
-    public func write(offset: UInt64, bytes: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        scheduler.enqueue { self.inner.write(offset: offset, bytes: bytes, completion: completion) }
-    }
-
-    public func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        scheduler.enqueue { self.inner.discard(offset: offset, count: count, zeroes: zeroes, completion: completion) }
-    }
-
-    public func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
-        scheduler.enqueue { self.inner.synchronize(completion: completion) }
+    override public func interpose(_ kind: Kind, offset: UInt64, count: Int, _ perform: @escaping () -> Void) {
+        scheduler.enqueue(perform)
     }
 }
 
@@ -75,8 +97,7 @@ public final class DeferredMedium: BlockMedium {
 
 /// Passes operations straight through unless a hold matches them; held operations take effect
 /// only when released. Use only on the harness's loop.
-public final class ControlledMedium: BlockMedium {
-    public enum Kind: Equatable { case read, write, discard, sync }
+public final class ControlledMedium: InterposedMedium {
     public struct Held {
         public var kind: Kind
         public var offset: UInt64
@@ -90,7 +111,6 @@ public final class ControlledMedium: BlockMedium {
         public init() {}
     }
 
-    public let inner: SimulatedMedium
     public let isCache: Bool
     public let journal: Journal
     /// Operations for which this returns true are held.
@@ -100,14 +120,12 @@ public final class ControlledMedium: BlockMedium {
     public private(set) var log: [(kind: Kind, offset: UInt64, count: Int)] = []
 
     public init(_ inner: SimulatedMedium, isCache: Bool, journal: Journal) {
-        self.inner = inner
         self.isCache = isCache
         self.journal = journal
+        super.init(inner)
     }
 
-    public var sizeBytes: UInt64 { inner.sizeBytes }
-
-    private func run(_ kind: Kind, _ offset: UInt64, _ count: Int, _ perform: @escaping () -> Void) {
+    override public func interpose(_ kind: Kind, offset: UInt64, count: Int, _ perform: @escaping () -> Void) {
         log.append((kind, offset, count))
         if let hold, hold(kind, offset, count) {
             held.append(Held(kind: kind, offset: offset, count: count, perform: { [journal, isCache] in
@@ -128,22 +146,6 @@ public final class ControlledMedium: BlockMedium {
 
     public func releaseAll() {
         while !held.isEmpty { release(0) }
-    }
-
-    public func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void) {
-        run(.read, offset, count) { self.inner.read(offset: offset, count: count, completion: completion) }
-    }
-
-    public func write(offset: UInt64, bytes: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        run(.write, offset, bytes.readableBytes) { self.inner.write(offset: offset, bytes: bytes, completion: completion) }
-    }
-
-    public func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        run(.discard, offset, count) { self.inner.discard(offset: offset, count: count, zeroes: zeroes, completion: completion) }
-    }
-
-    public func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
-        run(.sync, 0, 0) { self.inner.synchronize(completion: completion) }
     }
 
     public static func wrapper() -> (SimulatedMedium, SimulatedMedium, any EventLoop) -> (any BlockMedium, any BlockMedium) {
@@ -194,33 +196,15 @@ public final class PowerCut {
     }
 }
 
-public final class CuttingMedium: BlockMedium {
-    public let inner: SimulatedMedium
+public final class CuttingMedium: InterposedMedium {
     public let cut: PowerCut
     public init(_ inner: SimulatedMedium, _ cut: PowerCut) {
-        self.inner = inner
         self.cut = cut
+        super.init(inner)
     }
 
-    public var sizeBytes: UInt64 { inner.sizeBytes }
-
-    public func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void) {
+    override public func interpose(_ kind: Kind, offset: UInt64, count: Int, _ perform: @escaping () -> Void) {
         guard cut.count() else { return }
-        inner.read(offset: offset, count: count, completion: completion)
-    }
-
-    public func write(offset: UInt64, bytes: ByteBuffer, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        guard cut.count() else { return }
-        inner.write(offset: offset, bytes: bytes, completion: completion)
-    }
-
-    public func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        guard cut.count() else { return }
-        inner.discard(offset: offset, count: count, zeroes: zeroes, completion: completion)
-    }
-
-    public func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
-        guard cut.count() else { return }
-        inner.synchronize(completion: completion)
+        perform()
     }
 }

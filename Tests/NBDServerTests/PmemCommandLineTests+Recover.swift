@@ -279,4 +279,40 @@ extension PmemCommandLineTests {
         try verify(socket: socket, image: image, "after the refused format and a kill -9")
         stop(restarted)
     }
+    /// A cache whose cleaner has relocated live blocks (copies forward in the log, the older copies
+    /// superseded but still on the device) and is then killed with -9: `check` finds it dirty but
+    /// consistent, `dump` shows the log, and `drain` leaves the backing file equal to every write,
+    /// so recovery and the offline tool take the relocated copy, never the stale one it replaced.
+    func testOfflineToolsAfterRelocationsAndKillNine() throws {
+        let volumeBytes = 16 << 20
+        let backing = try file("relocated-backing.img", sizeBytes: volumeBytes)
+        let cache = try file("relocated-cache.img", sizeBytes: 16 << 20)
+        let image = try file("relocated-expected.img", sizeBytes: volumeBytes)
+        let socket = directory + "/relocated.sock"
+        let pmem = pmemPath("relocated")
+        try succeed(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K", "--pmem", pmem])
+        // No writeback but what the cleaner asks for: the ring fills with live dirty blocks and
+        // the cleaner must relocate them to keep space.
+        let server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket,
+                               extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
+        try write(socket: socket, image: image, seed: 31, count: 9000, kind: "mixed")
+        let state = try status(socket: socket)
+        XCTAssertGreaterThan(state["relocated_blocks"] as? Int ?? 0, 0, "the cleaner relocated blocks: \(state)")
+        stop(server, signal: SIGKILL)
+
+        let checked = try recoverTool(["check", "--cache", cache, "--pmem", pmem])
+        XCTAssertEqual(checked.status, 1, "\(checked.output) \(checked.errors)")
+        XCTAssertTrue(checked.output.contains("dirty but consistent"), checked.output)
+        let dump = try recoverTool(["dump", "--cache", cache, "--pmem", pmem, "--json"])
+        XCTAssertEqual(dump.status, 0, dump.errors)
+        let parsed = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(dump.output.utf8)) as? [String: Any])
+        XCTAssertEqual(parsed["verdict"] as? String, "dirty but consistent")
+        XCTAssertGreaterThan((parsed["segments"] as? [Any])?.count ?? 0, 100, "the log fills most of the ring")
+
+        let drained = try recoverTool(["drain", "--cache", cache, "--backing", backing, "--pmem", pmem])
+        XCTAssertEqual(drained.status, 0, drained.errors)
+        XCTAssertTrue(sameBytes([UInt8](try bytes(backing)), [UInt8](try bytes(image))),
+                      "after the offline drain the backing file holds every write, relocated ones included")
+        XCTAssertEqual(try recoverTool(["check", "--cache", cache, "--pmem", pmem]).status, 0)
+    }
 }

@@ -20,82 +20,63 @@ extension CacheEngine {
         reply.writeWithUnsafeMutableBytes(minimumWritableBytes: lengthBytes) { _ in lengthBytes }
         counters.userBytesRead += UInt64(lengthBytes)
 
-        var fetches: [ReadFetch] = []
-        var backingRun: ReadFetch?
-        var deviceRun: ReadFetch?
-        var deviceRunNextPosition: CacheIndex.Position = 0
-
+        var plan = ReadPlan()
         for piece in BlockSplit(offset: offset, lengthBytes: UInt64(lengthBytes)) {
-            let firstSector = piece.sectorMask.trailingZeroBitCount
-            // Request offset of sector 0 of this block (may lie before the request for its first block).
-            let blockRequestOffset = piece.requestOffset - firstSector * CacheGeometry.sectorBytes
-            var backingMask = piece.sectorMask
-            if let entry = index.lookup(piece.blockNumber) {
-                let position = entry.position
-                let covered = entry.sectorMask & piece.sectorMask
-                backingMask = piece.sectorMask & ~entry.sectorMask
-                let cacheSlot = self.slot(of: position)
-                let dataIndex = self.dataIndex(of: position)
-                let memory = ring.segmentID(inSlot: cacheSlot).flatMap { buffers.inMemory(slot: cacheSlot, segmentID: $0) }
-                counters.count(write: false, hit: true, inBuffer: memory != nil, fullBlock: piece.sectorMask == 0xFF)
-                if covered != 0 {
-                    if let memory {
-                        memory.withBlock(at: dataIndex) { block in
-                            forEachSectorRun(covered) { sector, count in
-                                reply.setBytes(UnsafeRawBufferPointer(rebasing: block[(sector * 512)..<((sector + count) * 512)]),
-                                               at: base + blockRequestOffset + sector * 512)
-                            }
-                        }
-                    } else {
-                        // Coalesce with the previous block when it is the next position on the device.
-                        if deviceRun == nil || deviceRunNextPosition != position || deviceRun!.slot != cacheSlot {
-                            if let run = deviceRun { fetches.append(run) }
-                            deviceRun = ReadFetch(fromBacking: false, mediumOffset: geometry.offset(ofDataBlock: dataIndex, inSlot: cacheSlot),
-                                                  count: 0, slot: cacheSlot)
-                        }
-                        let fetchOffset = deviceRun!.count
-                        deviceRun!.count += CacheGeometry.blockBytes
-                        forEachSectorRun(covered) { sector, count in
-                            deviceRun!.addSpan(source: fetchOffset + sector * 512, target: blockRequestOffset + sector * 512, length: count * 512)
-                        }
-                        deviceRunNextPosition = position + 1
+            planBlock(piece, into: &plan, reply: &reply, base: base)
+        }
+        let fetches = plan.finished()
+        guard !fetches.isEmpty else { return completion(.data(reply)) }
+        submitFetches(fetches, assembly: ReadAssembly(reply: reply, base: base, outstanding: fetches.count, completion: completion))
+    }
+
+    /// Serves one block of a read: sectors cached in memory are copied into the reply now, sectors
+    /// on the cache device or the backing store join the plan's fetches, and sectors whose trim is
+    /// being passed down read as zeros.
+    private func planBlock(_ piece: BlockSplit.Piece, into plan: inout ReadPlan, reply: inout ByteBuffer, base: Int) {
+        let firstSector = piece.sectorMask.trailingZeroBitCount
+        // Request offset of sector 0 of this block (may lie before the request for its first block).
+        let blockRequestOffset = piece.requestOffset - firstSector * CacheGeometry.sectorBytes
+        var backingMask = piece.sectorMask
+        if let entry = index.lookup(piece.blockNumber) {
+            let covered = entry.sectorMask & piece.sectorMask
+            backingMask = piece.sectorMask & ~entry.sectorMask
+            let cacheSlot = slot(of: entry.position)
+            let dataIndex = self.dataIndex(of: entry.position)
+            let memory = ring.segmentID(inSlot: cacheSlot).flatMap { buffers.inMemory(slot: cacheSlot, segmentID: $0) }
+            counters.count(write: false, hit: true, inBuffer: memory != nil, fullBlock: piece.sectorMask == 0xFF)
+            if covered != 0, let memory {
+                memory.withBlock(at: dataIndex) { block in
+                    forEachSectorRun(covered) { sector, count in
+                        reply.setBytes(UnsafeRawBufferPointer(rebasing: block[(sector * 512)..<((sector + count) * 512)]),
+                                       at: base + blockRequestOffset + sector * 512)
                     }
                 }
-            } else {
-                counters.count(write: false, hit: false, inBuffer: false, fullBlock: piece.sectorMask == 0xFF)
+            } else if covered != 0 {
+                plan.addDeviceBlock(position: entry.position, slot: cacheSlot,
+                                    mediumOffset: geometry.offset(ofDataBlock: dataIndex, inSlot: cacheSlot),
+                                    sectors: covered, blockRequestOffset: blockRequestOffset)
             }
-            if backingMask != 0, discards.isBeingDiscarded(piece.blockNumber) {
-                // A trim or write-zeroes of this block is being passed down: zeros, not the
-                // backing store's old data.
-                forEachSectorRun(backingMask) { sector, count in
-                    reply.setRepeatingByte(0, count: count * 512, at: base + blockRequestOffset + sector * 512)
-                }
-                backingMask = 0
-            }
-            if backingMask != 0 {
-                let blockOffset = piece.blockNumber * UInt64(CacheGeometry.blockBytes)
-                if let run = backingRun, run.mediumOffset + UInt64(run.count) != blockOffset {
-                    fetches.append(run)
-                    backingRun = nil
-                }
-                if backingRun == nil {
-                    backingRun = ReadFetch(fromBacking: true, mediumOffset: blockOffset, count: 0, slot: -1)
-                }
-                let fetchOffset = backingRun!.count
-                backingRun!.count += CacheGeometry.blockBytes
-                forEachSectorRun(backingMask) { sector, count in
-                    backingRun!.addSpan(source: fetchOffset + sector * 512, target: blockRequestOffset + sector * 512, length: count * 512)
-                }
-            } else if let run = backingRun {
-                fetches.append(run)
-                backingRun = nil
-            }
+        } else {
+            counters.count(write: false, hit: false, inBuffer: false, fullBlock: piece.sectorMask == 0xFF)
         }
-        if let run = deviceRun { fetches.append(run) }
-        if let run = backingRun { fetches.append(run) }
-        guard !fetches.isEmpty else { return completion(.data(reply)) }
+        if backingMask != 0, discards.isBeingDiscarded(piece.blockNumber) {
+            // A trim or write-zeroes of this block is being passed down: zeros, not the
+            // backing store's old data.
+            forEachSectorRun(backingMask) { sector, count in
+                reply.setRepeatingByte(0, count: count * 512, at: base + blockRequestOffset + sector * 512)
+            }
+            backingMask = 0
+        }
+        if backingMask != 0 {
+            plan.addBackingBlock(mediumOffset: piece.blockNumber * UInt64(CacheGeometry.blockBytes),
+                                 sectors: backingMask, blockRequestOffset: blockRequestOffset)
+        } else {
+            plan.endBackingRun()
+        }
+    }
 
-        let assembly = ReadAssembly(reply: reply, base: base, outstanding: fetches.count, completion: completion)
+    /// Submits a read's fetches; the assembly replies once the last has arrived.
+    private func submitFetches(_ fetches: [ReadFetch], assembly: ReadAssembly) {
         for fetch in fetches {
             // Backing reads cover whole blocks; the last one may pass the end of a volume whose size
             // is not a multiple of 4 KiB.
@@ -120,6 +101,47 @@ extension CacheEngine {
     }
 }
 
+/// The fetches of one client read, built block by block: blocks at consecutive positions of one
+/// ring slot on the cache device, and consecutive blocks of the backing store, each share one fetch.
+struct ReadPlan {
+    private var fetches: [ReadFetch] = []
+    private var backingRun: ReadFetch?
+    private var deviceRun: ReadFetch?
+    private var deviceRunNextPosition: CacheIndex.Position = 0
+
+    mutating func addDeviceBlock(position: CacheIndex.Position, slot: Int, mediumOffset: UInt64, sectors: UInt8, blockRequestOffset: Int) {
+        if deviceRun == nil || deviceRunNextPosition != position || deviceRun!.slot != slot {
+            if let run = deviceRun { fetches.append(run) }
+            deviceRun = ReadFetch(fromBacking: false, mediumOffset: mediumOffset, count: 0, slot: slot)
+        }
+        deviceRun!.addBlock(sectors: sectors, blockRequestOffset: blockRequestOffset)
+        deviceRunNextPosition = position + 1
+    }
+
+    mutating func addBackingBlock(mediumOffset: UInt64, sectors: UInt8, blockRequestOffset: Int) {
+        if let run = backingRun, run.mediumOffset + UInt64(run.count) != mediumOffset {
+            endBackingRun()
+        }
+        if backingRun == nil {
+            backingRun = ReadFetch(fromBacking: true, mediumOffset: mediumOffset, count: 0, slot: -1)
+        }
+        backingRun!.addBlock(sectors: sectors, blockRequestOffset: blockRequestOffset)
+    }
+
+    /// A block that needs nothing from the backing store ends its run there.
+    mutating func endBackingRun() {
+        if let run = backingRun { fetches.append(run) }
+        backingRun = nil
+    }
+
+    mutating func finished() -> [ReadFetch] {
+        if let run = deviceRun { fetches.append(run) }
+        endBackingRun()
+        deviceRun = nil
+        return fetches
+    }
+}
+
 /// One read from a medium for a client read, and where its bytes go in the reply.
 struct ReadFetch {
     var fromBacking: Bool
@@ -128,6 +150,15 @@ struct ReadFetch {
     var slot: Int
     /// (offset in the fetched bytes, offset in the request, length), merged when contiguous.
     var spans: [(source: Int, target: Int, length: Int)] = []
+
+    /// Appends one whole block to the fetch; `sectors` of it go into the reply.
+    mutating func addBlock(sectors: UInt8, blockRequestOffset: Int) {
+        let fetchOffset = count
+        count += CacheGeometry.blockBytes
+        forEachSectorRun(sectors) { sector, sectorCount in
+            addSpan(source: fetchOffset + sector * 512, target: blockRequestOffset + sector * 512, length: sectorCount * 512)
+        }
+    }
 
     mutating func addSpan(source: Int, target: Int, length: Int) {
         if let last = spans.last, last.source + last.length == source, last.target + last.length == target {
