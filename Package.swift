@@ -160,7 +160,7 @@ let package = Package(
         // media operations, and a clock the tests drive. Only test targets link it.
         .target(
             name: "SluiceTesting",
-            dependencies: ["SluiceCache", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: ["SluiceCache", "SluiceVolume", .product(name: "NIOCore", package: "swift-nio")]
         ),
 
         .testTarget(

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import SluiceCache
+import SluiceVolume
 
 /// An in-memory medium for tests that behaves like a disk with a volatile write cache.
 ///
@@ -105,6 +106,26 @@ public final class SimulatedMedium: BlockMedium {
         unsynced.append((range.lowerBound, zeros))
         discardCount += 1
         completion(.success(()))
+    }
+
+    /// Sectors that read as zeros are reported as zero (not holes: the medium allocates nothing),
+    /// the rest as data.
+    public func allocation(offset: UInt64, lengthBytes: UInt32, maximumExtents: Int, completion: @escaping ([BlockStatusExtent]) -> Void) {
+        var extents: [BlockStatusExtent] = []
+        var sector = Int(offset)
+        let end = Int(offset) + Int(lengthBytes)
+        while sector < end {
+            let flags: BlockStatusFlags = visible[sector..<(sector + 512)].allSatisfy { $0 == 0 } ? .zero : []
+            if let last = extents.last, last.flags == flags {
+                extents[extents.count - 1].lengthBytes += 512
+            } else if extents.count == maximumExtents {
+                break
+            } else {
+                extents.append(BlockStatusExtent(lengthBytes: 512, flags: flags))
+            }
+            sector += 512
+        }
+        completion(extents)
     }
 
     public func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {

@@ -1,5 +1,6 @@
 import NIOCore
 import SluiceCache
+import SluiceVolume
 
 // MARK: - One wrapper for every test medium
 
@@ -35,6 +36,10 @@ open class InterposedMedium: BlockMedium {
 
     public func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
         interpose(.sync, offset: 0, count: 0) { self.inner.synchronize(completion: completion) }
+    }
+
+    public func allocation(offset: UInt64, lengthBytes: UInt32, maximumExtents: Int, completion: @escaping ([BlockStatusExtent]) -> Void) {
+        inner.allocation(offset: offset, lengthBytes: lengthBytes, maximumExtents: maximumExtents, completion: completion)
     }
 }
 

@@ -207,6 +207,28 @@ final class CacheCommandLineTests: XCTestCase {
         XCTAssertTrue(nowhere.errors.contains("cannot reach"), nowhere.errors)
     }
 
+    /// BLOCK_STATUS on a cache over a sparse backing file: blocks the cache holds dirty are data
+    /// although the backing file has holes there; after a drain the backing file has the data.
+    func testBlockStatusReportsDirtyBlocksAsData() throws {
+        let backing = try makeFile("backing.img", sizeBytes: 8 << 20)
+        let cache = try makeFile("cache.img", sizeBytes: 4 << 20)
+        let socket = directory + "/s.sock"
+        XCTAssertEqual(try run(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K"]).status, 0)
+        let server = try startServer(cache: cache, backing: backing, socket: socket, extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
+        defer { stop(server) }
+        let client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
+        XCTAssertTrue(client.canBlockStatus)
+        let hole: UInt32 = 3
+        func map() throws -> [[UInt32]] { try client.blockStatus(length: 8 << 20, offset: 0).map { [$0.0, $0.1] } }
+        XCTAssertEqual(try map(), [[8 << 20, hole]], "an empty cache over a sparse file")
+        try client.write([UInt8](repeating: 0xAB, count: 3 * 4096), offset: 0)
+        try client.write([UInt8](repeating: 0xCD, count: 512), offset: 1 << 20)
+        let expected: [[UInt32]] = [[3 * 4096, 0], [(1 << 20) - 3 * 4096, hole], [4096, 0], [(7 << 20) - 4096, hole]]
+        XCTAssertEqual(try map(), expected, "dirty blocks over holes")
+        XCTAssertEqual(try run(["drain", "--socket", socket]).status, 0)
+        XCTAssertEqual(try map(), expected, "written back: the backing file holds them")
+    }
+
     /// A remote NBD export (nbdkit) as the backing store, through libnbd.
     func testARemoteExportCanBeTheBackingStore() throws {
         let image = try makeFile("remote.img", sizeBytes: 8 << 20)

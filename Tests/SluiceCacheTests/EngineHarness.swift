@@ -210,7 +210,7 @@ final class EngineHarness {
         }.wait()
     }
 
-    private func perform(_ body: @escaping (CacheEngine, @escaping (VolumeReply) -> Void) -> Void) throws -> VolumeReply {
+    func perform(_ body: @escaping (CacheEngine, @escaping (VolumeReply) -> Void) -> Void) throws -> VolumeReply {
         let engine = self.engine!
         return try loop.flatSubmit {
             let promise = self.loop.makePromise(of: VolumeReply.self)

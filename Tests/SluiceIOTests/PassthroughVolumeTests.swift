@@ -155,3 +155,61 @@ final class BlockStatusRoundingTests: XCTestCase {
         XCTAssertEqual(short, extents([(1024, [])]))
     }
 }
+
+/// A layer's own data over a lower volume's allocation: data ranges win over holes and zeros.
+final class BlockStatusMarkingDataTests: XCTestCase {
+    private func extents(_ pairs: [(UInt32, BlockStatusFlags)]) -> [BlockStatusExtent] {
+        pairs.map { BlockStatusExtent(lengthBytes: $0.0, flags: $0.1) }
+    }
+
+    func testDataRangesSplitHolesAndMerge() {
+        let hole: BlockStatusFlags = [.hole, .zero]
+        let lower = extents([(8192, hole), (4096, []), (8192, .zero)])
+        // Ranges inside a hole, one spanning a hole and data, one running past the end.
+        let marked = BlockStatusExtent.markingData(lower, start: 4096, dataRanges: [4096..<5120, 10240..<14336, 20480..<40960],
+                                                   maximumExtents: 16)
+        XCTAssertEqual(marked, extents([(1024, []), (5120, hole), (6144, []), (4096, .zero), (4096, [])]))
+        XCTAssertEqual(marked.reduce(0) { $0 + $1.lengthBytes }, 20480, "the same bytes are described")
+        XCTAssertEqual(BlockStatusExtent.markingData(lower, start: 0, dataRanges: [], maximumExtents: 16), lower)
+        XCTAssertEqual(BlockStatusExtent.markingData(lower, start: 0, dataRanges: [0..<100_000], maximumExtents: 16), extents([(20480, [])]))
+        XCTAssertEqual(BlockStatusExtent.markingData(lower, start: 4096, dataRanges: [4096..<5120, 10240..<14336, 20480..<40960],
+                                                     maximumExtents: 2), extents([(1024, []), (5120, hole)]))
+    }
+
+    /// Random extents and ranges against a per-sector model.
+    func testMatchesASectorModel() {
+        var state: UInt64 = 0x9E37_79B9_7F4A_7C15
+        func next(_ bound: Int) -> Int {
+            state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            return Int((state >> 33) % UInt64(bound))
+        }
+        let choices: [BlockStatusFlags] = [[], .zero, [.hole, .zero]]
+        for round in 0..<300 {
+            let start = UInt64(next(64) * 512)
+            var lower: [BlockStatusExtent] = []
+            var model: [BlockStatusFlags] = []
+            for _ in 0..<(1 + next(6)) {
+                let sectors = 1 + next(10)
+                let flags = choices[next(3)]
+                lower.append(BlockStatusExtent(lengthBytes: UInt32(sectors * 512), flags: flags))
+                model += Array(repeating: flags, count: sectors)
+            }
+            var ranges: [Range<UInt64>] = []
+            var cursor = UInt64(next(8) * 512)
+            while cursor < start + UInt64(model.count * 512) + 2048 {
+                let length = UInt64((1 + next(6)) * 512)
+                ranges.append(cursor..<(cursor + length))
+                cursor += length + UInt64((1 + next(6)) * 512)
+            }
+            for (index, _) in model.enumerated() {
+                let sector = start + UInt64(index * 512)
+                if ranges.contains(where: { $0.contains(sector) }) { model[index] = [] }
+            }
+            let marked = BlockStatusExtent.markingData(lower, start: start, dataRanges: ranges, maximumExtents: 1000)
+            var expanded: [BlockStatusFlags] = []
+            for extent in marked { expanded += Array(repeating: extent.flags, count: Int(extent.lengthBytes) / 512) }
+            XCTAssertEqual(expanded, model, "round \(round)")
+            for (a, b) in zip(marked, marked.dropFirst()) { XCTAssertNotEqual(a.flags, b.flags, "round \(round): unmerged neighbours") }
+        }
+    }
+}

@@ -1,4 +1,5 @@
 import NIOCore
+import SluiceVolume
 
 /// The seam between the cache engine and every medium it persists to: the cache device and the
 /// backing store. Every read, write, discard and sync the engine makes goes through this protocol,
@@ -37,10 +38,20 @@ public protocol BlockMedium: AnyObject {
     /// Runs `body`, whose operations the medium may hand to the device together (one system
     /// call for a batch of reads). Completions may still arrive within `body`.
     func submittingTogether(_ body: () -> Void)
+
+    /// How `offset ..< offset + lengthBytes` is allocated (NBD's `base:allocation`): sector-multiple
+    /// extents in order from `offset`, at most `maximumExtents` of them, covering at least one
+    /// sector and never more than asked. A medium that cannot tell says data for the whole range,
+    /// which is always a correct answer.
+    func allocation(offset: UInt64, lengthBytes: UInt32, maximumExtents: Int, completion: @escaping ([BlockStatusExtent]) -> Void)
 }
 
 extension BlockMedium {
     public func submittingTogether(_ body: () -> Void) { body() }
+
+    public func allocation(offset: UInt64, lengthBytes: UInt32, maximumExtents: Int, completion: @escaping ([BlockStatusExtent]) -> Void) {
+        completion([BlockStatusExtent(lengthBytes: lengthBytes, flags: [])])
+    }
 
     public func read(offset: UInt64, into bytes: UnsafeMutableRawBufferPointer, completion: @escaping (Result<Void, MediumError>) -> Void) {
         read(offset: offset, count: bytes.count) { result in

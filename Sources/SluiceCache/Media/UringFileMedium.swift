@@ -1,6 +1,7 @@
 import CLibURing
 import Glibc
 import NIOCore
+import SluiceVolume
 import SluiceIO
 
 /// A ``BlockMedium`` on a file or block device, driven through the io_uring of the engine's event
@@ -40,6 +41,12 @@ public final class UringFileMedium: BlockMedium, IOCompletionHandler {
         self.driver = driver
         directFileDescriptor = direct ? open(file.path, O_RDWR | O_CLOEXEC | sluice_o_direct()) : -1
         pending.reserveCapacity(256)
+    }
+
+    /// `SEEK_DATA`/`SEEK_HOLE` on a file (a few metadata calls, inline); a block device says data.
+    public func allocation(offset: UInt64, lengthBytes: UInt32, maximumExtents: Int, completion: @escaping ([BlockStatusExtent]) -> Void) {
+        completion(BlockStatusScanner.extents(fileDescriptor: file.fileDescriptor, isBlockDevice: file.isBlockDevice,
+                                              offset: offset, lengthBytes: lengthBytes, maximumExtents: maximumExtents))
     }
 
     deinit {

@@ -9,7 +9,7 @@ public final class CacheVolume: Volume, @unchecked Sendable {
     /// Touch only on `engine.eventLoop`.
     public let engine: CacheEngine
     public let sizeBytes: UInt64
-    public let capabilities: VolumeCapabilities = [.flush, .fua, .trim, .writeZeroes, .multipleConnections]
+    public let capabilities: VolumeCapabilities = [.flush, .fua, .trim, .writeZeroes, .blockStatus, .multipleConnections]
     public let blockSizes = VolumeBlockSizes.standard
     private let closed = ManagedAtomic<Bool>(false)
     /// Releases the media once the engine has shut down.
@@ -115,8 +115,8 @@ final class CacheSession: VolumeSession {
             engine.submitDiscard(offset: offset, lengthBytes: UInt64(length), zeroes: true, fua: flags.contains(.fua), completion: completion)
         case .cache:
             completion(.done)
-        case .blockStatus:
-            completion(.failed(.notSupported))
+        case .blockStatus(let offset, let length, let maximumExtents):
+            engine.submitBlockStatus(offset: offset, lengthBytes: length, maximumExtents: maximumExtents, completion: completion)
         }
     }
 

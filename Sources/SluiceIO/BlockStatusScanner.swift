@@ -6,12 +6,12 @@ import SluiceVolume
 /// The scan is a few `lseek` calls, which touch only metadata, so it runs inline on the caller's
 /// thread. Block devices and file systems without hole support report everything as data, which
 /// is always a correct answer.
-enum BlockStatusScanner {
+public enum BlockStatusScanner {
     /// `SEEK_DATA` and `SEEK_HOLE` from `<unistd.h>`, which Glibc's module hides without `_GNU_SOURCE`.
     private static let seekData: Int32 = 3
     private static let seekHole: Int32 = 4
 
-    static func extents(
+    public static func extents(
         fileDescriptor: Int32, isBlockDevice: Bool, offset: UInt64, lengthBytes: UInt32, maximumExtents: Int
     ) -> [BlockStatusExtent] {
         precondition(lengthBytes > 0 && maximumExtents > 0)
@@ -59,7 +59,7 @@ enum BlockStatusScanner {
     /// A boundary inside a sector moves so that the whole sector counts as data, which is always
     /// a correct answer (data may read as zeros; a hole may not hold data). Boundaries are computed
     /// from the true offsets, so an extent dropped by rounding never shifts the ones after it.
-    static func roundedToSectors(_ extents: [BlockStatusExtent], requestedBytes: UInt64) -> [BlockStatusExtent] {
+    public static func roundedToSectors(_ extents: [BlockStatusExtent], requestedBytes: UInt64) -> [BlockStatusExtent] {
         let sectorBytes: UInt64 = 512
         guard extents.contains(where: { UInt64($0.lengthBytes) % sectorBytes != 0 }) else { return extents }
         var result: [BlockStatusExtent] = []

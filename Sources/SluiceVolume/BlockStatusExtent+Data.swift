@@ -1,0 +1,43 @@
+extension BlockStatusExtent {
+    /// `extents` (describing bytes from `start` on) with every byte inside `dataRanges` reported
+    /// as data: what a layer that holds data of its own over a lower volume answers. `dataRanges`
+    /// are sorted, disjoint and sector-aligned. Adjacent extents with equal flags are merged, and at
+    /// most `maximumExtents` are returned (a prefix: a reply may describe less than was asked).
+    public static func markingData(_ extents: [BlockStatusExtent], start: UInt64, dataRanges: [Range<UInt64>],
+                                   maximumExtents: Int) -> [BlockStatusExtent] {
+        precondition(maximumExtents > 0)
+        var result: [BlockStatusExtent] = []
+        func append(_ length: UInt64, _ flags: BlockStatusFlags) {
+            guard length > 0 else { return }
+            if let last = result.last, last.flags == flags {
+                result[result.count - 1].lengthBytes += UInt32(length)
+            } else {
+                result.append(BlockStatusExtent(lengthBytes: UInt32(length), flags: flags))
+            }
+        }
+        var position = start
+        var next = 0
+        for extent in extents {
+            let end = position + UInt64(extent.lengthBytes)
+            if extent.flags.isEmpty {
+                append(end - position, [])
+                position = end
+                continue
+            }
+            while next < dataRanges.count && dataRanges[next].upperBound <= position { next += 1 }
+            var cursor = position
+            var index = next
+            while cursor < end, index < dataRanges.count, dataRanges[index].lowerBound < end {
+                let range = dataRanges[index]
+                append(max(range.lowerBound, cursor) - cursor, extent.flags)
+                let dataEnd = min(range.upperBound, end)
+                append(dataEnd - max(range.lowerBound, cursor), [])
+                cursor = dataEnd
+                if range.upperBound <= end { index += 1 } else { break }
+            }
+            append(end - cursor, extent.flags)
+            position = end
+        }
+        return Array(result.prefix(maximumExtents))
+    }
+}
