@@ -190,7 +190,7 @@ let package = Package(
         .testTarget(
             name: "NBDServerTests",
             dependencies: [
-                "NBDServer", "NBDProtocol", "SluiceVolume", "SluicePassthrough", "SluiceIO", "NBDClient", "SluiceCache", "SluiceTesting",
+                "NBDServer", "NBDProtocol", "SluiceVolume", "SluicePassthrough", "SluiceIO", "NBDClient", "SluiceCache", "SluiceFormat", "SluiceTesting",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

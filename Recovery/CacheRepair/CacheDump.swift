@@ -31,7 +31,7 @@ public struct CacheDump: Codable, Sendable {
     public struct Block: Codable, Sendable {
         public var index: Int
         public var lba4k: UInt64
-        /// Sectors held, as 8 characters (sector 0 first): `x` held, `.` not; a discard marker is `discarded`.
+        /// Sectors held, as 8 characters (sector 0 first): `x` held, `.` not, then ` clean` for a clean copy; a discard marker is `discarded`.
         public var sectors: String
     }
 
@@ -59,8 +59,9 @@ public struct CacheDump: Codable, Sendable {
     public var pmemAreas: [PmemArea]
     public var problems: [String]
 
-    static func sectors(_ mask: UInt8) -> String {
-        mask == 0 ? "discarded" : String((0..<8).map { mask & (1 << $0) != 0 ? "x" : "." })
+    static func sectors(_ entry: SegmentHeader.Entry) -> String {
+        if entry.sectorMask == 0 { return "discarded" }
+        return String((0..<8).map { entry.sectorMask & (1 << $0) != 0 ? "x" : "." }) + (entry.isClean ? " clean" : "")
     }
 
     /// The dump of an inspection. With `segmentID`, only that segment (and its entries); with
@@ -88,13 +89,13 @@ public struct CacheDump: Codable, Sendable {
             return Segment(id: segment.segmentID, slot: geometry.slot(ofSegment: segment.segmentID), blocks: segment.entries.count,
                            partial: segment.isPartial,
                            entries: showEntries ? segment.entries.enumerated().map {
-                               Block(index: $0.offset, lba4k: $0.element.blockNumber, sectors: Self.sectors($0.element.sectorMask))
+                               Block(index: $0.offset, lba4k: $0.element.blockNumber, sectors: Self.sectors($0.element))
                            } : nil)
         }
         pmemAreas = inspection.pmemAreas.map { area in
             PmemArea(area: area.area, state: "\(area.state)", segmentID: area.segmentID,
                      validEntries: area.state == .open ? area.validEntries.map {
-                         Block(index: $0.index, lba4k: $0.entry.blockNumber, sectors: Self.sectors($0.entry.sectorMask))
+                         Block(index: $0.index, lba4k: $0.entry.blockNumber, sectors: Self.sectors($0.entry))
                      } : nil)
         }
     }
@@ -113,7 +114,7 @@ public struct CacheDump: Codable, Sendable {
         }
         for record in records {
             if record.valid {
-                lines.append("record slot \(record.slot)       sequence \(record.sequence!), last written back \(record.lastRetiredSegmentID!), "
+                lines.append("record slot \(record.slot)       sequence \(record.sequence!), last retired \(record.lastRetiredSegmentID!), "
                              + "last flushed \(record.lastFlushedSegmentID!), \(record.cleanShutdown! ? "clean shutdown" : "in use or crashed")"
                              + (record.current ? " (current)" : ""))
             } else {

@@ -19,7 +19,7 @@ struct SluiceRecoverCommand: ParsableCommand {
             a cache that a running server holds. A damaged cache: `salvage` writes back the longest \
             valid prefix of its log and lists the blocks whose newest data was lost.
             """,
-        subcommands: [CheckCommand.self, DumpCommand.self, DrainCommand.self, DetachCommand.self, SalvageCommand.self]
+        subcommands: [CheckCommand.self, DumpCommand.self, DrainCommand.self, DetachCommand.self, SalvageCommand.self, UpgradeCommand.self]
     )
 }
 
@@ -232,5 +232,30 @@ struct SalvageCommand: ParsableCommand {
         for what in result.unreadable { print("unreadable: \(what); the blocks it held are unknown") }
         let lostBlocks = result.lost.reduce(0) { $0 + $1.blockCount }
         print("\(lostBlocks) blocks in \(result.lost.count) ranges lost their newest data\(result.unreadable.isEmpty ? "" : ", plus the unreadable places above")")
+    }
+}
+
+struct UpgradeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "upgrade",
+        abstract: "Upgrade a cache written by an earlier Sluice (format version 1) to the current format, in place.",
+        discussion: """
+            Only the superblock header's version field changes: the log, its records and the pmem file stay as they \
+            are, and the cache keeps its dirty data. An earlier Sluice refuses the upgraded cache. A cache a server \
+            holds is refused; stop the server first.
+            """)
+
+    @Option(name: .long, help: ArgumentHelp("The cache device.", valueName: "path"))
+    var cache: String
+
+    func run() throws {
+        do {
+            switch try CacheUpgrade.upgrade(cachePath: cache) {
+            case .upgraded(let from, let to): print("upgraded \(cache) from format version \(from) to \(to)")
+            case .alreadyCurrent(let version): print("\(cache) already has format version \(version); nothing to do")
+            }
+        } catch {
+            throw fail("upgrade", error)
+        }
     }
 }

@@ -18,6 +18,8 @@ public enum FormatError: Error, Equatable, CustomStringConvertible {
         switch self {
         case .notFormatted:
             return "the cache device is not formatted for Sluice; format it with `sluice format --cache PATH --backing PATH` (this erases it)"
+        case .unsupportedVersion(let found, let supported) where found == SuperblockHeader.upgradableVersion:
+            return "the cache device has format version \(found), written by an earlier Sluice; this Sluice reads version \(supported). Upgrade it in place with `sluice-recover upgrade --cache PATH` (its data stays as it is; an earlier Sluice will no longer open it)"
         case .unsupportedVersion(let found, let supported):
             return "the cache device has format version \(found), but this Sluice reads version \(supported); use a matching Sluice, or drain the cache and format it again"
         case .corruptSuperblock(let detail):

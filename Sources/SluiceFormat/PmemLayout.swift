@@ -184,7 +184,7 @@ public struct PmemLayout: Hashable, Sendable {
             let block = UnsafeRawBufferPointer(rebasing: file[dataOffset(area, index: index, geometry: geometry)...]
                 .prefix(CacheGeometry.blockBytes))
             guard UInt32(truncatingIfNeeded: word1) == Self.entryChecksum(word0: word0, block: block) else { continue }
-            valid.append((index, SegmentHeader.Entry(blockNumber: word0 >> 8, sectorMask: UInt8(truncatingIfNeeded: word0))))
+            valid.append((index, SegmentHeader.Entry(packed: word0)))
         }
         return Area(area: area, state: state, segmentID: id, validEntries: valid)
     }

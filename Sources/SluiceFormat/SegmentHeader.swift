@@ -17,10 +17,14 @@
 /// | 36 | 4 | flags (bit 0: written partial, for a FUA or FLUSH) |
 /// | 40 | 4 | CRC-32C over header and data |
 /// | 44 | 20 | reserved, zero |
-/// | 64 | 8 × n | per block: LBA in 4 KiB blocks (bits 8...63) and dirty sector mask (bits 0...7) |
+/// | 64 | 8 × n | per block: clean flag (bit 63, format version 2), LBA in 4 KiB blocks (bits 8...62) and sector mask (bits 0...7) |
 ///
 /// An entry whose sector mask is zero is a *discard marker*: the block was trimmed or zeroed after
 /// the copies in earlier segments were written, and replay forgets them. Its data block is unused.
+/// An entry with the clean flag is a *clean copy* (a read-cached block, equal to the backing store
+/// when it was read): it supersedes earlier copies like a marker, and replay keeps it out of the
+/// index too (see the recovery table in docs/FORMAT.md). Version 1 never set bit 63 (its block
+/// numbers were below 2^55 on every volume it could serve), so a version-1 log reads unchanged.
 public struct SegmentHeader: Hashable, Sendable {
     public static let magic: [UInt8] = Array("SLSEG".utf8) + [0x00, 0x00, 0x01]
     static let crcOffset = 40
@@ -28,20 +32,34 @@ public struct SegmentHeader: Hashable, Sendable {
     /// One cached block: where it belongs on the backing store and which of its 512-byte sectors
     /// hold data (bit i set: sector i is valid in the cache).
     public struct Entry: Hashable, Sendable {
+        /// Block numbers stay below this, so the top bit of a packed entry is free for the flag.
+        public static let blockNumberLimit: UInt64 = 1 << 55
+        static let cleanBit: UInt64 = 1 << 63
+
         public var blockNumber: UInt64
         public var sectorMask: UInt8
+        /// A clean copy: its data equals the backing store's (it never needs writeback).
+        public var isClean: Bool
 
-        public init(blockNumber: UInt64, sectorMask: UInt8) {
-            precondition(blockNumber < (1 << 56), "block number beyond 2^56")
+        public init(blockNumber: UInt64, sectorMask: UInt8, isClean: Bool = false) {
+            precondition(blockNumber < Self.blockNumberLimit, "block number beyond 2^55")
+            precondition(!isClean || sectorMask != 0, "a discard marker cannot be clean")
             self.blockNumber = blockNumber
             self.sectorMask = sectorMask
+            self.isClean = isClean
         }
 
-        var packed: UInt64 { blockNumber << 8 | UInt64(sectorMask) }
-        init(packed: UInt64) {
-            blockNumber = packed >> 8
+        /// The entry as it is stored, in a segment header and in a pmem entry's first word.
+        public var packed: UInt64 { (isClean ? Self.cleanBit : 0) | blockNumber << 8 | UInt64(sectorMask) }
+        public init(packed: UInt64) {
+            isClean = packed & Self.cleanBit != 0
+            blockNumber = (packed & ~Self.cleanBit) >> 8
             sectorMask = UInt8(truncatingIfNeeded: packed)
         }
+
+        /// A discard marker or a clean copy: replay forgets the block's earlier copies and indexes
+        /// nothing for it.
+        public var supersedesWithoutData: Bool { sectorMask == 0 || isClean }
     }
 
     public var segmentID: UInt64

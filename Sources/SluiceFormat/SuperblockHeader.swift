@@ -6,7 +6,7 @@
 /// | offset | size | field |
 /// |---|---|---|
 /// | 0 | 8 | magic `SLUICE\x00\x01` |
-/// | 8 | 4 | format version (1) |
+/// | 8 | 4 | format version (2; 1 had no clean copies in the log: `sluice-recover upgrade`) |
 /// | 12 | 4 | block size (4096) |
 /// | 16 | 16 | cache UUID |
 /// | 32 | 4 | segment size in bytes |
@@ -21,7 +21,9 @@
 /// | 4092 | 4 | CRC-32C |
 public struct SuperblockHeader: Hashable, Sendable {
     public static let magic: [UInt8] = Array("SLUICE".utf8) + [0x00, 0x01]
-    public static let formatVersion: UInt32 = 1
+    public static let formatVersion: UInt32 = 2
+    /// The version `sluice-recover upgrade` turns into this one.
+    public static let upgradableVersion: UInt32 = 1
     public static let backingIdentityBytesMax = 1024
 
     /// How the write buffer is kept.
@@ -77,6 +79,26 @@ public struct SuperblockHeader: Hashable, Sendable {
         let crc = CRC32C.checksum(Array(bytes[0..<(CacheGeometry.blockBytes - 4)]))
         withUnsafeBytes(of: crc.littleEndian) { bytes.replaceSubrange((CacheGeometry.blockBytes - 4)..<CacheGeometry.blockBytes, with: $0) }
         return bytes
+    }
+
+    /// The header block of a version-1 cache as version 2 (`sluice-recover upgrade`): the same
+    /// bytes with the version field and the checksum rewritten. Refuses anything but an intact
+    /// version-1 header; the result decodes as a current header.
+    public static func upgradedFromVersion1(_ block: [UInt8]) throws -> [UInt8] {
+        precondition(block.count == CacheGeometry.blockBytes)
+        guard Array(block[0..<8]) == magic else { throw FormatError.notFormatted }
+        let version = block.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt32.self)) }
+        guard version == upgradableVersion else { throw FormatError.unsupportedVersion(found: version, supported: formatVersion) }
+        let stored = block.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: CacheGeometry.blockBytes - 4, as: UInt32.self)) }
+        guard stored == CRC32C.checksum(Array(block[0..<(CacheGeometry.blockBytes - 4)])) else {
+            throw FormatError.corruptSuperblock("header checksum mismatch")
+        }
+        var upgraded = block
+        withUnsafeBytes(of: formatVersion.littleEndian) { upgraded.replaceSubrange(8..<12, with: $0) }
+        let crc = CRC32C.checksum(Array(upgraded[0..<(CacheGeometry.blockBytes - 4)]))
+        withUnsafeBytes(of: crc.littleEndian) { upgraded.replaceSubrange((CacheGeometry.blockBytes - 4)..<CacheGeometry.blockBytes, with: $0) }
+        _ = try upgraded.withUnsafeBytes { try SuperblockHeader(decoding: $0) }
+        return upgraded
     }
 
     /// Decodes and checks a header block.

@@ -1,5 +1,6 @@
 import Foundation
 import NBDClient
+import SluiceFormat
 import XCTest
 
 /// `sluice-recover`, the offline tool, on caches left by kill -9 and on media damaged on purpose.
@@ -314,5 +315,47 @@ extension PmemCommandLineTests {
         XCTAssertTrue(sameBytes([UInt8](try bytes(backing)), [UInt8](try bytes(image))),
                       "after the offline drain the backing file holds every write, relocated ones included")
         XCTAssertEqual(try recoverTool(["check", "--cache", cache, "--pmem", pmem]).status, 0)
+    }
+    /// A dirty cache whose superblock says format version 1 (as an earlier Sluice wrote it) is
+    /// refused by `serve` with a message naming the upgrade; `sluice-recover upgrade` refuses it
+    /// while a server holds it, upgrades it in place, and the cache then serves every write it held.
+    func testAVersionOneCacheIsRefusedThenUpgradedInPlace() throws {
+        let volumeBytes = 8 << 20
+        let backing = try file("upgrade-backing.img", sizeBytes: volumeBytes)
+        let cache = try file("upgrade-cache.img", sizeBytes: 8 << 20)
+        let image = try file("upgrade-expected.img", sizeBytes: volumeBytes)
+        let socket = directory + "/upgrade.sock"
+        let pmem = pmemPath("upgrade")
+        try succeed(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K", "--pmem", pmem])
+        var server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket,
+                               extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
+        let held = try recoverTool(["upgrade", "--cache", cache])
+        XCTAssertNotEqual(held.status, 0)
+        XCTAssertTrue(held.errors.contains("already in use"), held.errors)
+        try write(socket: socket, image: image, seed: 41, count: 800, kind: "mixed")
+        stop(server, signal: SIGKILL)
+
+        // The header as version 1 wrote it: the same fields, version 1, its checksum.
+        let handle = try XCTUnwrap(FileHandle(forUpdatingAtPath: cache))
+        var block = [UInt8](handle.readData(ofLength: 4096))
+        block[8] = 1
+        let crc = CRC32C.checksum(Array(block[0..<4092]))
+        withUnsafeBytes(of: crc.littleEndian) { block.replaceSubrange(4092..<4096, with: $0) }
+        handle.seek(toFileOffset: 0)
+        handle.write(Data(block))
+        handle.closeFile()
+
+        try refuse(["serve", "--cache", cache, "--backing", backing, "--pmem", pmem, "--socket", socket],
+                   saying: ["format version 1", "sluice-recover upgrade --cache PATH"], socket: socket)
+        let upgraded = try recoverTool(["upgrade", "--cache", cache])
+        XCTAssertEqual(upgraded.status, 0, upgraded.errors)
+        XCTAssertTrue(upgraded.output.contains("from format version 1 to 2"), upgraded.output)
+        let again = try recoverTool(["upgrade", "--cache", cache])
+        XCTAssertEqual(again.status, 0, again.errors)
+        XCTAssertTrue(again.output.contains("already has format version 2"), again.output)
+        XCTAssertEqual(try recoverTool(["check", "--cache", cache, "--pmem", pmem]).status, 1, "dirty but consistent, as the kill left it")
+        server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket)
+        try verify(socket: socket, image: image, "after the upgrade")
+        stop(server)
     }
 }

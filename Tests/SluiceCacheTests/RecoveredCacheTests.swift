@@ -38,21 +38,26 @@ final class RecoveredCacheTests: XCTestCase {
     /// A log that wraps the ring, with copies of one block in one segment, discard markers, and
     /// blocks written again after their marker: the index is the newest copy of each block (the
     /// replay's own check, `checkReplay`, runs in `init` and would stop the process otherwise).
-    func testReplayAcrossTheRingWithMarkersMatchesTheNewestEntries() throws {
+    func testReplayAcrossTheRingWithMarkersAndCleanCopiesMatchesTheNewestEntries() throws {
         let geometry = try CacheGeometry(segmentBytes: 64 * 1024, deviceBytes: 64 * 1024 * 9)
         let uuid = [UInt8](repeating: 7, count: 16)
         var ring = Array(repeating: [UInt8](repeating: 0, count: geometry.segmentBytes), count: geometry.segmentCount)
         var generator = SystemRandomNumberGenerator()
         var newest: [UInt64: (position: CacheIndex.Position, mask: UInt8)?] = [:]
         for id: UInt64 in 6...13 {  // slots 5, 6, 7, 0, 1, ... : the log wraps
+            // Dirty copies, markers and clean copies (format version 2), in any order.
             let entries = (0..<geometry.dataBlocksPerSegment).map { _ in
-                SegmentHeader.Entry(blockNumber: UInt64.random(in: 0..<40, using: &generator),
-                                    sectorMask: Bool.random(using: &generator) ? 0 : UInt8.random(in: 1...255, using: &generator))
+                let kind = Int.random(in: 0..<3, using: &generator)
+                return SegmentHeader.Entry(blockNumber: UInt64.random(in: 0..<40, using: &generator),
+                                           sectorMask: kind == 1 ? 0 : kind == 2 ? 0xFF : UInt8.random(in: 1...255, using: &generator),
+                                           isClean: kind == 2)
             }
             let slot = geometry.slot(ofSegment: id)
             for (offset, entry) in entries.enumerated() {
                 let position = CacheIndex.Position(slot * geometry.dataBlocksPerSegment + offset)
-                newest[entry.blockNumber] = entry.sectorMask == 0 ? .some(nil) : (position, entry.sectorMask)
+                // Recovery keeps no clean copies (FORMAT.md, row R3): like a marker, the newest clean
+                // copy of a block leaves it out of the index.
+                newest[entry.blockNumber] = entry.supersedesWithoutData ? .some(nil) : (position, entry.sectorMask)
             }
             let header = SegmentHeader(segmentID: id, cacheUUID: uuid, isPartial: false, entries: entries)
             ring[slot].withUnsafeMutableBytes { raw in

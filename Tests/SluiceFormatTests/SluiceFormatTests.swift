@@ -50,8 +50,55 @@ final class SluiceFormatTests: XCTestCase {
         var future = header.encoded()
         future[8] = 9
         XCTAssertThrowsError(try future.withUnsafeBytes { try SuperblockHeader(decoding: $0) }) { error in
-            XCTAssertEqual(error as? FormatError, .unsupportedVersion(found: 9, supported: 1))
+            XCTAssertEqual(error as? FormatError, .unsupportedVersion(found: 9, supported: SuperblockHeader.formatVersion))
         }
+    }
+
+    /// A version-1 header is refused with a message naming the upgrade; the upgrade changes the
+    /// version field and the checksum only, and refuses anything but an intact version-1 header.
+    func testAVersionOneHeaderIsRefusedAndUpgradesInPlace() throws {
+        let geometry = try CacheGeometry(segmentBytes: 1 << 20, deviceBytes: 64 << 20)
+        let header = SuperblockHeader(uuid: uuid, geometry: geometry, mode: .pmem, backingSizeBytes: 1 << 30,
+                                      backingIdentity: "nbd+unix:///?socket=/run/disk.sock", pmemUUID: [UInt8](repeating: 3, count: 16),
+                                      createdSeconds: 1_800_000_000)
+        let current = header.encoded()
+        var old = current
+        old[8] = 1
+        let crc = CRC32C.checksum(Array(old[0..<4092]))
+        withUnsafeBytes(of: crc.littleEndian) { old.replaceSubrange(4092..<4096, with: $0) }
+        XCTAssertThrowsError(try old.withUnsafeBytes { try SuperblockHeader(decoding: $0) }) { error in
+            XCTAssertEqual(error as? FormatError, .unsupportedVersion(found: 1, supported: 2))
+            XCTAssertTrue("\(error)".contains("sluice-recover upgrade --cache PATH"), "\(error)")
+        }
+        let upgraded = try SuperblockHeader.upgradedFromVersion1(old)
+        XCTAssertEqual(upgraded, current, "only the version and the checksum change")
+        XCTAssertThrowsError(try SuperblockHeader.upgradedFromVersion1(current)) { error in
+            XCTAssertEqual(error as? FormatError, .unsupportedVersion(found: 2, supported: 2))
+        }
+        var damaged = old
+        damaged[200] ^= 4
+        XCTAssertThrowsError(try SuperblockHeader.upgradedFromVersion1(damaged)) { error in
+            guard case FormatError.corruptSuperblock = error else { return XCTFail("\(error)") }
+        }
+        XCTAssertThrowsError(try SuperblockHeader.upgradedFromVersion1([UInt8](repeating: 0, count: 4096))) { error in
+            XCTAssertEqual(error as? FormatError, .notFormatted)
+        }
+    }
+
+    /// Clean copies use bit 63 of an entry; markers, dirty copies and the largest block number
+    /// round-trip, and a version-1 entry (bit 63 clear) reads as a dirty copy or a marker.
+    func testEntriesCarryTheCleanFlag() {
+        let limit = SegmentHeader.Entry.blockNumberLimit
+        for entry in [SegmentHeader.Entry(blockNumber: 5, sectorMask: 0xFF, isClean: true), SegmentHeader.Entry(blockNumber: limit - 1, sectorMask: 0x81),
+                      SegmentHeader.Entry(blockNumber: limit - 1, sectorMask: 0xFF, isClean: true), SegmentHeader.Entry(blockNumber: 9, sectorMask: 0)] {
+            XCTAssertEqual(SegmentHeader.Entry(packed: entry.packed), entry)
+        }
+        XCTAssertEqual(SegmentHeader.Entry(blockNumber: 5, sectorMask: 0xFF, isClean: true).packed, 1 << 63 | 5 << 8 | 0xFF)
+        let versionOne = SegmentHeader.Entry(packed: 77 << 8 | 0x0F)
+        XCTAssertFalse(versionOne.isClean)
+        XCTAssertFalse(versionOne.supersedesWithoutData)
+        XCTAssertTrue(SegmentHeader.Entry(packed: 77 << 8).supersedesWithoutData, "a marker")
+        XCTAssertTrue(SegmentHeader.Entry(packed: 1 << 63 | 77 << 8 | 0xFF).supersedesWithoutData, "a clean copy")
     }
 
     func testRecordsAlternateAndATornSlotKeepsTheOtherOne() {

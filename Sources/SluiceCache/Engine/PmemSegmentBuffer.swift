@@ -121,14 +121,15 @@ public final class PmemSegmentBuffer: WriteBuffer {
     }
 
     private func commitEntry(index: Int, blockNumber: UInt64, sectorMask: UInt8) {
-        let word0 = blockNumber << 8 | UInt64(sectorMask)
+        let entry = SegmentHeader.Entry(blockNumber: blockNumber, sectorMask: sectorMask)
+        let word0 = entry.packed
         let block = UnsafeRawBufferPointer(start: memory.baseAddress + dataOffset(index), count: CacheGeometry.blockBytes)
         let word1 = PmemLayout.entryWord1(segmentID: segmentID, word0: word0, block: block)
         let entryOffset = tableOffset + index * PmemLayout.entryBytes
         memory.storeWord(word0, at: entryOffset)
         memory.storeWord(word1, at: entryOffset + 8)
         memory.flush(offset: entryOffset, count: PmemLayout.entryBytes)
-        entries.append(SegmentHeader.Entry(blockNumber: blockNumber, sectorMask: sectorMask))
+        entries.append(entry)
         latest[blockNumber] = index
     }
 

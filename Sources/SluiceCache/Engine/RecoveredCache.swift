@@ -20,8 +20,9 @@ public struct RecoveredCache {
             let slot = geometry.slot(ofSegment: segment.segmentID)
             for (offset, entry) in segment.entries.enumerated() {
                 let position = CacheIndex.Position(slot * geometry.dataBlocksPerSegment + offset)
-                if entry.sectorMask == 0 {
-                    // A discard marker: the block was trimmed or zeroed after its earlier copies.
+                if entry.supersedesWithoutData {
+                    // A discard marker (the block was trimmed or zeroed after its earlier copies), or
+                    // a clean copy: recovery keeps no clean copies (docs/FORMAT.md, row R3).
                     index.remove(blockNumber: entry.blockNumber)
                 } else {
                     index.insert(entry.blockNumber, sectorMask: entry.sectorMask, at: position)
@@ -63,17 +64,17 @@ public struct RecoveredCache {
                 let entry = segment.entries[offset]
                 let here = CacheIndex.Position(base + offset)
                 if let resident = index.resident(at: here) {
-                    precondition(resident.blockNumber == entry.blockNumber && resident.sectorMask == entry.sectorMask && entry.sectorMask != 0,
+                    precondition(resident.blockNumber == entry.blockNumber && resident.sectorMask == entry.sectorMask && !entry.supersedesWithoutData,
                                  "replay: position \(here) holds block \(resident.blockNumber), not segment \(segment.segmentID)'s entry")
                     matched += 1
                 } else if let found = index.lookup(entry.blockNumber) {
                     precondition(order(found.position) > order(here),
                                  "replay: block \(entry.blockNumber) is indexed at an older copy than segment \(segment.segmentID)'s")
                 } else {
-                    precondition(entry.sectorMask == 0 || discardedLater.contains(entry.blockNumber),
+                    precondition(entry.supersedesWithoutData || discardedLater.contains(entry.blockNumber),
                                  "replay: block \(entry.blockNumber) of segment \(segment.segmentID) is missing from the index")
                 }
-                if entry.sectorMask == 0 { discardedLater.insert(entry.blockNumber) }
+                if entry.supersedesWithoutData { discardedLater.insert(entry.blockNumber) }
             }
         }
         precondition(matched == index.count, "replay: \(index.count - matched) index entries point at no newest copy in the log")
