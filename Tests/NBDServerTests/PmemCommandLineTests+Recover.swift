@@ -285,13 +285,8 @@ extension PmemCommandLineTests {
     /// consistent, `dump` shows the log, and `drain` leaves the backing file equal to every write,
     /// so recovery and the offline tool take the relocated copy, never the stale one it replaced.
     func testOfflineToolsAfterRelocationsAndKillNine() throws {
-        let volumeBytes = 16 << 20
-        let backing = try file("relocated-backing.img", sizeBytes: volumeBytes)
-        let cache = try file("relocated-cache.img", sizeBytes: 16 << 20)
-        let image = try file("relocated-expected.img", sizeBytes: volumeBytes)
-        let socket = directory + "/relocated.sock"
-        let pmem = pmemPath("relocated")
-        try succeed(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K", "--pmem", pmem])
+        let stack = try formattedStack("relocated", volumeBytes: 16 << 20, cacheBytes: 16 << 20)
+        let (backing, cache, image, socket, pmem) = (stack.backing, stack.cache, stack.image, stack.socket, stack.pmem)
         // No writeback but what the cleaner asks for: the ring fills with live dirty blocks and
         // the cleaner must relocate them to keep space.
         let server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket,
@@ -320,13 +315,8 @@ extension PmemCommandLineTests {
     /// refused by `serve` with a message naming the upgrade; `sluice-recover upgrade` refuses it
     /// while a server holds it, upgrades it in place, and the cache then serves every write it held.
     func testAVersionOneCacheIsRefusedThenUpgradedInPlace() throws {
-        let volumeBytes = 8 << 20
-        let backing = try file("upgrade-backing.img", sizeBytes: volumeBytes)
-        let cache = try file("upgrade-cache.img", sizeBytes: 8 << 20)
-        let image = try file("upgrade-expected.img", sizeBytes: volumeBytes)
-        let socket = directory + "/upgrade.sock"
-        let pmem = pmemPath("upgrade")
-        try succeed(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K", "--pmem", pmem])
+        let stack = try formattedStack("upgrade", volumeBytes: 8 << 20, cacheBytes: 8 << 20)
+        let (backing, cache, image, socket, pmem) = (stack.backing, stack.cache, stack.image, stack.socket, stack.pmem)
         var server = try serve(cache: cache, backing: backing, buffer: ["--pmem", pmem], socket: socket,
                                extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
         let held = try recoverTool(["upgrade", "--cache", cache])

@@ -141,6 +141,28 @@ final class PmemCommandLineTests: XCTestCase {
                        file: file, line: line)
     }
 
+    /// The files of one pmem-mode test stack: backing file, cache device, expected image (all
+    /// `name-…`), socket and pmem file.
+    struct PmemStack {
+        var backing: String
+        var cache: String
+        var image: String
+        var socket: String
+        var pmem: String
+    }
+
+    /// Creates a stack's files and formats its cache in pmem mode.
+    func formattedStack(_ name: String, volumeBytes: Int, cacheBytes: Int, segmentSize: String = "64K",
+                        file: StaticString = #filePath, line: UInt = #line) throws -> PmemStack {
+        let stack = PmemStack(backing: try self.file("\(name)-backing.img", sizeBytes: volumeBytes),
+                              cache: try self.file("\(name)-cache.img", sizeBytes: cacheBytes),
+                              image: try self.file("\(name)-expected.img", sizeBytes: volumeBytes),
+                              socket: directory + "/\(name).sock", pmem: pmemPath(name))
+        try succeed(["format", "--cache", stack.cache, "--backing", stack.backing, "--segment-size", segmentSize, "--pmem", stack.pmem],
+                    file: file, line: line)
+        return stack
+    }
+
     func status(socket: String, file: StaticString = #filePath, line: UInt = #line) throws -> [String: Any] {
         let output = try succeed(["status", "--json", "--socket", socket], file: file, line: line)
         return try XCTUnwrap(JSONSerialization.jsonObject(with: Data(output.utf8)) as? [String: Any], output, file: file, line: line)
