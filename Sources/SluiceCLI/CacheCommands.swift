@@ -42,6 +42,14 @@ struct TunableOptions: ParsableArguments {
     @Option(name: .customLong("barrier-deadline-ms"), help: ArgumentHelp("How long FUA and FLUSH wait to share one partial segment.", valueName: "ms"))
     var barrierDeadline: Int?
 
+    @Option(name: .customLong("sequential-cutoff"), help: ArgumentHelp(
+        "Do not cache reads of a stream longer than this (bytes, default 4194304; 0 caches every read miss).", valueName: "bytes"))
+    var sequentialCutoff: Int?
+
+    @Option(name: .customLong("read-promote-hits"), help: ArgumentHelp(
+        "Cache a block read from the backing store on its N-th miss (default 1: every miss; 0: no read caching).", valueName: "count"))
+    var readPromoteHits: Int?
+
     func tunables() throws -> CacheTunables {
         var tunables = CacheTunables()
         do {
@@ -56,6 +64,8 @@ struct TunableOptions: ParsableArguments {
             if let updateRecordInterval { try tunables.set("update_sb_record_interval", to: updateRecordInterval) }
             if let syncDataInterval { try tunables.set("sync_data_interval", to: syncDataInterval) }
             if let barrierDeadline { try tunables.set("barrier_deadline_ms", to: barrierDeadline) }
+            if let sequentialCutoff { try tunables.set("sequential_cutoff", to: sequentialCutoff) }
+            if let readPromoteHits { try tunables.set("read_promote_hits", to: readPromoteHits) }
         } catch let invalid as CacheTunables.Invalid {
             throw ValidationError(invalid.description)
         }
@@ -289,6 +299,7 @@ struct StatusCommand: ParsableCommand {
             "ring                \(status.liveSegments) live, \(status.freeSegments) free, \(status.occupancyPercent)% occupied",
             "dirty               \(status.dirtyBlocks) blocks (\(mib(UInt64(status.dirtyBlocks) * 4096)), \(String(format: "%.1f", status.dirtyPercent))% of the cache); \(status.cachedBlocks) blocks cached",
             "cleaner             \(status.cleaner); \(status.segmentsReclaimed) segments reclaimed (\(status.segmentsReclaimedWithoutIO) without I/O), \(status.segmentsRetired) retired, \(status.relocatedBlocks) blocks relocated (\(String(format: "%.1f", status.relocationShareOfCacheWrites * 100))% of cache-device writes)",
+            "read cache          \(String(format: "%.1f", status.readHitRatio * 100))% of block reads hit; \(status.readFills) misses cached, not cached: \(status.readFillsSkippedSequential) sequential, \(status.readFillsSkippedNotPromoted) not yet promoted, \(status.readFillsSkippedRaced) raced by a write, \(status.readFillsSkippedNoRoom) no room",
             "writers stalled     \(status.writerStalls) times for ring space or a buffer, \(seconds(status.writerStallSeconds)) in all, longest \(String(format: "%.1f", status.writerStallMaxMs)) ms",
             "writeback           \(status.writebackInProgress ? "running" : "idle")\(status.writebackTrigger.map { " (\($0))" } ?? ""), next batch \(status.writebackBatchBlocks) blocks; \(status.writebackBatches) batches, \(status.writtenBackBlocks) blocks (\(String(format: "%.1f", status.writtenBackBlocksPerBatch)) per batch, \(status.lastBatchWrittenBackBlocks) in the last), \(status.writebackSkippedBlocks) skipped as superseded, \(status.backingWriteRequests) backing writes, \(status.writebackErrors) errors",
             "write buffer        \(status.bufferBlocks) blocks in the open segment\(status.mode == "pmem" ? " (persistent memory)" : " (DRAM)"), \(status.bufferSegmentsUnsynced) sealed segments not yet synced on the cache device",

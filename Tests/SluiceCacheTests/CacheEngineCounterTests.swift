@@ -53,7 +53,9 @@ final class CacheEngineCounterTests: XCTestCase {
         expected[index(write: false, hit: false, buffer: false, full: true)] += 1
         _ = try harness.read(at: 2 * 4096 + 512, count: 512)                         // block 2, partial
         expected[index(write: false, hit: true, buffer: false, full: false)] += 1
-        _ = try harness.read(at: 9 * 4096 + 512, count: 512)                         // block 9, partial miss
+        _ = try harness.read(at: 9 * 4096 + 512, count: 512)                         // block 9, cached by its miss above: a partial hit
+        expected[index(write: false, hit: true, buffer: true, full: false)] += 1
+        _ = try harness.read(at: 11 * 4096 + 512, count: 512)                        // block 11, partial miss (partial misses are not cached)
         expected[index(write: false, hit: false, buffer: false, full: false)] += 1
         _ = try harness.read(at: 4096, count: 4096)                                  // block 1, merged into the buffer
         expected[index(write: false, hit: true, buffer: true, full: true)] += 1
@@ -62,7 +64,7 @@ final class CacheEngineCounterTests: XCTestCase {
         XCTAssertEqual(counters.blockCounts, expected, "blockCounts, by index (write 8 | hit 4 | buffer 2 | full 1)")
         let writtenBytes: UInt64 = 4096 + 512 + 8192 + 4096 + 1024 + 2048
         XCTAssertEqual(counters.userBytesWritten, writtenBytes)
-        XCTAssertEqual(counters.userBytesRead, UInt64(4 * 4096 + 2 * 512))
+        XCTAssertEqual(counters.userBytesRead, UInt64(4 * 4096 + 3 * 512))
         XCTAssertEqual(counters.mergeReads, 1)
         XCTAssertEqual(counters.partialSegments, 1)
         XCTAssertEqual(counters.writtenBackBlocks, 0, "writeback_threshold 0 and nothing urged")

@@ -29,6 +29,16 @@ public struct CacheCounters: Codable, Sendable, Equatable {
     public var pmemDrains: UInt64 = 0
     public var pmemPersistedReplies: UInt64 = 0
 
+    // MARK: Read caching
+    /// Read misses of whole blocks cached as clean copies.
+    public var readFills: UInt64 = 0
+    /// Whole-block misses not cached: part of a stream beyond the sequential cutoff, not yet
+    /// promoted, raced by a write or discard while being read, or no room without waiting.
+    public var readFillsSkippedSequential: UInt64 = 0
+    public var readFillsSkippedNotPromoted: UInt64 = 0
+    public var readFillsSkippedRaced: UInt64 = 0
+    public var readFillsSkippedNoRoom: UInt64 = 0
+
     // MARK: Cleaning
     /// Live dirty blocks the cleaner copied forward to the head of the log.
     public var relocatedBlocks: UInt64 = 0
@@ -57,6 +67,20 @@ public struct CacheCounters: Codable, Sendable, Equatable {
     public var lastBatchWrittenBackBlocks: UInt64 = 0
 
     public init() {}
+
+    /// Block reads that hit the cache (buffer or device), as a share of all block reads.
+    public var readHitRatio: Double {
+        var hits: UInt64 = 0
+        var all: UInt64 = 0
+        for inBuffer in [false, true] {
+            for fullBlock in [false, true] {
+                hits += blockCounts[Self.index(write: false, hit: true, inBuffer: inBuffer, fullBlock: fullBlock)]
+                all += blockCounts[Self.index(write: false, hit: true, inBuffer: inBuffer, fullBlock: fullBlock)]
+                all += blockCounts[Self.index(write: false, hit: false, inBuffer: inBuffer, fullBlock: fullBlock)]
+            }
+        }
+        return all == 0 ? 0 : Double(hits) / Double(all)
+    }
 
     public static func index(write: Bool, hit: Bool, inBuffer: Bool, fullBlock: Bool) -> Int {
         (write ? 8 : 0) | (hit ? 4 : 0) | (inBuffer ? 2 : 0) | (fullBlock ? 1 : 0)

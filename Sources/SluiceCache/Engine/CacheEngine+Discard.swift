@@ -56,6 +56,8 @@ extension CacheEngine {
         case .waiting:
             if let batch, batch.discardStarting(blocks) { return .blocked }
             update.discardStage = .passingDown
+            // Reads of these blocks in flight must not cache what they read.
+            fills.poison(blocks)
             update.discardID = discards.passDown(blocks)
             // The head of the queue records the discard's progress; the completion below may run
             // before `discard` returns.

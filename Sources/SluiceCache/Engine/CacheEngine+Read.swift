@@ -21,12 +21,21 @@ extension CacheEngine {
         counters.userBytesRead += UInt64(lengthBytes)
 
         var plan = ReadPlan()
+        plan.fillsAllowed = tunables.readPromoteHits > 0
+            && !readAdmission.isSequential(offset: offset, lengthBytes: UInt64(lengthBytes), cutoffBytes: UInt64(tunables.sequentialCutoffBytes))
+        plan.countsSequentialSkips = tunables.readPromoteHits > 0
         for piece in BlockSplit(offset: offset, lengthBytes: UInt64(lengthBytes)) {
             planBlock(piece, into: &plan, reply: &reply, base: base)
         }
+        counters.readFillsSkippedSequential += UInt64(plan.sequentialSkips)
         let fetches = plan.finished()
         guard !fetches.isEmpty else { return completion(.data(reply)) }
-        submitFetches(fetches, assembly: ReadAssembly(reply: reply, base: base, outstanding: fetches.count, completion: completion))
+        let fills = plan.fills
+        let finish: (VolumeReply) -> Void = fills.isEmpty ? completion : { reply in
+            self.completeFills(fills, reply: reply, base: base)
+            completion(reply)
+        }
+        submitFetches(fetches, assembly: ReadAssembly(reply: reply, base: base, outstanding: fetches.count, completion: finish))
     }
 
     /// Serves one block of a read: sectors cached in memory are copied into the reply now, sectors
@@ -67,6 +76,9 @@ extension CacheEngine {
             }
             backingMask = 0
         }
+        if backingMask == 0xFF {
+            considerFill(piece.blockNumber, replyOffset: blockRequestOffset, plan: &plan)
+        }
         if backingMask != 0 {
             plan.addBackingBlock(mediumOffset: piece.blockNumber * UInt64(CacheGeometry.blockBytes),
                                  sectors: backingMask, blockRequestOffset: blockRequestOffset)
@@ -105,6 +117,13 @@ extension CacheEngine {
 /// ring slot on the cache device, and consecutive blocks of the backing store, each share one fetch.
 struct ReadPlan {
     private var fetches: [ReadFetch] = []
+    /// Whole blocks read from the backing store that may become clean copies, and where their
+    /// data is in the reply.
+    private(set) var fills: [(blockNumber: UInt64, replyOffset: Int)] = []
+    /// Whether this read may cache what it misses (read caching on, not beyond the sequential cutoff).
+    var fillsAllowed = false
+    var countsSequentialSkips = false
+    private(set) var sequentialSkips = 0
     private var backingRun: ReadFetch?
     private var deviceRun: ReadFetch?
     private var deviceRunNextPosition: CacheIndex.Position = 0
@@ -127,6 +146,12 @@ struct ReadPlan {
         }
         backingRun!.addBlock(sectors: sectors, blockRequestOffset: blockRequestOffset)
     }
+
+    mutating func addFill(_ blockNumber: UInt64, replyOffset: Int) {
+        fills.append((blockNumber, replyOffset))
+    }
+
+    mutating func countSequentialSkip() { sequentialSkips += 1 }
 
     /// A block that needs nothing from the backing store ends its run there.
     mutating func endBackingRun() {
@@ -203,5 +228,63 @@ final class ReadAssembly {
         } else {
             completion(.data(reply))
         }
+    }
+}
+
+// MARK: - Read caching
+
+extension CacheEngine {
+    /// A whole block this read takes from the backing store: it becomes a clean copy once read,
+    /// if the admission says so and nothing writes or discards it meanwhile.
+    fileprivate func considerFill(_ blockNumber: UInt64, replyOffset: Int, plan: inout ReadPlan) {
+        guard plan.fillsAllowed else {
+            if plan.countsSequentialSkips { plan.countSequentialSkip() }
+            return
+        }
+        guard readAdmission.promotes(blockNumber, promoteHits: tunables.readPromoteHits) else {
+            counters.readFillsSkippedNotPromoted += 1
+            return
+        }
+        fills.begin(blockNumber)
+        plan.addFill(blockNumber, replyOffset: replyOffset)
+    }
+
+    /// The read's backing data has arrived (or failed): each block not written, discarded or
+    /// cached meanwhile is appended to the open buffer as a clean copy, if there is room without
+    /// waiting and without taking space writers need.
+    fileprivate func completeFills(_ candidates: [(blockNumber: UInt64, replyOffset: Int)], reply: VolumeReply, base: Int) {
+        eventLoop.preconditionInEventLoop()
+        for candidate in candidates {
+            let untouched = fills.end(candidate.blockNumber)
+            guard case .data(let data) = reply else { continue }
+            guard untouched, index.lookup(candidate.blockNumber) == nil else {
+                counters.readFillsSkippedRaced += 1
+                continue
+            }
+            guard let buffer = bufferForFill(candidate.blockNumber) else {
+                counters.readFillsSkippedNoRoom += 1
+                continue
+            }
+            let dataIndex = data.withUnsafeReadableBytes { raw in
+                let start = base - data.readerIndex + candidate.replyOffset
+                return buffer.writeClean(blockNumber: candidate.blockNumber,
+                                         block: UnsafeRawBufferPointer(rebasing: raw[start..<(start + CacheGeometry.blockBytes)]))
+            }
+            let position = CacheIndex.Position(firstPosition(ofSlot: ring.slot(of: buffer.segmentID)) + dataIndex)
+            let replaced = index.insert(candidate.blockNumber, sectorMask: 0xFF, at: position)
+            precondition(replaced == nil, "a clean copy of block \(candidate.blockNumber) replaced a copy in the cache")
+            index.markClean(at: position)
+            counters.readFills += 1
+            if buffer.isFull { sealOpenBuffer(isPartial: false) }
+        }
+    }
+
+    /// The open buffer, or a new one, for a clean copy: never while writes wait for space (their
+    /// order and their room come first), never from the cleaner's reserve or the last free slots.
+    private func bufferForFill(_ blockNumber: UInt64) -> (any WriteBuffer)? {
+        guard failure == nil, lifecycle.acceptsRequests, updates.waiting.isEmpty else { return nil }
+        if let open = buffers.open, open.canAccept(blockNumber) { return open }
+        guard ring.freeSegments > 2 * reserveSegments, !buffers.free.isEmpty || buffers.open != nil else { return nil }
+        return openBufferAccepting(blockNumber, for: .reader)
     }
 }

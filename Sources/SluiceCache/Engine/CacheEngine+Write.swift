@@ -7,6 +7,8 @@ import SluiceFormat
 enum SpaceClaimant {
     case writer
     case cleaner
+    /// A clean copy of a read miss: takes no reserve and never waits.
+    case reader
 }
 
 extension CacheEngine {
@@ -78,6 +80,8 @@ extension CacheEngine {
                 if update.appliedBytes == 0 { counters.writesThrottled += 1 }
                 return .blocked
             }
+            // A read of this block in flight must not cache what it read (it may be older).
+            if !fills.isEmpty { fills.poison(blockNumber) }
             // An old copy fetched for a merge is good only for the piece that asked for it, and only
             // while the index still points at it; any other outcome drops it, so a copy fetched from
             // a slot that is later reused is never merged into anything.
@@ -217,7 +221,7 @@ extension CacheEngine {
             if claimant == .writer { beginHeadWait(forSlot: false) }
             return nil
         }
-        guard ring.freeSegments > (claimant == .writer ? reserveSegments : 0) else {
+        guard ring.freeSegments > (claimant == .cleaner ? 0 : reserveSegments) else {
             if claimant == .writer { beginHeadWait(forSlot: true) }
             return nil
         }

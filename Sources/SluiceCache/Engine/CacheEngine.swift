@@ -59,6 +59,9 @@ public final class CacheEngine {
     var batch: WritebackBatch?
     var spareWritebackMemory: WritebackMemory?
     var backingLoad = BackingLoadMeter()
+    /// Read caching: which misses are cached, and the misses being read.
+    var readAdmission = ReadAdmission()
+    var fills = PendingFills()
     var lifecycle = Lifecycle.running
     var drivePass = ReentrantPass()
     /// `writeBackAll` callers, answered once nothing is dirty.

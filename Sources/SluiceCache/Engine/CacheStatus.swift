@@ -72,6 +72,15 @@ public struct CacheStatus: Codable, Sendable, Equatable {
     public var segmentsReclaimedWithoutIO: UInt64
     public var segmentsRetired: UInt64
     public var cleanerWaitsForWriteback: UInt64
+    /// Read caching: whole-block misses cached as clean copies, and those not cached (beyond the
+    /// sequential cutoff, not yet promoted, raced by a write or discard, no room without waiting).
+    public var readFills: UInt64
+    public var readFillsSkippedSequential: UInt64
+    public var readFillsSkippedNotPromoted: UInt64
+    public var readFillsSkippedRaced: UInt64
+    public var readFillsSkippedNoRoom: UInt64
+    /// Block reads served from the cache, as a share of all block reads.
+    public var readHitRatio: Double
     /// Times the queue of writes stalled for ring space or a buffer, the total and longest stall.
     public var writerStalls: UInt64
     public var writerStallSeconds: Double
@@ -126,6 +135,9 @@ extension CacheEngine {
             relocationShareOfCacheWrites: ratio(c.relocatedBlocks * UInt64(CacheGeometry.blockBytes), c.cacheBytesWritten),
             segmentsReclaimed: c.segmentsReclaimed, segmentsReclaimedWithoutIO: c.segmentsReclaimedWithoutIO,
             segmentsRetired: c.segmentsRetired, cleanerWaitsForWriteback: c.cleanerWaitsForWriteback,
+            readFills: c.readFills, readFillsSkippedSequential: c.readFillsSkippedSequential,
+            readFillsSkippedNotPromoted: c.readFillsSkippedNotPromoted, readFillsSkippedRaced: c.readFillsSkippedRaced,
+            readFillsSkippedNoRoom: c.readFillsSkippedNoRoom, readHitRatio: c.readHitRatio,
             writerStalls: c.writerStalls, writerStallSeconds: Double(c.writerStallNs) / 1e9, writerStallMaxMs: Double(c.writerStallMaxNs) / 1e6,
             pmemDrains: c.pmemDrains, pmemPersistedReplies: c.pmemPersistedReplies,
             drainsPerWrite: ratio(c.pmemDrains, c.pmemPersistedReplies),

@@ -29,6 +29,12 @@ public struct CacheTunables: Codable, Sendable, Equatable {
     /// How long a FUA write or FLUSH waits for others to share its partial segment, in
     /// milliseconds. 0 still gathers the requests that arrive in the same burst.
     public var barrierDeadlineMs = 0
+    /// Reads of a stream longer than this are not cached (bytes; bcache's sequential cutoff, over
+    /// the last 128 streams); 0 caches every read miss.
+    public var sequentialCutoffBytes = 4 << 20
+    /// A block read from the backing store is cached on its N-th miss (Open CAS's promotion after N
+    /// hits): 1 caches every miss, 0 caches no reads.
+    public var readPromoteHits = 1
 
     public init() {}
 
@@ -42,11 +48,14 @@ public struct CacheTunables: Codable, Sendable, Equatable {
         case updateSuperblockRecordIntervalSeconds = "update_sb_record_interval"
         case syncDataIntervalSeconds = "sync_data_interval"
         case barrierDeadlineMs = "barrier_deadline_ms"
+        case sequentialCutoffBytes = "sequential_cutoff"
+        case readPromoteHits = "read_promote_hits"
     }
 
     /// Every key `set` accepts.
     public static let keys = ["high_watermark", "low_watermark", "dirty_target", "writeback_threshold", "max_age",
-                              "nr_max_batched_writeback", "update_sb_record_interval", "sync_data_interval", "barrier_deadline_ms"]
+                              "nr_max_batched_writeback", "update_sb_record_interval", "sync_data_interval", "barrier_deadline_ms",
+                              "sequential_cutoff", "read_promote_hits"]
 
     /// A tunable was given a name or value it does not take.
     public struct Invalid: Error, CustomStringConvertible {
@@ -80,6 +89,8 @@ public struct CacheTunables: Codable, Sendable, Equatable {
         case "update_sb_record_interval": try check(0...86_400); updateSuperblockRecordIntervalSeconds = value
         case "sync_data_interval": try check(0...86_400); syncDataIntervalSeconds = value
         case "barrier_deadline_ms": try check(0...10_000); barrierDeadlineMs = value
+        case "sequential_cutoff": try check(0...(1 << 40)); sequentialCutoffBytes = value
+        case "read_promote_hits": try check(0...255); readPromoteHits = value
         default:
             throw Invalid(description: "unknown tunable \"\(key)\"; the tunables are \(Self.keys.joined(separator: ", "))")
         }
@@ -96,6 +107,8 @@ public struct CacheTunables: Codable, Sendable, Equatable {
         case "update_sb_record_interval": return updateSuperblockRecordIntervalSeconds
         case "sync_data_interval": return syncDataIntervalSeconds
         case "barrier_deadline_ms": return barrierDeadlineMs
+        case "sequential_cutoff": return sequentialCutoffBytes
+        case "read_promote_hits": return readPromoteHits
         default: return nil
         }
     }

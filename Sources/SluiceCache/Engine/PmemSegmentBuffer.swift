@@ -111,6 +111,17 @@ public final class PmemSegmentBuffer: WriteBuffer {
         append(blockNumber: blockNumber, sectorMask: sectorMask, block: block)
     }
 
+    /// Appends a clean copy of `blockNumber` (a whole block read from the backing store). Flushed,
+    /// never waited for: losing it loses nothing.
+    @discardableResult
+    public func writeClean(blockNumber: UInt64, block: UnsafeRawBufferPointer) -> Int {
+        precondition(!isFull && block.count == CacheGeometry.blockBytes && segmentID > 0)
+        let index = entries.count
+        memory.copyAndFlush(to: dataOffset(index), from: block)
+        commitEntry(index: index, entry: SegmentHeader.Entry(blockNumber: blockNumber, sectorMask: 0xFF, isClean: true))
+        return index
+    }
+
     /// Appends a discard marker for `blockNumber`.
     @discardableResult
     public func markDiscarded(blockNumber: UInt64) -> Int {
@@ -121,7 +132,11 @@ public final class PmemSegmentBuffer: WriteBuffer {
     }
 
     private func commitEntry(index: Int, blockNumber: UInt64, sectorMask: UInt8) {
-        let entry = SegmentHeader.Entry(blockNumber: blockNumber, sectorMask: sectorMask)
+        commitEntry(index: index, entry: SegmentHeader.Entry(blockNumber: blockNumber, sectorMask: sectorMask))
+    }
+
+    private func commitEntry(index: Int, entry: SegmentHeader.Entry) {
+        let blockNumber = entry.blockNumber
         let word0 = entry.packed
         let block = UnsafeRawBufferPointer(start: memory.baseAddress + dataOffset(index), count: CacheGeometry.blockBytes)
         let word1 = PmemLayout.entryWord1(segmentID: segmentID, word0: word0, block: block)

@@ -85,12 +85,35 @@ public final class SegmentBuffer: WriteBuffer {
         return index
     }
 
+    /// Appends a clean copy of `blockNumber`: the whole 4 KiB `block` as read from the backing
+    /// store. The block may be here only as a discard marker, which the copy replaces (both
+    /// supersede the block's earlier copies). Returns the data-block index used.
+    @discardableResult
+    public func writeClean(blockNumber: UInt64, block: UnsafeRawBufferPointer) -> Int {
+        precondition(block.count == CacheGeometry.blockBytes)
+        let index: Int
+        if let existing = dataIndexByBlock[blockNumber] {
+            precondition(entries[existing].sectorMask == 0, "a clean copy over a copy with data in the open buffer")
+            index = existing
+            entries[index] = SegmentHeader.Entry(blockNumber: blockNumber, sectorMask: 0xFF, isClean: true)
+        } else {
+            precondition(!isFull, "clean copy in a full segment buffer")
+            index = entries.count
+            entries.append(SegmentHeader.Entry(blockNumber: blockNumber, sectorMask: 0xFF, isClean: true))
+            dataIndexByBlock[blockNumber] = index
+        }
+        let base = (geometry.headerBlocks + index) * CacheGeometry.blockBytes
+        (storage.baseAddress! + base).copyMemory(from: block.baseAddress!, byteCount: CacheGeometry.blockBytes)
+        return index
+    }
+
     /// Marks `blockNumber` discarded in this segment: an entry with an empty mask, which replay
     /// takes as "forget every earlier copy". Returns the data-block index used.
     @discardableResult
     public func markDiscarded(blockNumber: UInt64) -> Int {
         if let index = dataIndexByBlock[blockNumber] {
             entries[index].sectorMask = 0
+            entries[index].isClean = false
             return index
         }
         precondition(!isFull, "discard marker in a full segment buffer")
@@ -102,7 +125,10 @@ public final class SegmentBuffer: WriteBuffer {
 
     private func claim(_ blockNumber: UInt64, sectorMask: UInt8) -> Int {
         if let existing = dataIndexByBlock[blockNumber] {
+            // A write over a clean copy here makes the whole block dirty: the copy's other sectors
+            // are the backing store's, and they go back with it.
             entries[existing].sectorMask |= sectorMask
+            entries[existing].isClean = false
             return existing
         }
         precondition(!isFull, "write to a full segment buffer")
@@ -163,6 +189,8 @@ public protocol WriteBuffer: AnyObject {
     @discardableResult func write(blockNumber: UInt64, sectorMask: UInt8, sectors: UnsafeRawBufferPointer) -> Int
     @discardableResult func write(blockNumber: UInt64, sectorMask: UInt8, block: UnsafeRawBufferPointer) -> Int
     @discardableResult func markDiscarded(blockNumber: UInt64) -> Int
+    /// Appends a clean copy (a whole block read from the backing store). It needs no persist.
+    @discardableResult func writeClean(blockNumber: UInt64, block: UnsafeRawBufferPointer) -> Int
     func withBlock<Result>(at dataIndex: Int, _ body: (UnsafeRawBufferPointer) throws -> Result) rethrows -> Result
     func seal(cacheUUID: [UInt8], isPartial: Bool) -> UnsafeRawBufferPointer
     func reset()
