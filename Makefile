@@ -10,7 +10,7 @@ PACKAGES := pkg-config liburing-dev libpmem-dev libnbd-dev libisal-dev \
 VAR := $(CURDIR)/var
 SOCKET := $(VAR)/sluice.sock
 
-.PHONY: run test soak soak-kill bench bench-cache bench-pmem bench-sustained deps build release clean
+.PHONY: run test soak soak-kill bench bench-cache bench-pmem bench-sustained bench-read deps build release clean
 
 ## Install the Debian packages that are missing.
 deps:
@@ -101,6 +101,7 @@ bench-cache: release .build/fua_load
 	python3 bench/cache_bench.py $(BENCH_ARGS)
 	python3 bench/pmem_bench.py $(PMEM_BENCH_ARGS)
 	$(DEBIAN_PYTHON) bench/sustained_bench.py $(SUSTAINED_BENCH_ARGS)
+	python3 bench/read_bench.py $(READ_BENCH_ARGS)
 
 ## Only the persistent-memory comparison of issue 4.
 bench-pmem: release .build/fua_load
@@ -112,6 +113,11 @@ bench-pmem: release .build/fua_load
 ## under bench/results/ (options through SUSTAINED_BENCH_ARGS, e.g. "--runtime 10 --cache-mib 256").
 bench-sustained: release
 	$(DEBIAN_PYTHON) bench/sustained_bench.py $(SUSTAINED_BENCH_ARGS)
+
+## The read cache: hot-set random reads, a sequential read that must not evict the hot set, a
+## Zipfian mix over four times the cache, and a 70/30 read/write mix, beside nbdkit's cache filter.
+bench-read: release
+	python3 bench/read_bench.py $(READ_BENCH_ARGS)
 
 # Debian's python3, for which `make deps` installs python3-matplotlib (the plot); a python3 earlier on
 # PATH may not have it.

@@ -149,4 +149,46 @@ final class CacheEngineReadCacheTests: XCTestCase {
         }
         XCTAssertTrue(try harness.read(at: 450 * 4096, count: 4096).allSatisfy { $0 == 0 })
     }
+    /// Clean copies in the log and in the pmem buffer, dirty copies over some of them, a trimmed
+    /// block read (and cached) again, then a power failure at seeded points: every block reads its
+    /// last durable value, and recovery indexes no clean copy (FORMAT.md, R3).
+    func testPowerFailuresWithCleanCopiesInTheLogAndInPmem() throws {
+        for pmemMode in [false, true] {
+            for seed in 1...12 as ClosedRange<UInt64> {
+                var tunables = CacheTunables()
+                tunables.writebackThresholdPercent = 0
+                tunables.dirtyTargetPercent = 100
+                let harness = try EngineHarness(cacheBytes: 1 << 20, backingBytes: 2 << 20, segmentBytes: 64 * 1024, tunables: tunables,
+                                                pmemMode: pmemMode)
+                defer { harness.close() }
+                try seedBacking(harness, 0..<40, tag: 7)
+                try harness.onMedia { _, backing in backing.synchronize { _ in } }
+                var rng = SplitMix64(seed: seed)
+                var expected = (0..<40).map { block(7, $0) }
+                for round in 0..<4 {
+                    _ = try harness.read(at: 0, count: 40 * 4096)
+                    for _ in 0..<3 {
+                        let target = rng.below(40)
+                        let tag = UInt32(100 + round * 10 + target)
+                        try harness.write(block(tag, target), at: UInt64(target * 4096), fua: true)
+                        expected[target] = block(tag, target)
+                    }
+                    let trimmed = rng.below(40)
+                    try harness.discard(at: UInt64(trimmed * 4096), count: 4096, zeroes: true, fua: true)
+                    expected[trimmed] = [UInt8](repeating: 0, count: 4096)
+                    if rng.chance(50) { try harness.flush() }
+                }
+                _ = try harness.read(at: 0, count: 40 * 4096)
+                let cleanBefore = try harness.inspect { engine in (0..<40).filter { engine.index.lookup(UInt64($0))?.isDirty == false }.count }
+                XCTAssertGreaterThan(cleanBefore, 0, "seed \(seed): clean copies before the power failure")
+                try harness.crash(seed: seed)
+                let context = "\(pmemMode ? "pmem" : "volatile") seed \(seed)"
+                XCTAssertEqual(try harness.inspect { engine in (0..<40).filter { engine.index.lookup(UInt64($0))?.isDirty == false }.count }, 0,
+                               "\(context): recovery indexes no clean copy")
+                for target in 0..<40 {
+                    XCTAssertTrue(try harness.read(at: UInt64(target * 4096), count: 4096) == expected[target], "\(context): block \(target)")
+                }
+            }
+        }
+    }
 }

@@ -328,4 +328,30 @@ final class WritebackBatcherTests: XCTestCase {
         batcher.sweptThrough(.max)
         XCTAssertEqual(batcher.cursor, 0)
     }
+    /// Ring-tail batches are sized from their own measurements: the tail's scattered blocks cost a
+    /// backing request each, and writers may wait for them, so a slow tail batch shrinks the next
+    /// tail batch without touching the block-order size, and a fast block-order batch does not grow
+    /// the tail's.
+    func testRingTailBatchesAreSizedOnTheirOwn() {
+        var batcher = WritebackBatcher()
+        var tail = calm()
+        tail.tailNeedsWriteback = true
+        tail.dirtyBlocks = 900
+        let first = batcher.next(tail)
+        XCTAssertEqual(first?.trigger, .ringTail)
+        XCTAssertEqual(first?.maxBlocks, WritebackBatcher.tailBatchBlocksInitial)
+        // 32 scattered blocks at 8 ms each: 0.256 s, about half the target: the size holds.
+        batcher.finished(blocks: 32, durationNs: 256_000_000, nowNs: tail.nowNs + second)
+        XCTAssertEqual(batcher.next(tail)?.maxBlocks, 62)
+        // Slower (2 s for 62): the next tail batch is cut to half, the block-order size untouched.
+        batcher.finished(blocks: 62, durationNs: 2 * second, nowNs: tail.nowNs + 3 * second)
+        XCTAssertEqual(batcher.tailBatchBlocks, 31)
+        XCTAssertEqual(batcher.batchBlocks, WritebackBatcher.batchBlocksInitial)
+        var dirty = calm()
+        dirty.dirtyBlocks = 900
+        XCTAssertEqual(batcher.next(dirty)?.trigger, .dirtyTarget)
+        batcher.finished(blocks: 256, durationNs: second / 10, nowNs: dirty.nowNs + 4 * second)
+        XCTAssertEqual(batcher.batchBlocks, 512)
+        XCTAssertEqual(batcher.tailBatchBlocks, 31, "a fast block-order batch says nothing of the tail")
+    }
 }

@@ -64,6 +64,11 @@ struct WritebackBatcher {
     private(set) var cursor: UInt64 = 0
     /// Blocks the next batch takes (before the `nr_max_batched_writeback` cap).
     private(set) var batchBlocks = Self.batchBlocksInitial
+    /// Blocks the next ring-tail batch takes: measured on its own, as the tail's oldest blocks are
+    /// scattered (a backing request each) where a block-order sweep merges runs, and writers may
+    /// be waiting for it. Sized like the others, to about ``batchTargetNs`` of the backing store.
+    private(set) var tailBatchBlocks = Self.tailBatchBlocksInitial
+    static let tailBatchBlocksInitial = 32
     /// No batch starts before this (a second after a failed one).
     private(set) var retryNotBeforeNs: UInt64 = 0
     /// No opportunistic batch starts before this: below the dirty target, writeback takes at most
@@ -100,7 +105,7 @@ struct WritebackBatcher {
         }
         guard let trigger else { return nil }
         lastTrigger = trigger
-        return (trigger, selection, min(batchBlocks, cap))
+        return (trigger, selection, min(trigger == .ringTail ? tailBatchBlocks : batchBlocks, cap))
     }
 
     /// A block-order batch ended its sweep at `blockNumber` (the last block it took).
@@ -122,20 +127,30 @@ struct WritebackBatcher {
             opportunisticNotBeforeNs = nowNs + durationNs * (100 - Self.opportunisticDutyPercent) / Self.opportunisticDutyPercent
         }
         guard blocks > 0 else { return }
+        if lastTrigger == .ringTail {
+            if let next = Self.adjusted(tailBatchBlocks, blocks: blocks, durationNs: durationNs) { tailBatchBlocks = next }
+        } else if let next = Self.adjusted(batchBlocks, blocks: blocks, durationNs: durationNs) {
+            batchBlocks = next
+        }
+    }
+
+    /// The next size after a batch of `blocks` (of `current` asked) that took `durationNs`, or nil
+    /// to keep `current`.
+    private static func adjusted(_ current: Int, blocks: Int, durationNs: UInt64) -> Int? {
         let perTarget = Double(blocks) * Double(Self.batchTargetNs) / Double(max(durationNs, 1_000_000))
         let next: Double
-        if blocks >= batchBlocks {
+        if blocks >= current {
             next = min(Double(blocks) * 2, max(Double(blocks) / 2, perTarget))
-        } else if perTarget < Double(batchBlocks) {
+        } else if perTarget < Double(current) {
             // Only a batch that was full says the store could have done more. A short one (the
             // dirty set, or the tail's oldest blocks, had fewer) can only say it did less: the size
             // goes down to what the store managed, if that is less. Twice the short batch is no
             // measure of the store: a fast ring-tail batch of 40 blocks would cut the size to 80.
             next = max(Double(blocks) / 2, perTarget)
         } else {
-            return
+            return nil
         }
-        batchBlocks = min(Self.batchBlocksMax, max(Self.batchBlocksMin, Int(next)))
+        return min(Self.batchBlocksMax, max(Self.batchBlocksMin, Int(next)))
     }
 
     mutating func failed(nowNs: UInt64) {
