@@ -142,7 +142,8 @@ extension CacheEngine {
         let now = clock.nowNs
         let situation = WritebackBatcher.Situation(
             nowNs: now, dirtyBlocks: index.dirtyCount, cacheBlocks: geometry.cacheBlocks, writeBackAll: !writeBackAllWaiters.isEmpty,
-            tailNeedsWriteback: tailNeedsWriteback, oldestDirtyOpenedAtNs: oldestDirtySegmentID().map { ring.openedAtNs(of: $0) },
+            tailNeedsWriteback: tailNeedsWriteback, spaceIsShort: updates.headWait.isForSlot || ring.freeSegments <= 2 * reserveSegments,
+            oldestDirtyOpenedAtNs: oldestDirtySegmentID().map { ring.openedAtNs(of: $0) },
             backingBusyPercent: backingLoad.busyPercent(nowNs: now), discardPassingDown: discards.isPassingDown,
             blocksPerSegment: geometry.dataBlocksPerSegment, tunables: tunables)
         guard let (trigger, selection, maxBlocks) = writeback.next(situation) else { return }

@@ -44,6 +44,10 @@ struct WritebackBatcher {
         var cacheBlocks: Int
         var writeBackAll: Bool
         var tailNeedsWriteback: Bool
+        /// Writers wait for ring space, or the free slots are down to twice the cleaner's reserve:
+        /// the tail's blocks are the ones whose writeback frees space, so every batch serves it
+        /// (a block-order batch running when the tail needs writeback would delay it).
+        var spaceIsShort = false
         /// The oldest dirty segment's open time, if any segment is dirty.
         var oldestDirtyOpenedAtNs: UInt64?
         var backingBusyPercent: Int
@@ -88,7 +92,7 @@ struct WritebackBatcher {
         var selection = Selection.blockOrder(from: cursor)
         if situation.writeBackAll {
             trigger = .writeBackAll
-        } else if situation.tailNeedsWriteback {
+        } else if situation.tailNeedsWriteback || situation.spaceIsShort {
             trigger = .ringTail
             selection = .oldest(openedBeforeNs: nil)
         } else if tunables.maxAgeSeconds > 0, let oldest = situation.oldestDirtyOpenedAtNs,
