@@ -304,7 +304,7 @@ struct StatusCommand: ParsableCommand {
             "writeback           \(status.writebackInProgress ? "running" : "idle")\(status.writebackTrigger.map { " (\($0))" } ?? ""), next batch \(status.writebackBatchBlocks) blocks; \(status.writebackBatches) batches, \(status.writtenBackBlocks) blocks (\(String(format: "%.1f", status.writtenBackBlocksPerBatch)) per batch, \(status.lastBatchWrittenBackBlocks) in the last), \(status.writebackSkippedBlocks) skipped as superseded, \(status.backingWriteRequests) backing writes, \(status.writebackErrors) errors",
             "write buffer        \(status.bufferBlocks) blocks in the open segment\(status.mode == "pmem" ? " (persistent memory)" : " (DRAM)"), \(status.bufferSegmentsUnsynced) sealed segments not yet synced on the cache device",
             "partial segments    \(status.partialSegments) of \(status.segmentsWritten) written",
-            "write amplification \(String(format: "%.4f", status.writeAmplification)) (cache-device bytes per user byte)",
+            "write amplification \(String(format: "%.4f", status.writeAmplification)) (cache-device bytes per user byte written; clean copies of reads not counted)",
             "bytes written       user \(mib(status.userBytesWritten)), cache device \(mib(status.cacheBytesWritten)), backing \(mib(status.backingBytesWritten))",
             "bytes read          user \(mib(status.userBytesRead)), cache device \(mib(status.cacheBytesRead)), backing \(mib(status.backingBytesRead))",
             "syncs               cache device \(status.cacheSyncs), backing \(status.backingSyncs); \(status.recordWrites) superblock records",

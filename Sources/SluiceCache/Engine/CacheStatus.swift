@@ -90,7 +90,8 @@ public struct CacheStatus: Codable, Sendable, Equatable {
     public var pmemDrains: UInt64
     public var pmemPersistedReplies: UInt64
     public var drainsPerWrite: Double
-    /// Cache-device bytes written (segments) per user byte written.
+    /// Cache-device bytes written (segments) per user byte written, not counting the clean copies of
+    /// reads (a data block each).
     public var writeAmplification: Double
     /// dm-writeboost's sixteen counters by name (`write_hit_buffer_full`, ...).
     public var blockCounts: [String: UInt64]
@@ -141,7 +142,9 @@ extension CacheEngine {
             writerStalls: c.writerStalls, writerStallSeconds: Double(c.writerStallNs) / 1e9, writerStallMaxMs: Double(c.writerStallMaxNs) / 1e6,
             pmemDrains: c.pmemDrains, pmemPersistedReplies: c.pmemPersistedReplies,
             drainsPerWrite: ratio(c.pmemDrains, c.pmemPersistedReplies),
-            writeAmplification: ratio(c.cacheBytesWritten, c.userBytesWritten),
+            // Clean copies of reads are cache-device writes no user write caused: left out.
+            writeAmplification: ratio(c.cacheBytesWritten - min(c.cacheBytesWritten, c.readFills * UInt64(CacheGeometry.blockBytes)),
+                                      c.userBytesWritten),
             blockCounts: counts, tunables: tunableValues)
     }
 
