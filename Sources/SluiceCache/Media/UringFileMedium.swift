@@ -68,23 +68,16 @@ public final class UringFileMedium: BlockMedium, IOCompletionHandler {
         start(operation, .done(completion))
     }
 
+    /// Reads through the page cache: blocks read often (cache hits, relocated tails) are served
+    /// from memory, as a passthrough volume's are. Coherent with the O_DIRECT segment writes: a
+    /// direct write invalidates the cached pages of its range, and the engine never reads a slot
+    /// while its segment is being written (those reads come from the segment's buffer). Writeback
+    /// batches read O_DIRECT into their own memory instead (``read(offset:into:completion:)``).
     public func read(offset: UInt64, count: Int, completion: @escaping (Result<ByteBuffer, MediumError>) -> Void) {
         guard contains(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
-        let alignment = CacheGeometryAlignment.bytes
-        guard directFileDescriptor >= 0, offset % UInt64(alignment) == 0, count % alignment == 0 else {
-            var buffer = allocator.buffer(capacity: count)
-            buffer.reserveCapacity(minimumWritableBytes: count)
-            return start(IOOperation(kind: .read, fileDescriptor: file.fileDescriptor, offset: offset, lengthBytes: UInt32(count), buffer: buffer),
-                         .read(completion))
-        }
-        // O_DIRECT needs aligned memory: the read lands past the padding that aligns it, and the
-        // padding is not readable.
-        var buffer = allocator.buffer(capacity: count + alignment)
-        let base = buffer.withVeryUnsafeBytes { UInt(bitPattern: $0.baseAddress) }
-        let padding = Int((UInt(alignment) - base % UInt(alignment)) % UInt(alignment))
-        buffer.moveWriterIndex(forwardBy: padding)
-        buffer.moveReaderIndex(forwardBy: padding)
-        start(IOOperation(kind: .read, fileDescriptor: directFileDescriptor, offset: offset, lengthBytes: UInt32(count), buffer: buffer),
+        var buffer = allocator.buffer(capacity: count)
+        buffer.reserveCapacity(minimumWritableBytes: count)
+        start(IOOperation(kind: .read, fileDescriptor: file.fileDescriptor, offset: offset, lengthBytes: UInt32(count), buffer: buffer),
               .read(completion))
     }
 
