@@ -133,6 +133,9 @@ extension CacheEngine {
     static let writebackWriteBytesMax = 32 << 20
     /// The most backing writes, and cache-device reads, a batch keeps in flight.
     static let writebackWritesInFlightMax = 64
+    /// ... and an opportunistic batch (the backing store looked idle): a foreground read arriving
+    /// meanwhile waits behind at most this many writes on a backing store that serializes requests.
+    static let opportunisticWritesInFlightMax = 8
     static let writebackReadsInFlightMax = 64
 
     /// Starts a writeback batch if the batcher wants one now.
@@ -353,11 +356,15 @@ extension CacheEngine {
     /// Issues the batch's backing writes in block order, a bounded number at a time, merging
     /// contiguous dirty sectors into one write. Each item is checked just before its write is
     /// formed: a block superseded since the batch read it is skipped, not written.
+    private func writesInFlightLimit(_ batch: WritebackBatch) -> Int {
+        batch.trigger == .backingIdle ? Self.opportunisticWritesInFlightMax : Self.writebackWritesInFlightMax
+    }
+
     func issueWritebackWrites(_ batch: WritebackBatch) {
         guard batch.phase == .writing, batch.pass.begin() else { return }
         if batch.writingStartedNs == nil { batch.writingStartedNs = clock.nowNs }
         repeat {
-            while batch.failure == nil, batch.writesOutstanding < Self.writebackWritesInFlightMax, let run = nextWritebackRun(batch) {
+            while batch.failure == nil, batch.writesOutstanding < writesInFlightLimit(batch), let run = nextWritebackRun(batch) {
                 writeBack(batch, run)
             }
         } while batch.pass.again()
