@@ -26,7 +26,7 @@ import sys
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import markdown_table, run_fio, log, record_command  # noqa: E402
+from bench import markdown_table, run_fio, run_fio_job, log, record_command  # noqa: E402
 from cache_bench import (start_sluice_cache, start_nbdkit_cache, start_sluice_passthrough,  # noqa: E402
                          sluice_status, kill_processes)
 
@@ -87,7 +87,13 @@ def main():
 
         def measure(system, workload, arguments, size):
             before = sluice_status(args.sluice, socket) if system == "sluice-cache" else None
-            result = run_fio(uris[system], arguments, args.runtime, size)
+            if any(a.startswith("--rwmixread") for a in arguments):
+                # A mix: reads and writes together (run_fio reports one side).
+                job = run_fio_job(uris[system], arguments, args.runtime, size)
+                result = {"iops": job["read"]["iops"] + job["write"]["iops"],
+                          "p99_us": max(job[side]["clat_ns"].get("percentile", {}).get("99.000000", 0) for side in ("read", "write")) / 1000.0}
+            else:
+                result = run_fio(uris[system], arguments, args.runtime, size)
             results[(workload, system)] = result
             if before is not None:
                 h0, a0 = read_counts(before)
