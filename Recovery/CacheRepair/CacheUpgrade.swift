@@ -24,7 +24,7 @@ public enum CacheUpgrade {
             throw got < 0 ? IOFailure(description: "reading the superblock of \(cachePath) failed: \(String(cString: strerror(errno)))")
                 : FormatError.notFormatted
         }
-        let version = block.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt32.self)) }
+        let version = SuperblockHeader.storedVersion(block)
         if version == SuperblockHeader.formatVersion {
             // A damaged current header is reported as such, not "upgraded".
             _ = try block.withUnsafeBytes { try SuperblockHeader(decoding: $0) }

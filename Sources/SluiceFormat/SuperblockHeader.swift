@@ -76,9 +76,20 @@ public struct SuperblockHeader: Hashable, Sendable {
         writer.write(UInt16(identity.count))
         writer.write(bytes: identity)
         var bytes = writer.bytes
-        let crc = CRC32C.checksum(Array(bytes[0..<(CacheGeometry.blockBytes - 4)]))
-        withUnsafeBytes(of: crc.littleEndian) { bytes.replaceSubrange((CacheGeometry.blockBytes - 4)..<CacheGeometry.blockBytes, with: $0) }
+        Self.seal(&bytes)
         return bytes
+    }
+
+    /// Stores the CRC-32C of bytes 0 ..< 4092 in the block's last 4 bytes.
+    private static func seal(_ block: inout [UInt8]) {
+        let crc = CRC32C.checksum(Array(block[0..<(CacheGeometry.blockBytes - 4)]))
+        withUnsafeBytes(of: crc.littleEndian) { block.replaceSubrange((CacheGeometry.blockBytes - 4)..<CacheGeometry.blockBytes, with: $0) }
+    }
+
+    /// The format version a header block says it has (whether or not the rest is valid).
+    public static func storedVersion(_ block: [UInt8]) -> UInt32 {
+        precondition(block.count >= 12)
+        return block.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt32.self)) }
     }
 
     /// The header block of a version-1 cache as version 2 (`sluice-recover upgrade`): the same
@@ -87,7 +98,7 @@ public struct SuperblockHeader: Hashable, Sendable {
     public static func upgradedFromVersion1(_ block: [UInt8]) throws -> [UInt8] {
         precondition(block.count == CacheGeometry.blockBytes)
         guard Array(block[0..<8]) == magic else { throw FormatError.notFormatted }
-        let version = block.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt32.self)) }
+        let version = storedVersion(block)
         guard version == upgradableVersion else { throw FormatError.unsupportedVersion(found: version, supported: formatVersion) }
         let stored = block.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: CacheGeometry.blockBytes - 4, as: UInt32.self)) }
         guard stored == CRC32C.checksum(Array(block[0..<(CacheGeometry.blockBytes - 4)])) else {
@@ -95,8 +106,7 @@ public struct SuperblockHeader: Hashable, Sendable {
         }
         var upgraded = block
         withUnsafeBytes(of: formatVersion.littleEndian) { upgraded.replaceSubrange(8..<12, with: $0) }
-        let crc = CRC32C.checksum(Array(upgraded[0..<(CacheGeometry.blockBytes - 4)]))
-        withUnsafeBytes(of: crc.littleEndian) { upgraded.replaceSubrange((CacheGeometry.blockBytes - 4)..<CacheGeometry.blockBytes, with: $0) }
+        seal(&upgraded)
         _ = try upgraded.withUnsafeBytes { try SuperblockHeader(decoding: $0) }
         return upgraded
     }

@@ -27,32 +27,24 @@ public enum BlockStatusScanner {
             if dataStart < 0 {
                 if errno == ENXIO {
                     // No data from here to the end of the file.
-                    append(&extents, length: end - position, flags: [.hole, .zero])
+                    extents.appendMerging(lengthBytes: end - position, flags: [.hole, .zero])
                 } else {
-                    append(&extents, length: end - position, flags: [])
+                    extents.appendMerging(lengthBytes: end - position, flags: [])
                 }
                 break
             }
             if UInt64(dataStart) > position {
                 let holeEnd = min(UInt64(dataStart), end)
-                append(&extents, length: holeEnd - position, flags: [.hole, .zero])
+                extents.appendMerging(lengthBytes: holeEnd - position, flags: [.hole, .zero])
                 position = holeEnd
                 continue
             }
             let holeStart = lseek(fileDescriptor, off_t(position), seekHole)
             let dataEnd = holeStart < 0 ? end : min(max(UInt64(holeStart), position + 1), end)
-            append(&extents, length: dataEnd - position, flags: [])
+            extents.appendMerging(lengthBytes: dataEnd - position, flags: [])
             position = dataEnd
         }
         return roundedToSectors(extents, requestedBytes: UInt64(lengthBytes))
-    }
-
-    private static func append(_ extents: inout [BlockStatusExtent], length: UInt64, flags: BlockStatusFlags) {
-        if let last = extents.last, last.flags == flags {
-            extents[extents.count - 1].lengthBytes = last.lengthBytes + UInt32(length)
-        } else {
-            extents.append(BlockStatusExtent(lengthBytes: UInt32(length), flags: flags))
-        }
     }
 
     /// File systems report holes at their own granularity; clients are promised 512-byte multiples.
@@ -76,14 +68,8 @@ public enum BlockStatusScanner {
                 target = trueEnd / sectorBytes * sectorBytes
             }
             guard target > emittedEnd else { continue }
-            let length = UInt32(target - emittedEnd)
             // Data may absorb a neighbouring partial hole, never the other way round.
-            let flags: BlockStatusFlags = extent.flags
-            if let last = result.last, last.flags == flags {
-                result[result.count - 1].lengthBytes += length
-            } else {
-                result.append(BlockStatusExtent(lengthBytes: length, flags: flags))
-            }
+            result.appendMerging(lengthBytes: target - emittedEnd, flags: extent.flags)
             emittedEnd = target
         }
         return result.isEmpty ? [BlockStatusExtent(lengthBytes: UInt32(requestedBytes), flags: [])] : result

@@ -116,13 +116,8 @@ public final class SimulatedMedium: BlockMedium {
         let end = Int(offset) + Int(lengthBytes)
         while sector < end {
             let flags: BlockStatusFlags = visible[sector..<(sector + 512)].allSatisfy { $0 == 0 } ? .zero : []
-            if let last = extents.last, last.flags == flags {
-                extents[extents.count - 1].lengthBytes += 512
-            } else if extents.count == maximumExtents {
-                break
-            } else {
-                extents.append(BlockStatusExtent(lengthBytes: 512, flags: flags))
-            }
+            if extents.count == maximumExtents, extents.last?.flags != flags { break }
+            extents.appendMerging(lengthBytes: 512, flags: flags)
             sector += 512
         }
         completion(extents)

@@ -7,14 +7,7 @@ extension BlockStatusExtent {
                                    maximumExtents: Int) -> [BlockStatusExtent] {
         precondition(maximumExtents > 0)
         var result: [BlockStatusExtent] = []
-        func append(_ length: UInt64, _ flags: BlockStatusFlags) {
-            guard length > 0 else { return }
-            if let last = result.last, last.flags == flags {
-                result[result.count - 1].lengthBytes += UInt32(length)
-            } else {
-                result.append(BlockStatusExtent(lengthBytes: UInt32(length), flags: flags))
-            }
-        }
+        func append(_ length: UInt64, _ flags: BlockStatusFlags) { result.appendMerging(lengthBytes: length, flags: flags) }
         var position = start
         var next = 0
         for extent in extents {
@@ -39,5 +32,18 @@ extension BlockStatusExtent {
             position = end
         }
         return Array(result.prefix(maximumExtents))
+    }
+}
+
+extension Array where Element == BlockStatusExtent {
+    /// Appends `lengthBytes` with `flags`, lengthening the last extent when it has the same flags
+    /// (an empty length appends nothing).
+    public mutating func appendMerging(lengthBytes: UInt64, flags: BlockStatusFlags) {
+        guard lengthBytes > 0 else { return }
+        if let last, last.flags == flags {
+            self[count - 1].lengthBytes = last.lengthBytes + UInt32(lengthBytes)
+        } else {
+            append(BlockStatusExtent(lengthBytes: UInt32(lengthBytes), flags: flags))
+        }
     }
 }

@@ -161,12 +161,19 @@ final class CacheCommandLineTests: XCTestCase {
         XCTAssertEqual(Array(backingImage), image, "after a drain the backing file equals what the server served")
     }
 
-    func testStatusSetAndDrainTalkToTheRunningServer() throws {
+    /// A formatted 4 MiB cache (64 KiB segments) over an 8 MiB sparse backing file, served with no
+    /// writeback but what is asked for.
+    private func startIdleWritebackServer() throws -> (socket: String, server: Process) {
         let backing = try makeFile("backing.img", sizeBytes: 8 << 20)
         let cache = try makeFile("cache.img", sizeBytes: 4 << 20)
         let socket = directory + "/s.sock"
         XCTAssertEqual(try run(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K"]).status, 0)
         let server = try startServer(cache: cache, backing: backing, socket: socket, extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
+        return (socket, server)
+    }
+
+    func testStatusSetAndDrainTalkToTheRunningServer() throws {
+        let (socket, server) = try startIdleWritebackServer()
         defer { stop(server) }
         let client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
         try client.write([UInt8](repeating: 0xAB, count: 3 * 4096), offset: 0)
@@ -210,11 +217,7 @@ final class CacheCommandLineTests: XCTestCase {
     /// BLOCK_STATUS on a cache over a sparse backing file: blocks the cache holds dirty are data
     /// although the backing file has holes there; after a drain the backing file has the data.
     func testBlockStatusReportsDirtyBlocksAsData() throws {
-        let backing = try makeFile("backing.img", sizeBytes: 8 << 20)
-        let cache = try makeFile("cache.img", sizeBytes: 4 << 20)
-        let socket = directory + "/s.sock"
-        XCTAssertEqual(try run(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K"]).status, 0)
-        let server = try startServer(cache: cache, backing: backing, socket: socket, extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
+        let (socket, server) = try startIdleWritebackServer()
         defer { stop(server) }
         let client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
         XCTAssertTrue(client.canBlockStatus)

@@ -207,6 +207,12 @@ extension CacheEngine {
         reclaim(job.segmentID, withoutIO: job.relocatedCount == 0 && job.readsIssued == 0)
     }
 
+    /// Writers wait for ring space, or the free slots are down to twice the cleaner's reserve: the
+    /// tail's writeback frees space, and nothing else may take the free slots left.
+    var spaceIsShort: Bool {
+        updates.headWait.isForSlot || ring.freeSegments <= 2 * reserveSegments
+    }
+
     /// Whether the tail must be written back before the cleaner can reclaim it: it is (nearly)
     /// all dirty, or its relocation waits for a slot that only retiring it would free.
     var tailNeedsWriteback: Bool {
@@ -216,7 +222,7 @@ extension CacheEngine {
         }
         // Space is short and the tail is below the yield: the next reclaim needs writeback of it,
         // whatever the cleaner answered a moment ago (a block-order batch now would be wasted).
-        guard updates.headWait.isForSlot || ring.freeSegments <= 2 * reserveSegments, let tail = ring.reclaimableTailID else { return false }
+        guard spaceIsShort, let tail = ring.reclaimableTailID else { return false }
         let gain = geometry.dataBlocksPerSegment - index.dirtyBlocks(inSlot: ring.slot(of: tail))
         return gain * 100 < geometry.dataBlocksPerSegment * Cleaner.relocationYieldPercentMin
     }

@@ -21,13 +21,16 @@ extension CacheEngine {
         counters.userBytesRead += UInt64(lengthBytes)
 
         var plan = ReadPlan()
-        plan.fillsAllowed = tunables.readPromoteHits > 0
-            && !readAdmission.isSequential(offset: offset, lengthBytes: UInt64(lengthBytes), cutoffBytes: UInt64(tunables.sequentialCutoffBytes))
-        plan.countsSequentialSkips = tunables.readPromoteHits > 0
+        if tunables.readPromoteHits == 0 {
+            plan.fillPolicy = .off
+        } else if readAdmission.isSequential(offset: offset, lengthBytes: UInt64(lengthBytes), cutoffBytes: UInt64(tunables.sequentialCutoffBytes)) {
+            plan.fillPolicy = .sequential
+        } else {
+            plan.fillPolicy = .admitted
+        }
         for piece in BlockSplit(offset: offset, lengthBytes: UInt64(lengthBytes)) {
             planBlock(piece, into: &plan, reply: &reply, base: base)
         }
-        counters.readFillsSkippedSequential += UInt64(plan.sequentialSkips)
         let fetches = plan.finished()
         guard !fetches.isEmpty else { return completion(.data(reply)) }
         let fills = plan.fills
@@ -120,10 +123,17 @@ struct ReadPlan {
     /// Whole blocks read from the backing store that may become clean copies, and where their
     /// data is in the reply.
     private(set) var fills: [(blockNumber: UInt64, replyOffset: Int)] = []
-    /// Whether this read may cache what it misses (read caching on, not beyond the sequential cutoff).
-    var fillsAllowed = false
-    var countsSequentialSkips = false
-    private(set) var sequentialSkips = 0
+    /// Whether this read may cache what it misses.
+    enum FillPolicy {
+        /// Read caching is off (`read_promote_hits` 0).
+        case off
+        /// The read is part of a stream beyond the sequential cutoff.
+        case sequential
+        /// Misses may be cached, as promotion decides.
+        case admitted
+    }
+
+    var fillPolicy = FillPolicy.off
     private var backingRun: ReadFetch?
     private var deviceRun: ReadFetch?
     private var deviceRunNextPosition: CacheIndex.Position = 0
@@ -150,8 +160,6 @@ struct ReadPlan {
     mutating func addFill(_ blockNumber: UInt64, replyOffset: Int) {
         fills.append((blockNumber, replyOffset))
     }
-
-    mutating func countSequentialSkip() { sequentialSkips += 1 }
 
     /// A block that needs nothing from the backing store ends its run there.
     mutating func endBackingRun() {
@@ -237,9 +245,12 @@ extension CacheEngine {
     /// A whole block this read takes from the backing store: it becomes a clean copy once read,
     /// if the admission says so and nothing writes or discards it meanwhile.
     fileprivate func considerFill(_ blockNumber: UInt64, replyOffset: Int, plan: inout ReadPlan) {
-        guard plan.fillsAllowed else {
-            if plan.countsSequentialSkips { plan.countSequentialSkip() }
+        switch plan.fillPolicy {
+        case .off: return
+        case .sequential:
+            counters.readFillsSkippedSequential += 1
             return
+        case .admitted: break
         }
         guard readAdmission.promotes(blockNumber, promoteHits: tunables.readPromoteHits) else {
             counters.readFillsSkippedNotPromoted += 1
@@ -284,7 +295,7 @@ extension CacheEngine {
     private func bufferForFill(_ blockNumber: UInt64) -> (any WriteBuffer)? {
         guard failure == nil, lifecycle.acceptsRequests, updates.waiting.isEmpty else { return nil }
         if let open = buffers.open, open.canAccept(blockNumber) { return open }
-        guard ring.freeSegments > 2 * reserveSegments, !buffers.free.isEmpty || buffers.open != nil else { return nil }
+        guard !spaceIsShort, !buffers.free.isEmpty || buffers.open != nil else { return nil }
         return openBufferAccepting(blockNumber, for: .reader)
     }
 }

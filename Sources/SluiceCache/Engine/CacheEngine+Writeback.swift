@@ -145,7 +145,7 @@ extension CacheEngine {
         let now = clock.nowNs
         let situation = WritebackBatcher.Situation(
             nowNs: now, dirtyBlocks: index.dirtyCount, cacheBlocks: geometry.cacheBlocks, writeBackAll: !writeBackAllWaiters.isEmpty,
-            tailNeedsWriteback: tailNeedsWriteback, spaceIsShort: updates.headWait.isForSlot || ring.freeSegments <= 2 * reserveSegments,
+            tailNeedsWriteback: tailNeedsWriteback, spaceIsShort: spaceIsShort,
             oldestDirtyOpenedAtNs: oldestDirtySegmentID().map { ring.openedAtNs(of: $0) },
             backingBusyPercent: backingLoad.busyPercent(nowNs: now), discardPassingDown: discards.isPassingDown,
             blocksPerSegment: geometry.dataBlocksPerSegment, tunables: tunables)

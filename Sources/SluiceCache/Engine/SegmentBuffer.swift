@@ -91,17 +91,10 @@ public final class SegmentBuffer: WriteBuffer {
     @discardableResult
     public func writeClean(blockNumber: UInt64, block: UnsafeRawBufferPointer) -> Int {
         precondition(block.count == CacheGeometry.blockBytes)
-        let index: Int
-        if let existing = dataIndexByBlock[blockNumber] {
-            precondition(entries[existing].sectorMask == 0, "a clean copy over a copy with data in the open buffer")
-            index = existing
-            entries[index] = SegmentHeader.Entry(blockNumber: blockNumber, sectorMask: 0xFF, isClean: true)
-        } else {
-            precondition(!isFull, "clean copy in a full segment buffer")
-            index = entries.count
-            entries.append(SegmentHeader.Entry(blockNumber: blockNumber, sectorMask: 0xFF, isClean: true))
-            dataIndexByBlock[blockNumber] = index
-        }
+        precondition(dataIndexByBlock[blockNumber].map { entries[$0].sectorMask == 0 } ?? true,
+                     "a clean copy over a copy with data in the open buffer")
+        let index = claim(blockNumber, sectorMask: 0xFF)
+        entries[index].isClean = true
         let base = (geometry.headerBlocks + index) * CacheGeometry.blockBytes
         (storage.baseAddress! + base).copyMemory(from: block.baseAddress!, byteCount: CacheGeometry.blockBytes)
         return index
