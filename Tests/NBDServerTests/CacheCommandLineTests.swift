@@ -214,6 +214,38 @@ final class CacheCommandLineTests: XCTestCase {
         XCTAssertTrue(nowhere.errors.contains("cannot reach"), nowhere.errors)
     }
 
+    /// Read caching through the built binary: a read miss is cached, so reading it again costs the
+    /// backing store nothing and status counts the fill and the hit; `set read_promote_hits 0`
+    /// turns read caching off for the next misses; a bad value is refused.
+    func testReadMissesAreCachedAndReadCachingCanBeTurnedOff() throws {
+        let (socket, server) = try startIdleWritebackServer()
+        defer { stop(server) }
+        let client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
+        func status() throws -> [String: Any] {
+            try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try run(["status", "--json", "--socket", socket]).output.utf8)) as? [String: Any])
+        }
+        _ = try client.read(length: 64 * 1024, offset: 1 << 20)
+        let first = try status()
+        XCTAssertEqual(first["read_fills"] as? Int, 16, "sixteen whole-block misses cached")
+        XCTAssertEqual(first["backing_bytes_read"] as? Int, 64 * 1024)
+        _ = try client.read(length: 64 * 1024, offset: 1 << 20)
+        let second = try status()
+        XCTAssertEqual(second["backing_bytes_read"] as? Int, 64 * 1024, "the second read hit the cache")
+        // 64 KiB segments hold 15 data blocks: 15 hits come from the cache device, one from the buffer.
+        let hits = (second["block_counts"] as? [String: Int] ?? [:]).filter { $0.key.hasPrefix("read_hit") }.values.reduce(0, +)
+        XCTAssertEqual(hits, 16)
+        XCTAssertEqual(second["read_hit_ratio"] as? Double, 0.5)
+
+        XCTAssertEqual(try run(["set", "--socket", socket, "read_promote_hits", "0"]).status, 0)
+        let refused = try run(["set", "--socket", socket, "read_promote_hits", "256"])
+        XCTAssertEqual(refused.status, 1)
+        XCTAssertTrue(refused.errors.contains("between 0 and 255"), refused.errors)
+        _ = try client.read(length: 4096, offset: 2 << 20)
+        let off = try status()
+        XCTAssertEqual(off["read_fills"] as? Int, 16, "read_promote_hits 0: nothing more cached")
+        XCTAssertEqual((off["tunables"] as? [String: Int])?["read_promote_hits"], 0)
+    }
+
     /// BLOCK_STATUS on a cache over a sparse backing file: blocks the cache holds dirty are data
     /// although the backing file has holes there; after a drain the backing file has the data.
     func testBlockStatusReportsDirtyBlocksAsData() throws {
