@@ -94,9 +94,10 @@ public struct PmemLayout: Hashable, Sendable {
     public static func entryChecksum(word0: UInt64, block: UnsafeRawBufferPointer) -> UInt32 {
         precondition(block.count == CacheGeometry.blockBytes)
         var crc = withUnsafeBytes(of: word0.littleEndian) { CRC32C.checksum($0) }
-        let mask = UInt8(truncatingIfNeeded: word0)
-        for sector in 0..<8 where mask & (1 << sector) != 0 {
-            crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: block[(sector * 512)..<((sector + 1) * 512)]), continuing: crc)
+        // One call per run of selected sectors: the checksum of a run is that of its sectors in
+        // turn, and a whole block is one call.
+        forEachSectorRun(UInt8(truncatingIfNeeded: word0)) { sector, count in
+            crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: block[(sector * CacheGeometry.sectorBytes)..<((sector + count) * CacheGeometry.sectorBytes)]), continuing: crc)
         }
         return crc
     }

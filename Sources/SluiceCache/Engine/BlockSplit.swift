@@ -51,16 +51,3 @@ public struct BlockSplit: Sequence {
         }
     }
 }
-
-/// Calls `body(firstSector, sectorCount)` for each run of consecutive set bits of `mask`.
-@inline(__always)
-func forEachSectorRun(_ mask: UInt8, _ body: (Int, Int) -> Void) {
-    var sector = 0
-    while sector < 8 {
-        guard mask & (1 << sector) != 0 else { sector += 1; continue }
-        var end = sector
-        while end < 8 && mask & (1 << end) != 0 { end += 1 }
-        body(sector, end - sector)
-        sector = end
-    }
-}

@@ -8,17 +8,17 @@ final class RelocationJob {
         var blockNumber: UInt64
         var position: CacheIndex.Position
         var sectorMask: UInt8
-        /// Where the block's 4 KiB are: a fetched run and the offset in it (device reads).
-        var run = -1
+        /// Where the block's 4 KiB are in ``data``.
         var offset = 0
     }
 
     let segmentID: UInt64
     let slot: Int
     var items: [Item]
-    /// The blocks' bytes: read from the cache device, per run of nearby positions, or copied from
-    /// the segment's buffer while it was still in memory (one run).
-    var runs: [ByteBuffer?] = []
+    /// The blocks' bytes, 4 KiB-aligned so the cache device reads them with O_DIRECT (the
+    /// device's DMA fills them, not a page-cache copy on the engine's thread): read per run of
+    /// nearby positions, or copied from the segment's buffer while it was still in memory.
+    private(set) var data = UnsafeMutableRawBufferPointer(start: nil, count: 0)
     var readsOutstanding = 0
     var readsIssued = 0
     var failure: MediumError?
@@ -32,11 +32,18 @@ final class RelocationJob {
         self.items = items
     }
 
+    deinit { data.deallocate() }
+
+    /// Allocates ``data``; once per job.
+    func allocate(bytes: Int) {
+        precondition(data.baseAddress == nil, "relocation data allocated twice")
+        data = .allocate(byteCount: max(bytes, CacheGeometry.blockBytes), alignment: CacheGeometry.blockBytes)
+    }
+
     /// Calls `body` with the fetched 4 KiB of item `index`.
     func withData<Result>(_ index: Int, _ body: (UnsafeRawBufferPointer) -> Result) -> Result {
-        let item = items[index]
-        let run = runs[item.run]!
-        return run.withUnsafeReadableBytes { body(UnsafeRawBufferPointer(rebasing: $0[item.offset..<(item.offset + CacheGeometry.blockBytes)])) }
+        let offset = items[index].offset
+        return body(UnsafeRawBufferPointer(rebasing: data[offset..<(offset + CacheGeometry.blockBytes)]))
     }
 }
 
@@ -123,49 +130,56 @@ extension CacheEngine {
     }
 
     private func copyForRelocation(_ job: RelocationJob, from memory: any WriteBuffer) {
-        var copy = ByteBufferAllocator().buffer(capacity: job.items.count * CacheGeometry.blockBytes)
+        job.allocate(bytes: job.items.count * CacheGeometry.blockBytes)
         for index in job.items.indices {
-            job.items[index].run = 0
-            job.items[index].offset = index * CacheGeometry.blockBytes
-            memory.withBlock(at: dataIndex(of: job.items[index].position)) { copy.writeBytes($0) }
+            let offset = index * CacheGeometry.blockBytes
+            job.items[index].offset = offset
+            memory.withBlock(at: dataIndex(of: job.items[index].position)) {
+                UnsafeMutableRawBufferPointer(rebasing: job.data[offset..<(offset + CacheGeometry.blockBytes)]).copyMemory(from: $0)
+            }
         }
-        job.runs = [copy]
     }
 
     private func readForRelocation(_ job: RelocationJob) {
         cacheDevice.submittingTogether { issueRelocationReads(job) }
     }
 
+    /// Reads the job's blocks in runs of nearby positions, each run into its own part of the
+    /// job's buffer.
     private func issueRelocationReads(_ job: RelocationJob) {
+        var runs: [(first: CacheIndex.Position, start: Int, bytes: Int)] = []
         var runStart = 0
+        var total = 0
         while runStart < job.items.count {
             var runEnd = runStart + 1
             while runEnd < job.items.count,
                   Int(job.items[runEnd].position - job.items[runEnd - 1].position) <= Self.relocationReadGapBlocks + 1 { runEnd += 1 }
             let first = job.items[runStart].position
-            let runIndex = job.runs.count
             for item in runStart..<runEnd {
-                job.items[item].run = runIndex
-                job.items[item].offset = Int(job.items[item].position - first) * CacheGeometry.blockBytes
+                job.items[item].offset = total + Int(job.items[item].position - first) * CacheGeometry.blockBytes
             }
-            let count = Int(job.items[runEnd - 1].position - first + 1) * CacheGeometry.blockBytes
-            job.runs.append(nil)
+            let bytes = Int(job.items[runEnd - 1].position - first + 1) * CacheGeometry.blockBytes
+            runs.append((first, total, bytes))
+            total += bytes
+            runStart = runEnd
+        }
+        job.allocate(bytes: total)
+        for run in runs {
             job.readsOutstanding += 1
             job.readsIssued += 1
             ring.readerStarted(slot: job.slot)
-            cacheDevice.read(offset: geometry.offset(ofDataBlock: dataIndex(of: first), inSlot: job.slot), count: count) { result in
+            let target = UnsafeMutableRawBufferPointer(rebasing: job.data[run.start..<(run.start + run.bytes)])
+            cacheDevice.read(offset: geometry.offset(ofDataBlock: dataIndex(of: run.first), inSlot: job.slot), into: target) { result in
                 job.readsOutstanding -= 1
                 self.readerFinished(slot: job.slot)
                 switch result {
-                case .success(let bytes):
-                    self.counters.cacheBytesRead += UInt64(count)
-                    job.runs[runIndex] = bytes
+                case .success:
+                    self.counters.cacheBytesRead += UInt64(run.bytes)
                 case .failure(let error):
                     if job.failure == nil { job.failure = error }
                 }
                 if job.readsOutstanding == 0, self.relocation === job { self.drive() }
             }
-            runStart = runEnd
         }
     }
 

@@ -420,7 +420,7 @@ extension CacheEngine {
                 continue
             }
             let current = !item.isFiller && (batch.nextSector > 0 || item.issued || isCurrent(item))
-            guard let (sector, count) = firstSectorRun(item.sectorMask, from: batch.nextSector) else {
+            guard let (sector, count) = SectorRuns.first(in: item.sectorMask, from: batch.nextSector) else {
                 batch.nextItem += 1
                 batch.nextSector = 0
                 continue
@@ -443,16 +443,6 @@ extension CacheEngine {
             batch.nextSector = 0
         }
         return run.finish(batch)
-    }
-
-    /// The first run of consecutive set bits of `mask` at or after sector `from`.
-    private func firstSectorRun(_ mask: UInt8, from: Int) -> (sector: Int, count: Int)? {
-        var sector = from
-        while sector < CacheGeometry.sectorsPerBlock && mask & (1 << sector) == 0 { sector += 1 }
-        guard sector < CacheGeometry.sectorsPerBlock else { return nil }
-        var end = sector
-        while end < CacheGeometry.sectorsPerBlock && mask & (1 << end) != 0 { end += 1 }
-        return (sector, end - sector)
     }
 
     /// An item not written because it is no longer current. One in the discard the backing store
