@@ -74,7 +74,7 @@ public enum Salvage {
 
         // The dry run, with the damage taken out of recovery's way one piece at a time.
         let lenient = SuperblockRecord(sequence: record.sequence, lastRetiredSegmentID: record.lastRetiredSegmentID,
-                                       lastFlushedSegmentID: record.lastRetiredSegmentID, cleanShutdown: false)
+                                       lastFlushedSegmentID: record.lastRetiredSegmentID, cleanShutdown: false, cacheMode: record.cacheMode)
         var ignoredAreas: [Int] = []
         var report: RecoveryReport?
         for _ in 0...(layout?.areaCount ?? 0) {
@@ -147,7 +147,7 @@ public enum Salvage {
             memory.drain()
         }
         let next = SuperblockRecord(sequence: record.sequence + 1, lastRetiredSegmentID: record.lastRetiredSegmentID,
-                                    lastFlushedSegmentID: record.lastRetiredSegmentID, cleanShutdown: false)
+                                    lastFlushedSegmentID: record.lastRetiredSegmentID, cleanShutdown: false, cacheMode: record.cacheMode)
         try device.writeBytes(offset: next.blockOffset, bytes: next.encoded())
         try device.synchronizeBytes()
         // The drain opens both files again and takes their locks.

@@ -102,6 +102,11 @@ struct FormatCommand: ParsableCommand {
         valueName: "path"))
     var pmem: String?
 
+    @Option(name: .customLong("cache-mode"), help: ArgumentHelp(
+        "writeback (default), writethrough, writearound or passthrough; `sluice set cache_mode` changes it while serving.",
+        valueName: "mode"))
+    var cacheMode: CacheMode = .writeback
+
     @Flag(name: .long, help: "Erase a device (or pmem file) that already holds a Sluice cache.")
     var force = false
 
@@ -121,8 +126,8 @@ struct FormatCommand: ParsableCommand {
                                                            mode: pmem == nil ? .volatile : .pmem)
             defer { cacheFile.close() }
             let opened = try CacheStartup.format(cacheFile: cacheFile, segmentBytes: segmentBytes, expectation: expectation,
-                                                 force: force, pmemPath: pmem)
-            print("formatted \(cache): \(opened.geometry.segmentCount) segments of \(opened.geometry.segmentBytes) bytes "
+                                                 force: force, pmemPath: pmem, cacheMode: cacheMode)
+            print("formatted \(cache): \(opened.geometry.segmentCount) segments of \(opened.geometry.segmentBytes) bytes, \(cacheMode.rawValue) mode "
                   + "(\(opened.geometry.cacheBlocks) cache blocks) for \(location.identity) (\(expectation.backingSizeBytes) bytes)"
                   + (pmem.map { ", write buffer in pmem file \($0)" } ?? ", volatile write buffer"))
         } catch let error as ValidationError {
@@ -178,9 +183,11 @@ func validateDurableOnAck(_ flag: Bool, backing: String) throws {
 struct ModeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mode",
-        abstract: "Switch a cache between volatile and pmem mode (offline).",
+        abstract: "Switch a cache between volatile and pmem mode, or change its cache mode (offline).",
         discussion: """
-            Run it while no server uses the cache. To leave pmem mode, give --volatile and the \
+            Run it while no server uses the cache. --cache-mode MODE records a new cache mode \
+            (\(CacheMode.names)) in the superblock; dirty blocks stay and are written back once \
+            a server runs in a mode other than writeback. To leave pmem mode, give --volatile and the \
             cache's pmem file: recovery first writes everything the pmem file holds to the cache \
             device and syncs it; only then does the superblock say volatile, and the pmem file is \
             invalidated. To enter pmem mode, give --pmem with a new pmem file: the cache is \
@@ -189,6 +196,7 @@ struct ModeCommand: ParsableCommand {
             Examples:
               sluice mode --cache ssd.img --backing disk.img --pmem /dev/shm/sluice.pmem
               sluice mode --cache ssd.img --backing disk.img --volatile --pmem /dev/shm/sluice.pmem
+              sluice mode --cache ssd.img --backing disk.img --cache-mode writethrough
             """
     )
 
@@ -204,6 +212,9 @@ struct ModeCommand: ParsableCommand {
     @Flag(name: .long, help: "Switch to volatile mode (DRAM buffer).")
     var volatile = false
 
+    @Option(name: .customLong("cache-mode"), help: ArgumentHelp("Record this cache mode instead: \(CacheMode.names).", valueName: "mode"))
+    var cacheMode: CacheMode?
+
     @Flag(name: .long, help: "Replace a file at the --pmem path that already holds a Sluice write buffer; or leave pmem mode without the pmem file after a crash, losing what only it held.")
     var force = false
 
@@ -211,6 +222,10 @@ struct ModeCommand: ParsableCommand {
     var backingDurableOnAck = false
 
     func validate() throws {
+        if cacheMode != nil {
+            guard pmem == nil, !volatile else { throw ValidationError("--cache-mode changes only the cache mode; switch the write buffer (--pmem, --volatile) in a command of its own") }
+            return try validateDurableOnAck(backingDurableOnAck, backing: backing)
+        }
         guard pmem != nil else {
             throw ValidationError("give the pmem file: --pmem PATH (a new one to enter pmem mode, or the cache's own with --volatile to leave it)")
         }
@@ -220,6 +235,14 @@ struct ModeCommand: ParsableCommand {
     func run() throws {
         let location = BackingLocation(backing)
         do {
+            if let cacheMode {
+                let (cacheFile, expectation) = try openOffline(cachePath: cache, backing: location, durableOnAck: backingDurableOnAck,
+                                                               mode: .volatile)
+                defer { cacheFile.close() }
+                let result = try CacheStartup.setCacheMode(cacheFile: cacheFile, backingIdentity: expectation.backingIdentity,
+                                                           backingSizeBytes: expectation.backingSizeBytes, to: cacheMode)
+                return print("switched \(cache) from \(result.from.rawValue) to \(result.to.rawValue) cache mode")
+            }
             let (cacheFile, expectation) = try openOffline(cachePath: cache, backing: location, durableOnAck: backingDurableOnAck,
                                                            mode: volatile ? .pmem : .volatile)
             defer { cacheFile.close() }
@@ -293,6 +316,7 @@ struct StatusCommand: ParsableCommand {
         func seconds(_ value: Double) -> String { String(format: "%.3f s", value) }
         var lines = [
             "mode                \(status.mode)",
+            "cache mode          \(status.cacheMode)\(status.cacheMode != "writeback" && status.dirtyBlocks > 0 ? " (switching: \(status.dirtyBlocks) dirty blocks still to write back)" : ""); \(status.bypassWrites) writes to the backing store directly (\(mib(status.bypassBytesWritten)), \(status.bypassWriteErrors) failed), \(status.writeThroughCopies) blocks of them cached clean",
             "cache               \(mib(status.cacheSizeBytes)), \(status.segmentCount) segments of \(status.segmentSizeBytes / 1024) KiB",
             "backing             \(mib(status.backingSizeBytes))",
             "segments            current \(status.currentSegmentID), last flushed \(status.lastFlushedSegmentID), last reclaimed \(status.lastReclaimedSegmentID), last retired \(status.lastRetiredSegmentID)",
@@ -330,19 +354,31 @@ struct StatusCommand: ParsableCommand {
 /// `sluice set KEY VALUE`: changes a tunable of a running cache.
 struct SetCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "set", abstract: "Change a tunable of a running cache.",
-        discussion: "Tunables: \(CacheTunables.keys.joined(separator: ", ")).")
+        commandName: "set", abstract: "Change a tunable or the cache mode of a running cache.",
+        discussion: """
+            Tunables (integers): \(CacheTunables.keys.joined(separator: ", ")).
+            cache_mode: \(CacheMode.names); recorded in the superblock, so a restart keeps it. \
+            Blocks still dirty are served from the cache and written back until none is left.
+            """)
 
     @OptionGroup var location: ControlLocation
 
     @Argument(help: "The tunable.")
     var key: String
 
-    @Argument(help: "Its new value (an integer).")
-    var value: Int
+    @Argument(help: "Its new value (an integer; a mode name for cache_mode).")
+    var value: String
+
+    func validate() throws {
+        if key == "cache_mode" {
+            guard CacheMode(rawValue: value) != nil else { throw ValidationError("cache_mode is one of \(CacheMode.names), not '\(value)'") }
+        } else {
+            guard Int(value) != nil else { throw ValidationError("\(key) takes an integer, not '\(value)'") }
+        }
+    }
 
     func run() throws {
-        let query = "key=\(key.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? key)&value=\(value)"
+        let query = "key=\(key.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? key)&value=\(value.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? value)"
         _ = try runControl { try location.client.request(method: "POST", path: "/set?\(query)") }
         print("\(key) = \(value)")
     }
@@ -385,4 +421,9 @@ struct MultiThreadedEventLoopGroupShim {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     var loop: any EventLoop { group.next() }
     func shutdown() { try? group.syncShutdownGracefully() }
+}
+
+extension CacheMode: ExpressibleByArgument {
+    public init?(argument: String) { self.init(rawValue: argument) }
+    public static var allValueStrings: [String] { allCases.map(\.rawValue) }
 }

@@ -51,7 +51,7 @@ public enum CacheStartup {
     /// `pmemPath` if one is given (pmem mode). Refuses a device or pmem file that already holds a
     /// Sluice cache unless `force` is set, so a cache with dirty data is never erased by mistake.
     public static func format(cacheFile: BlockFile, segmentBytes: Int, expectation: CacheSuperblock.Expectation,
-                              force: Bool, pmemPath: String? = nil) throws -> CacheSuperblock.Opened {
+                              force: Bool, pmemPath: String? = nil, cacheMode: CacheMode = .writeback) throws -> CacheSuperblock.Opened {
         try expectation.checkRecordable()
         let device = FileMedium(file: cacheFile)
         if !force, device.sizeBytes >= 4096 {
@@ -60,6 +60,7 @@ public enum CacheStartup {
                 throw StartupError.alreadyFormatted(path: cacheFile.path)
             }
         }
+        if let refusal = CacheMode.refusal(of: cacheMode, bufferMode: pmemPath == nil ? .volatile : .pmem) { throw refusal }
         let uuid = newUUID()
         var expectation = expectation
         expectation.mode = pmemPath == nil ? .volatile : .pmem
@@ -73,8 +74,33 @@ public enum CacheStartup {
         }
         var result: Result<CacheSuperblock.Opened, Error>?
         CacheSuperblock.format(device, segmentBytes: segmentBytes, expectation: expectation, uuid: uuid,
-                               nowSeconds: UInt64(Date().timeIntervalSince1970), pmemUUID: pmemUUID) { result = $0 }
+                               nowSeconds: UInt64(Date().timeIntervalSince1970), pmemUUID: pmemUUID, cacheMode: cacheMode) { result = $0 }
         return try result!.get()
+    }
+
+    /// Records `mode` as the cache mode of a cache no server uses (`sluice mode --cache-mode`):
+    /// the next superblock record, written and synced, carries it. Nothing else changes: dirty
+    /// blocks stay, and are written back once a server runs in a mode other than writeback.
+    public static func setCacheMode(cacheFile: BlockFile, backingIdentity: String, backingSizeBytes: UInt64,
+                                    to mode: CacheMode) throws -> (from: CacheMode, to: CacheMode) {
+        let device = FileMedium(file: cacheFile)
+        guard device.sizeBytes >= UInt64(CacheSuperblock.bytes) else { throw FormatError.notFormatted }
+        let found = try CacheSuperblock.decode(try device.readBytes(offset: 0, count: CacheSuperblock.bytes), deviceBytes: device.sizeBytes)
+        guard found.header.backingIdentity == backingIdentity else {
+            throw FormatError.wrongBacking(expected: found.header.backingIdentity, found: backingIdentity)
+        }
+        guard found.header.backingSizeBytes == backingSizeBytes else {
+            throw FormatError.backingSizeChanged(expected: found.header.backingSizeBytes, found: backingSizeBytes)
+        }
+        if let refusal = CacheMode.refusal(of: mode, bufferMode: found.header.mode) { throw refusal }
+        guard var record = found.record else { throw FormatError.noValidRecord }
+        let previous = record.cacheMode
+        guard previous != mode else { throw StartupError.alreadyInMode("\(mode.rawValue) cache") }
+        record.sequence += 1
+        record.cacheMode = mode
+        try device.writeBytes(offset: record.blockOffset, bytes: record.encoded())
+        try device.synchronizeBytes()
+        return (previous, mode)
     }
 
     static func newUUID() -> [UInt8] {

@@ -43,7 +43,8 @@ public enum CacheSuperblock {
     /// segments on the device carry the previous cache's UUID and are never read as this cache's.
     public static func format(
         _ medium: any BlockMedium, segmentBytes: Int, expectation: Expectation, uuid: [UInt8], nowSeconds: UInt64,
-        pmemUUID: [UInt8] = [UInt8](repeating: 0, count: 16), completion: @escaping (Result<Opened, Error>) -> Void
+        pmemUUID: [UInt8] = [UInt8](repeating: 0, count: 16), cacheMode: CacheMode = .writeback,
+        completion: @escaping (Result<Opened, Error>) -> Void
     ) {
         let geometry: CacheGeometry
         do {
@@ -57,8 +58,8 @@ public enum CacheSuperblock {
                                       backingIdentity: expectation.backingIdentity, pmemUUID: pmemUUID, createdSeconds: nowSeconds)
         // Both record slots are written, the second one newer, so no stale record of an earlier
         // format can ever win.
-        let first = SuperblockRecord(sequence: 1, lastRetiredSegmentID: 0, lastFlushedSegmentID: 0, cleanShutdown: true)
-        let second = SuperblockRecord(sequence: 2, lastRetiredSegmentID: 0, lastFlushedSegmentID: 0, cleanShutdown: true)
+        let first = SuperblockRecord(sequence: 1, lastRetiredSegmentID: 0, lastFlushedSegmentID: 0, cleanShutdown: true, cacheMode: cacheMode)
+        let second = SuperblockRecord(sequence: 2, lastRetiredSegmentID: 0, lastFlushedSegmentID: 0, cleanShutdown: true, cacheMode: cacheMode)
         medium.write(offset: 0, bytes: header.encoded() + first.encodedForSlot(at: first.blockOffset, pairedWith: second)) { written in
             if case .failure(let error) = written { return completion(.failure(error)) }
             medium.synchronize { synced in

@@ -4,6 +4,7 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 import SluiceCache
+import SluiceFormat
 
 /// The local control endpoint of a cache: HTTP/1.1 with JSON on a Unix socket beside the NBD
 /// socket. It is where `sluice status`, `sluice set` and `sluice drain` talk to a running server,
@@ -104,6 +105,22 @@ private final class ControlHandler: ChannelInboundHandler {
         case (.GET, "/status"):
             volume.withEngine { $0.status() }.hop(to: loop).whenComplete { result in
                 self.respond(result.map { self.encode($0) }, head: head, context: context)
+            }
+        case (.POST, "/set") where query["key"] == "cache_mode":
+            guard let text = query["value"], let mode = CacheMode(rawValue: text) else {
+                return respond(.failure(ControlError.failed(400, "cache_mode is one of \(CacheMode.names), not \"\(query["value"] ?? "")\"")),
+                               status: .badRequest, head: head, context: context)
+            }
+            let engine = volume.engine
+            engine.eventLoop.flatSubmit { () -> EventLoopFuture<CacheStatus> in
+                let promise = engine.eventLoop.makePromise(of: CacheStatus.self)
+                engine.setCacheMode(mode) { result in promise.completeWith(result.map { engine.status() }) }
+                return promise.futureResult
+            }.hop(to: loop).whenComplete { result in
+                if case .success = result { self.logger.notice("cache mode changed", metadata: ["cache_mode": "\(mode.rawValue)"]) }
+                var status = HTTPResponseStatus.internalServerError
+                if case .failure(let error) = result, error is CacheModeUnavailable { status = .badRequest }
+                self.respond(result.map { self.encode($0) }, status: status, head: head, context: context)
             }
         case (.POST, "/set"):
             guard let key = query["key"], let text = query["value"], let value = Int(text) else {

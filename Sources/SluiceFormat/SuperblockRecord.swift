@@ -5,8 +5,9 @@
 /// number is the current record.
 ///
 /// Layout (little-endian): magic `SLREC\x00\x00\x01` (8), sequence (8), last retired segment id
-/// (8), last segment id known to be on the device (8), flags (4; bit 0: clean shutdown), CRC-32C over
-/// the preceding 36 bytes (4); the rest of the block is zero.
+/// (8), last segment id known to be on the device (8), flags (4; bit 0: clean shutdown; bits 1–2: the
+/// cache mode, 0 writeback, 1 writethrough, 2 writearound, 3 passthrough), CRC-32C over the
+/// preceding 36 bytes (4); the rest of the block is zero.
 public struct SuperblockRecord: Hashable, Sendable {
     public static let magic: [UInt8] = Array("SLREC".utf8) + [0x00, 0x00, 0x01]
     public static let blockOffsets: [UInt64] = [4096, 8192]
@@ -24,12 +25,16 @@ public struct SuperblockRecord: Hashable, Sendable {
     /// The server stopped cleanly after writing every buffered segment: restart needs no scan
     /// beyond the hint.
     public var cleanShutdown: Bool
+    /// The cache mode the cache serves in.
+    public var cacheMode: CacheMode
 
-    public init(sequence: UInt64, lastRetiredSegmentID: UInt64, lastFlushedSegmentID: UInt64, cleanShutdown: Bool) {
+    public init(sequence: UInt64, lastRetiredSegmentID: UInt64, lastFlushedSegmentID: UInt64, cleanShutdown: Bool,
+                cacheMode: CacheMode = .writeback) {
         self.sequence = sequence
         self.lastRetiredSegmentID = lastRetiredSegmentID
         self.lastFlushedSegmentID = lastFlushedSegmentID
         self.cleanShutdown = cleanShutdown
+        self.cacheMode = cacheMode
     }
 
     /// The record block this record goes to: sequences alternate between the two.
@@ -41,7 +46,7 @@ public struct SuperblockRecord: Hashable, Sendable {
         writer.write(sequence)
         writer.write(lastRetiredSegmentID)
         writer.write(lastFlushedSegmentID)
-        writer.write(UInt32(cleanShutdown ? 1 : 0))
+        writer.write(UInt32(cleanShutdown ? 1 : 0) | cacheMode.code << 1)
         let crc = CRC32C.checksum(Array(writer.bytes[0..<36]))
         writer.write(crc)
         return writer.bytes
@@ -58,8 +63,9 @@ public struct SuperblockRecord: Hashable, Sendable {
         lastFlushedSegmentID = reader.read()
         let flags: UInt32 = reader.read()
         let stored: UInt32 = reader.read()
-        guard stored == computed, flags & ~1 == 0 else { return nil }
+        guard stored == computed, flags & ~7 == 0, let mode = CacheMode(code: (flags >> 1) & 3) else { return nil }
         cleanShutdown = flags & 1 != 0
+        cacheMode = mode
     }
 
     /// The current record of the two slots, if either is valid.

@@ -246,6 +246,79 @@ final class CacheCommandLineTests: XCTestCase {
         XCTAssertEqual((off["tunables"] as? [String: Int])?["read_promote_hits"], 0)
     }
 
+    /// Cache modes as a user meets them: a cache formatted writethrough keeps every acknowledged
+    /// write on the backing store, so after kill -9 the backing file alone is complete (the cache
+    /// device is deleted); `set cache_mode` switches a running cache and status shows it; `sluice
+    /// mode --cache-mode` switches offline and the next server keeps it; pmem mode refuses them.
+    func testWritethroughLosesNothingWithTheCacheDeviceAndModesSwitchOnlineAndOffline() throws {
+        let backing = try makeFile("backing.img", sizeBytes: 8 << 20)
+        let cache = try makeFile("cache.img", sizeBytes: 4 << 20)
+        let socket = directory + "/s.sock"
+        var result = try run(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K", "--cache-mode", "writethrough"])
+        XCTAssertEqual(result.status, 0, result.errors)
+        XCTAssertTrue(result.output.contains("writethrough mode"), result.output)
+        var server = try startServer(cache: cache, backing: backing, socket: socket)
+        var client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
+        var expected = [UInt8](repeating: 0, count: 1 << 20)
+        for index in 0..<64 {
+            let offset = (index * 7919 % 250) * 4096
+            let bytes = [UInt8](repeating: UInt8(index + 1), count: 4096)
+            try client.write(bytes, offset: UInt64(offset))
+            expected.replaceSubrange(offset..<(offset + 4096), with: bytes)
+        }
+        try client.flush()
+        XCTAssertEqual(try client.read(length: 1 << 20, offset: 0), expected, "reads before the crash")
+        let status = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try run(["status", "--json", "--socket", socket]).output.utf8)) as? [String: Any])
+        XCTAssertEqual(status["cache_mode"] as? String, "writethrough")
+        XCTAssertEqual(status["dirty_blocks"] as? Int, 0, "writethrough leaves nothing dirty")
+        XCTAssertEqual(status["bypass_writes"] as? Int, 64)
+        XCTAssertGreaterThan(status["write_through_copies"] as? Int ?? 0, 0, "written blocks are cached clean")
+        stop(server, signal: SIGKILL)
+        try FileManager.default.removeItem(atPath: cache)
+        let onBacking = try XCTUnwrap(FileManager.default.contents(atPath: backing))
+        XCTAssertEqual(Array(onBacking[0..<(1 << 20)]), expected, "the backing store alone holds every acknowledged write")
+
+        // A new cache in writeback mode, switched while serving.
+        _ = try makeFile("cache.img", sizeBytes: 4 << 20)
+        XCTAssertEqual(try run(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K"]).status, 0)
+        server = try startServer(cache: cache, backing: backing, socket: socket)
+        client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
+        try client.write([UInt8](repeating: 0xEE, count: 8192), offset: 2 << 20)
+        let refused = try run(["set", "--socket", socket, "cache_mode", "sideways"])
+        XCTAssertEqual(refused.status, 64, refused.errors)
+        XCTAssertTrue(refused.errors.contains("writeback, writethrough, writearound, passthrough"), refused.errors)
+        result = try run(["set", "--socket", socket, "cache_mode", "passthrough"])
+        XCTAssertEqual(result.status, 0, result.errors)
+        try client.write([UInt8](repeating: 0xDD, count: 4096), offset: 3 << 20)
+        XCTAssertEqual(try client.read(length: 8192, offset: 2 << 20), [UInt8](repeating: 0xEE, count: 8192), "dirty data is still served")
+        XCTAssertEqual(try run(["drain", "--socket", socket]).status, 0)
+        let switched = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try run(["status", "--json", "--socket", socket]).output.utf8)) as? [String: Any])
+        XCTAssertEqual(switched["cache_mode"] as? String, "passthrough")
+        XCTAssertEqual(switched["bypass_writes"] as? Int, 1)
+        XCTAssertEqual(switched["dirty_blocks"] as? Int, 0)
+        stop(server)
+
+        // Offline: the next server keeps the recorded mode.
+        result = try run(["mode", "--cache", cache, "--backing", backing, "--cache-mode", "writearound"])
+        XCTAssertEqual(result.status, 0, result.errors)
+        XCTAssertTrue(result.output.contains("from passthrough to writearound"), result.output)
+        server = try startServer(cache: cache, backing: backing, socket: socket)
+        let restarted = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try run(["status", "--json", "--socket", socket]).output.utf8)) as? [String: Any])
+        XCTAssertEqual(restarted["cache_mode"] as? String, "writearound")
+        stop(server)
+        let onDisk = try XCTUnwrap(FileManager.default.contents(atPath: backing))
+        XCTAssertEqual(Array(onDisk[(2 << 20)..<((2 << 20) + 8192)]), [UInt8](repeating: 0xEE, count: 8192))
+        XCTAssertEqual(Array(onDisk[(3 << 20)..<((3 << 20) + 4096)]), [UInt8](repeating: 0xDD, count: 4096))
+
+        // Pmem mode refuses the modes it does not offer yet, naming the way out.
+        let pmemCache = try makeFile("pmem-cache.img", sizeBytes: 4 << 20)
+        let pmem = directory + "/buffer.pmem"
+        result = try run(["format", "--cache", pmemCache, "--backing", try makeFile("b2.img", sizeBytes: 8 << 20),
+                          "--pmem", pmem, "--cache-mode", "writethrough"])
+        XCTAssertEqual(result.status, 1)
+        XCTAssertTrue(result.errors.contains("not available in pmem mode"), result.errors)
+    }
+
     /// BLOCK_STATUS on a cache over a sparse backing file: blocks the cache holds dirty are data
     /// although the backing file has holes there; after a drain the backing file has the data.
     func testBlockStatusReportsDirtyBlocksAsData() throws {

@@ -72,13 +72,15 @@ final class CacheEngineCrashTests: XCTestCase {
     /// random turn of the loop), each followed by recovery and a check of every sector; sometimes
     /// a power failure during recovery, or a second one right after it.
     @discardableResult
-    func runCrashSeed(_ seed: UInt64, shuffled: Bool, rounds: Int, pmemMode: Bool = false, outcome: inout Outcome) throws -> Bool {
+    func runCrashSeed(_ seed: UInt64, shuffled: Bool, rounds: Int, pmemMode: Bool = false, switchModes: Bool = false,
+                      outcome: inout Outcome) throws -> Bool {
         var statistics = EngineHarness.CutStatistics()
         defer { outcome.add(statistics) }
-        return try runCrashRounds(seed, shuffled: shuffled, rounds: rounds, pmemMode: pmemMode, outcome: &outcome, statistics: &statistics)
+        return try runCrashRounds(seed, shuffled: shuffled, rounds: rounds, pmemMode: pmemMode, switchModes: switchModes,
+                                  outcome: &outcome, statistics: &statistics)
     }
 
-    private func runCrashRounds(_ seed: UInt64, shuffled: Bool, rounds: Int, pmemMode: Bool, outcome: inout Outcome,
+    private func runCrashRounds(_ seed: UInt64, shuffled: Bool, rounds: Int, pmemMode: Bool, switchModes: Bool, outcome: inout Outcome,
                                 statistics: inout EngineHarness.CutStatistics) throws -> Bool {
         var rng = SplitMix64(seed: seed &* 0x2545_F491_4F6C_DD1D)
         var tunables = CacheTunables()
@@ -100,7 +102,20 @@ final class CacheEngineCrashTests: XCTestCase {
             statistics = harness.cutsSeen
             harness.close()
         }
-        let workload = Workload(harness: harness, sectorCount: Self.sectorCount, everyAcknowledgementIsDurable: pmemMode)
+        // A write that goes straight to the backing store is durable with FUA or a FLUSH, as the
+        // backing store's own writes are, even in pmem mode.
+        let workload = Workload(harness: harness, sectorCount: Self.sectorCount, everyAcknowledgementIsDurable: pmemMode && !switchModes)
+        // Mode switches: between bursts and inside them, so requests of one burst take different
+        // paths and a switch's superblock record races the power failure.
+        func withModeSwitches(_ ops: [WorkloadOp]) -> [WorkloadOp] {
+            guard switchModes else { return ops }
+            var mixed: [WorkloadOp] = []
+            for op in ops {
+                if rng.chance(4) { mixed.append(.setMode(CacheMode.allCases[rng.below(4)])) }
+                mixed.append(op)
+            }
+            return mixed
+        }
         var cutSeed: UInt64 = 0
         cut.trigger = { workload.powerFail(afterHops: 0, seed: cutSeed) }
         var shape = WorkloadShape(sectorCount: Self.sectorCount)
@@ -111,11 +126,11 @@ final class CacheEngineCrashTests: XCTestCase {
             shape.trimPercent = discard
             shape.zeroPercent = discard
         }
-        let tag = "seed \(seed)\(shuffled ? " (shuffled completions)" : "")\(pmemMode ? " (pmem mode)" : ""), tunables \(tunables.summary)"
+        let tag = "seed \(seed)\(shuffled ? " (shuffled completions)" : "")\(pmemMode ? " (pmem mode)" : "")\(switchModes ? " (cache modes)" : ""), tunables \(tunables.summary)"
 
         for round in 0..<rounds {
             for _ in 0..<rng.below(4) {
-                try workload.burst((0..<rng.range(1...60)).map { _ in shape.next(&rng) })
+                try workload.burst(withModeSwitches((0..<rng.range(1...60)).map { _ in shape.next(&rng) }))
                 do { try workload.waitIdle() } catch { XCTFail("\(tag), round \(round): \(error)"); return false }
                 if rng.chance(40) { try harness.advanceTime(byNs: UInt64(rng.range(1...1500)) * 1_000_000) }
             }
@@ -126,7 +141,7 @@ final class CacheEngineCrashTests: XCTestCase {
             let crashSeed = rng.next()
             // Sometimes a flood: more in flight than the ring holds, so writers wait for space while
             // the cleaner relocates and writeback cleans the tail.
-            let ops = (0..<(rng.chance(25) ? rng.range(100...300) : rng.range(1...40))).map { _ in shape.next(&rng) }
+            let ops = withModeSwitches((0..<(rng.chance(25) ? rng.range(100...300) : rng.range(1...40))).map { _ in shape.next(&rng) })
             if !shuffled {
                 cutSeed = crashSeed
                 let armed = rng.range(1...(3 * ops.count + 8))
@@ -191,6 +206,25 @@ final class CacheEngineCrashTests: XCTestCase {
         }
         print("crash test (reordered media): \(outcome.crashes) crashes, \(outcome.interruptedRecoveries) interrupted recoveries, failed seeds: \(outcome.failedSeeds); \(outcome.cleanerSummary)")
         if Self.seedCount >= 100 { outcome.checkCleanerCoverage(reordered: true) }
+    }
+
+    // MARK: Cache modes
+
+    /// Seeds per cache-mode test (`SLUICE_CRASH_SEEDS` sets them too).
+    static var modeSeedCount: UInt64 { UInt64(ProcessInfo.processInfo.environment["SLUICE_CRASH_SEEDS"].flatMap(Int.init) ?? 80) }
+
+    /// The four modes, switched at random inside and between bursts, under power failures: writes
+    /// that bypass the log, writethrough's clean copies and the markers that void cached copies
+    /// keep every durable write, whatever path each request took.
+    func testPowerFailuresAcrossCacheModeSwitchesKeepEveryDurableWrite() throws {
+        var outcome = Outcome()
+        for seed in (Self.firstSeed + 3000)..<(Self.firstSeed + 3000 + Self.modeSeedCount) {
+            if try !runCrashSeed(seed, shuffled: seed % 2 == 0, rounds: 3, switchModes: true, outcome: &outcome) { outcome.failedSeeds.append(seed) }
+        }
+        print("crash test (cache modes): \(outcome.crashes) crashes, failed seeds: \(outcome.failedSeeds); \(outcome.cleanerSummary); bypass writes \(outcome.cuts.counters.bypassWrites), writethrough copies \(outcome.cuts.counters.writeThroughCopies)")
+        XCTAssertEqual(outcome.failedSeeds, [])
+        XCTAssertGreaterThan(outcome.cuts.counters.bypassWrites, 0, "no write went straight to the backing store")
+        XCTAssertGreaterThan(outcome.cuts.counters.writeThroughCopies, 0, "no writethrough write was cached")
     }
 
     // MARK: Pmem mode

@@ -224,5 +224,7 @@ extension CacheCounters {
         writtenBackBlocks += other.writtenBackBlocks
         writerStalls += other.writerStalls
         cleanerWaitsForWriteback += other.cleanerWaitsForWriteback
+        bypassWrites += other.bypassWrites
+        writeThroughCopies += other.writeThroughCopies
     }
 }

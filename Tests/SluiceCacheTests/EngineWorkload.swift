@@ -2,6 +2,7 @@ import NIOCore
 import SluiceVolume
 import XCTest
 import SluiceTesting
+import SluiceFormat
 
 @testable import SluiceCache
 
@@ -12,6 +13,8 @@ enum WorkloadOp: CustomStringConvertible {
     case trim(lba: Int, sectors: Int, fua: Bool)
     case zero(lba: Int, sectors: Int, fua: Bool)
     case drain
+    /// `sluice set cache_mode`: later requests take the mode's path.
+    case setMode(CacheMode)
 
     var description: String {
         switch self {
@@ -20,6 +23,7 @@ enum WorkloadOp: CustomStringConvertible {
         case .trim(let lba, let n, let fua): return "trim(sector \(lba), \(n) sectors\(fua ? ", FUA" : ""))"
         case .zero(let lba, let n, let fua): return "write-zeroes(sector \(lba), \(n) sectors\(fua ? ", FUA" : ""))"
         case .drain: return "drain"
+        case .setMode(let mode): return "cache mode \(mode.rawValue)"
         }
     }
 }
@@ -140,6 +144,12 @@ final class Workload {
                 } else {
                     self.unexpectedFailures.append("operation \(id) \(op): \(reply)")
                 }
+                self.finishedOne()
+            }
+        case .setMode(let mode):
+            engine.setCacheMode(mode) { result in
+                guard !self.crashed else { return }
+                if case .failure(let error) = result { self.unexpectedFailures.append("operation \(id) \(op): \(error)") }
                 self.finishedOne()
             }
         case .drain:

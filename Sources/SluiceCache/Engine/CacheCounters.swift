@@ -29,6 +29,15 @@ public struct CacheCounters: Codable, Sendable, Equatable {
     public var pmemDrains: UInt64 = 0
     public var pmemPersistedReplies: UInt64 = 0
 
+    // MARK: Cache modes
+    /// Writes sent straight to the backing store (writethrough, writearound, passthrough), their
+    /// bytes, and those the backing store failed.
+    public var bypassWrites: UInt64 = 0
+    public var bypassBytesWritten: UInt64 = 0
+    public var bypassWriteErrors: UInt64 = 0
+    /// Whole blocks of writethrough writes cached as clean copies.
+    public var writeThroughCopies: UInt64 = 0
+
     // MARK: Read caching
     /// Read misses of whole blocks cached as clean copies.
     public var readFills: UInt64 = 0

@@ -33,7 +33,9 @@ extension CacheEngine {
         }
         guard !parts.isEmpty else { return completion(.done) }
         let join = CompletionJoin(outstanding: parts.count) { reply in
-            if fua, case .done = reply { self.awaitDurability(self.durability.replyWait(fua: true), completion) } else { completion(reply) }
+            // Zeroed sectors at either end may have gone straight to the backing store (a bypass
+            // mode): FUA syncs it too.
+            if fua, case .done = reply { self.awaitDurability(self.durability.replyWait(fua: true), self.flushBypassWrites(completion)) } else { completion(reply) }
         }
         for (kind, partOffset) in zip(parts, offsets) {
             updates.waiting.append(PendingUpdate(kind: kind, offset: partOffset, completion: join.partCompleted))
@@ -55,6 +57,8 @@ extension CacheEngine {
         switch update.discardStage {
         case .waiting:
             if let batch, batch.discardStarting(blocks) { return .blocked }
+            // A write of these blocks still at the backing store lands first.
+            if bypass.overlaps(blocks) { return .blocked }
             update.discardStage = .passingDown
             // Reads of these blocks in flight must not cache what they read.
             fills.poison(blocks)
@@ -80,6 +84,7 @@ extension CacheEngine {
                         return .blocked
                     }
                     buffer.markDiscarded(blockNumber: block)
+                    bypass.newestMarkerSegmentID = max(bypass.newestMarkerSegmentID, buffer.segmentID)
                     index.remove(blockNumber: block)
                     batch?.discarded(block)
                     if buffer.isFull { sealOpenBuffer(isPartial: false) }

@@ -7,7 +7,7 @@ extension CacheEngine {
     func submitFlush(completion: @escaping (VolumeReply) -> Void) {
         eventLoop.preconditionInEventLoop()
         if let failure { return completion(.failed(.io(errno: failure.errnoValue))) }
-        awaitDurability(durability.flushWait(repliesAwaitingPersist: !persists.waiters.isEmpty), completion)
+        awaitDurability(durability.flushWait(repliesAwaitingPersist: !persists.waiters.isEmpty), flushBypassWrites(completion))
     }
 
     /// Completes `completion` once what `wait` names has happened.
@@ -205,6 +205,8 @@ extension CacheEngine {
         case retire(UInt64)
         /// A graceful close, retiring the reclaimed segments up to the id.
         case cleanShutdown(retiring: UInt64)
+        /// The cache mode changed.
+        case cacheMode(CacheMode)
     }
 
     /// Writes the next superblock record (to the record block the current one is not in) and
@@ -217,6 +219,7 @@ extension CacheEngine {
         case .cleanShutdown(let id):
             request.retireThroughID = id
             request.cleanShutdown = true
+        case .cacheMode(let mode): request.cacheMode = mode
         }
         if records.pending == nil { records.pending = request } else { records.pending!.merge(request) }
         startRecordWrite()

@@ -21,7 +21,7 @@ extension CacheEngine {
         counters.userBytesRead += UInt64(lengthBytes)
 
         var plan = ReadPlan()
-        if tunables.readPromoteHits == 0 {
+        if tunables.readPromoteHits == 0 || !cacheMode.cachesReads {
             plan.fillPolicy = .off
         } else if readAdmission.isSequential(offset: offset, lengthBytes: UInt64(lengthBytes), cutoffBytes: UInt64(tunables.sequentialCutoffBytes)) {
             plan.fillPolicy = .sequential
@@ -35,7 +35,7 @@ extension CacheEngine {
         guard !fetches.isEmpty else { return completion(.data(reply)) }
         let fills = plan.fills
         let finish: (VolumeReply) -> Void = fills.isEmpty ? completion : { reply in
-            self.completeFills(fills, reply: reply, base: base)
+            self.completeFills(fills, reply: reply, base: base, source: .read)
             completion(reply)
         }
         submitFetches(fetches, assembly: ReadAssembly(reply: reply, base: base, outstanding: fetches.count, completion: finish))
@@ -252,6 +252,10 @@ extension CacheEngine {
             return
         case .admitted: break
         }
+        guard !bypass.covers(blockNumber) else {
+            counters.readFillsSkippedRaced += 1
+            return
+        }
         guard readAdmission.promotes(blockNumber, promoteHits: tunables.readPromoteHits) else {
             counters.readFillsSkippedNotPromoted += 1
             return
@@ -263,17 +267,25 @@ extension CacheEngine {
     /// The read's backing data has arrived (or failed): each block not written, discarded or
     /// cached meanwhile is appended to the open buffer as a clean copy, if there is room without
     /// waiting and without taking space writers need.
-    fileprivate func completeFills(_ candidates: [(blockNumber: UInt64, replyOffset: Int)], reply: VolumeReply, base: Int) {
+    /// What a clean copy is a copy of.
+    enum FillSource {
+        /// A read miss.
+        case read
+        /// A writethrough write, once the backing store has it.
+        case writeThrough
+    }
+
+    func completeFills(_ candidates: [(blockNumber: UInt64, replyOffset: Int)], reply: VolumeReply, base: Int, source: FillSource) {
         eventLoop.preconditionInEventLoop()
         for candidate in candidates {
             let untouched = fills.end(candidate.blockNumber)
             guard case .data(let data) = reply else { continue }
             guard untouched, index.lookup(candidate.blockNumber) == nil else {
-                counters.readFillsSkippedRaced += 1
+                if source == .read { counters.readFillsSkippedRaced += 1 }
                 continue
             }
-            guard let buffer = bufferForFill(candidate.blockNumber) else {
-                counters.readFillsSkippedNoRoom += 1
+            guard let buffer = bufferForFill(candidate.blockNumber, source: source) else {
+                if source == .read { counters.readFillsSkippedNoRoom += 1 }
                 continue
             }
             let dataIndex = data.withUnsafeReadableBytes { raw in
@@ -285,15 +297,20 @@ extension CacheEngine {
             let replaced = index.insert(candidate.blockNumber, sectorMask: 0xFF, at: position)
             precondition(replaced == nil, "a clean copy of block \(candidate.blockNumber) replaced a copy in the cache")
             index.markClean(at: position)
-            counters.readFills += 1
+            switch source {
+            case .read: counters.readFills += 1
+            case .writeThrough: counters.writeThroughCopies += 1
+            }
             if buffer.isFull { sealOpenBuffer(isPartial: false) }
         }
     }
 
     /// The open buffer, or a new one, for a clean copy: never while writes wait for space (their
-    /// order and their room come first), never from the cleaner's reserve or the last free slots.
-    private func bufferForFill(_ blockNumber: UInt64) -> (any WriteBuffer)? {
-        guard failure == nil, lifecycle.acceptsRequests, updates.waiting.isEmpty else { return nil }
+    /// order and their room come first; a read's copy waits for no queued write at all), never
+    /// from the cleaner's reserve or the last free slots.
+    private func bufferForFill(_ blockNumber: UInt64, source: FillSource) -> (any WriteBuffer)? {
+        guard failure == nil, lifecycle.acceptsRequests, updates.headWait.sinceNs == nil else { return nil }
+        if source == .read && !updates.waiting.isEmpty { return nil }
         if let open = buffers.open, open.canAccept(blockNumber) { return open }
         guard !spaceIsShort, !buffers.free.isEmpty || buffers.open != nil else { return nil }
         return openBufferAccepting(blockNumber, for: .reader)

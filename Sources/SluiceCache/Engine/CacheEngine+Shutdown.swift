@@ -18,17 +18,18 @@ extension CacheEngine {
         guard case .closing(let stage, let completion) = lifecycle else { return }
         switch stage {
         case .waitingForUpdates:
-            guard updates.waiting.isEmpty, !updates.mergeRead.isInFlight else { return }
+            guard updates.waiting.isEmpty, !updates.mergeRead.isInFlight, bypass.isEmpty else { return }
             // A relocation still running stops here: what it moved stays moved, the rest of its
             // segment stays in the log.
             if let job = relocation, job.readsOutstanding == 0 { abandonRelocation() }
             guard relocation == nil else { return }
             lifecycle = .closing(stage: .finishing, completion: completion)
-            addBarrierWaiter { reply in
+            // Bypass writes without FUA are synced on the backing store too.
+            addBarrierWaiter(flushBypassWrites { reply in
                 guard case .done = reply else { return self.closed(.failure(self.failure ?? MediumError.inputOutput(errno: 5))) }
                 self.lifecycle = .closing(stage: .readyForCleanRecord, completion: completion)
                 self.drive()
-            }
+            })
         case .finishing:
             return
         case .readyForCleanRecord:

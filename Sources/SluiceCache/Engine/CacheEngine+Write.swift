@@ -69,6 +69,11 @@ extension CacheEngine {
     /// Applies as much of a write as fits, block by block.
     func applyWrite(_ update: inout PendingUpdate, data: ByteBuffer) -> ApplyOutcome {
         let total = data.readableBytes
+        if case .undecided = update.writePath {
+            update.writePath = chooseWritePath(offset: update.offset, lengthBytes: total)
+            if case .undecided = update.writePath { return .blocked }
+        }
+        if case .bypassing = update.writePath { return applyBypassWrite(&update, data: data) }
         while update.appliedBytes < total {
             let pieceOffset = update.offset + UInt64(update.appliedBytes)
             let blockNumber = pieceOffset / UInt64(CacheGeometry.blockBytes)

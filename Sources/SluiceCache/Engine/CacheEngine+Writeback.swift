@@ -148,7 +148,7 @@ extension CacheEngine {
             tailNeedsWriteback: tailNeedsWriteback, spaceIsShort: spaceIsShort,
             oldestDirtyOpenedAtNs: oldestDirtySegmentID().map { ring.openedAtNs(of: $0) },
             backingBusyPercent: backingLoad.busyPercent(nowNs: now), discardPassingDown: discards.isPassingDown,
-            blocksPerSegment: geometry.dataBlocksPerSegment, tunables: tunables)
+            blocksPerSegment: geometry.dataBlocksPerSegment, tunables: writebackTunables)
         guard let (trigger, selection, maxBlocks) = writeback.next(situation) else { return }
         let items = collectWriteback(selection, maxBlocks: maxBlocks)
         guard !items.isEmpty else { return }
@@ -411,6 +411,13 @@ extension CacheEngine {
         while batch.nextItem < batch.items.count {
             let itemIndex = batch.nextItem
             let item = batch.items[itemIndex]
+            if bypass.covers(item.blockNumber) && batch.nextSector == 0 && !item.issued {
+                // A bypass write of the block is at the backing store: this copy (dirty since, or
+                // older) waits for a later batch, so the two never race there.
+                if run.isStarted { break }
+                batch.nextItem += 1
+                continue
+            }
             if item.discarded || discards.isDiscardedOnBacking(item.blockNumber) {
                 // Never written, not even the rest of an item whose first run went out.
                 if run.isStarted { break }

@@ -40,6 +40,8 @@ public final class CacheEngine {
     let durability: any DurabilityPolicy
 
     public internal(set) var tunables: CacheTunables
+    /// The cache mode; recorded in the superblock record.
+    public internal(set) var cacheMode: CacheMode
     public internal(set) var counters = CacheCounters()
 
     var index: CacheIndex
@@ -62,6 +64,7 @@ public final class CacheEngine {
     /// Read caching: which misses are cached, and the misses being read.
     var readAdmission = ReadAdmission()
     var fills = PendingFills()
+    var bypass = BypassWrites()
     var lifecycle = Lifecycle.running
     var drivePass = ReentrantPass()
     /// `writeBackAll` callers, answered once nothing is dirty.
@@ -111,6 +114,7 @@ public final class CacheEngine {
         ring = SegmentRing(segmentCount: opened.geometry.segmentCount, retiredThroughID: opened.record.lastRetiredSegmentID,
                            nextSegmentID: recovered.nextSegmentID, nowNs: clock.nowNs)
         records = RecordWriter(current: opened.record)
+        cacheMode = opened.record.cacheMode
         switch placement {
         case .volatile: durability = VolatileDurability()
         case .persistent(let memory, let layout): durability = PmemDurability(memory: memory, layout: layout)

@@ -4,6 +4,14 @@ import SluiceFormat
 /// snake_case keys (`mode`, `dirty_blocks`, `partial_segments`, `user_bytes_written`, ...).
 public struct CacheStatus: Codable, Sendable, Equatable {
     public var mode: String
+    /// writeback, writethrough, writearound or passthrough (``CacheMode``).
+    public var cacheMode: String = CacheMode.writeback.rawValue
+    /// Writes sent straight to the backing store, their bytes and failures; whole blocks of
+    /// writethrough writes cached clean.
+    public var bypassWrites: UInt64 = 0
+    public var bypassBytesWritten: UInt64 = 0
+    public var bypassWriteErrors: UInt64 = 0
+    public var writeThroughCopies: UInt64 = 0
     public var cacheSizeBytes: UInt64
     public var backingSizeBytes: UInt64
     public var blockSizeBytes: Int
@@ -111,7 +119,7 @@ extension CacheEngine {
         for key in CacheTunables.keys { tunableValues[key] = tunables.value(of: key) }
         let c = counters
         func ratio(_ a: UInt64, _ b: UInt64) -> Double { b == 0 ? 0 : Double(a) / Double(b) }
-        return CacheStatus(
+        var status = CacheStatus(
             mode: "\(superblock.mode)", cacheSizeBytes: cacheDevice.sizeBytes, backingSizeBytes: volumeSizeBytes,
             blockSizeBytes: CacheGeometry.blockBytes, segmentSizeBytes: geometry.segmentBytes, segmentCount: geometry.segmentCount,
             liveSegments: ring.liveSegments, freeSegments: ring.freeSegments,
@@ -146,6 +154,12 @@ extension CacheEngine {
             writeAmplification: ratio(c.cacheBytesWritten - min(c.cacheBytesWritten, c.readFills * UInt64(CacheGeometry.blockBytes)),
                                       c.userBytesWritten),
             blockCounts: counts, tunables: tunableValues)
+        status.cacheMode = cacheMode.rawValue
+        status.bypassWrites = c.bypassWrites
+        status.bypassBytesWritten = c.bypassBytesWritten
+        status.bypassWriteErrors = c.bypassWriteErrors
+        status.writeThroughCopies = c.writeThroughCopies
+        return status
     }
 
     var cleanerDescription: String {

@@ -57,6 +57,8 @@ struct PendingUpdate {
     var discardStage = DiscardSequencer.Stage.waiting
     /// For a discard: its id once it has started.
     var discardID: UInt64 = 0
+    /// For a write: the path it takes (``CacheMode``).
+    var writePath = WritePath.undecided
     var completion: (VolumeReply) -> Void
 }
 
@@ -169,11 +171,14 @@ struct RecordWriter {
         /// Retire every segment up to this id (nil: keep the current one).
         var retireThroughID: UInt64?
         var cleanShutdown: Bool
+        /// A new cache mode (nil: keep the current one).
+        var cacheMode: CacheMode? = nil
         var completions: [(Result<Void, MediumError>) -> Void]
 
         mutating func merge(_ other: Request) {
             if let id = other.retireThroughID { retireThroughID = max(retireThroughID ?? 0, id) }
             cleanShutdown = other.cleanShutdown
+            if let mode = other.cacheMode { cacheMode = mode }
             completions += other.completions
         }
     }
@@ -188,7 +193,8 @@ struct RecordWriter {
     func next(for request: Request, syncedThroughID: UInt64) -> SuperblockRecord {
         let retired = max(request.retireThroughID ?? current.lastRetiredSegmentID, current.lastRetiredSegmentID)
         return SuperblockRecord(sequence: current.sequence + 1, lastRetiredSegmentID: retired,
-                                lastFlushedSegmentID: max(syncedThroughID, retired), cleanShutdown: request.cleanShutdown)
+                                lastFlushedSegmentID: max(syncedThroughID, retired), cleanShutdown: request.cleanShutdown,
+                                cacheMode: request.cacheMode ?? current.cacheMode)
     }
 
     mutating func started(_ record: SuperblockRecord) {
