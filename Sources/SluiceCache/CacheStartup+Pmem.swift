@@ -100,12 +100,9 @@ extension CacheStartup {
     public static func switchMode(cacheFile: BlockFile, expectation: CacheSuperblock.Expectation, to target: SuperblockHeader.Mode,
                                   pmemPath: String?, force: Bool) throws -> ModeSwitch {
         let device = FileMedium(file: cacheFile)
-        let found = try CacheSuperblock.decode(try device.readBytes(offset: 0, count: CacheSuperblock.bytes), deviceBytes: device.sizeBytes)
-        let recorded = found.header
+        let recorded = try CacheSuperblock.decode(try device.readBytes(offset: 0, count: CacheSuperblock.bytes),
+                                                  deviceBytes: device.sizeBytes).header
         guard recorded.mode != target else { throw StartupError.alreadyInMode("\(target)") }
-        if let mode = found.record?.cacheMode, let refusal = CacheMode.refusal(of: mode, bufferMode: target) {
-            throw CacheModeUnavailable(description: "\(refusal); first record writeback: `sluice mode --cache-mode writeback`")
-        }
         switch target {
         case .volatile:
             guard let pmemPath else { throw FormatError.wrongMode(recorded: "pmem", requested: "volatile") }

@@ -60,7 +60,6 @@ public enum CacheStartup {
                 throw StartupError.alreadyFormatted(path: cacheFile.path)
             }
         }
-        if let refusal = CacheMode.refusal(of: cacheMode, bufferMode: pmemPath == nil ? .volatile : .pmem) { throw refusal }
         let uuid = newUUID()
         var expectation = expectation
         expectation.mode = pmemPath == nil ? .volatile : .pmem
@@ -92,7 +91,6 @@ public enum CacheStartup {
         guard found.header.backingSizeBytes == backingSizeBytes else {
             throw FormatError.backingSizeChanged(expected: found.header.backingSizeBytes, found: backingSizeBytes)
         }
-        if let refusal = CacheMode.refusal(of: mode, bufferMode: found.header.mode) { throw refusal }
         guard var record = found.record else { throw FormatError.noValidRecord }
         let previous = record.cacheMode
         guard previous != mode else { throw StartupError.alreadyInMode("\(mode.rawValue) cache") }

@@ -118,9 +118,7 @@ private final class ControlHandler: ChannelInboundHandler {
                 return promise.futureResult
             }.hop(to: loop).whenComplete { result in
                 if case .success = result { self.logger.notice("cache mode changed", metadata: ["cache_mode": "\(mode.rawValue)"]) }
-                var status = HTTPResponseStatus.internalServerError
-                if case .failure(let error) = result, error is CacheModeUnavailable { status = .badRequest }
-                self.respond(result.map { self.encode($0) }, status: status, head: head, context: context)
+                self.respond(result.map { self.encode($0) }, head: head, context: context)
             }
         case (.POST, "/set"):
             guard let key = query["key"], let text = query["value"], let value = Int(text) else {

@@ -249,7 +249,7 @@ final class CacheCommandLineTests: XCTestCase {
     /// Cache modes as a user meets them: a cache formatted writethrough keeps every acknowledged
     /// write on the backing store, so after kill -9 the backing file alone is complete (the cache
     /// device is deleted); `set cache_mode` switches a running cache and status shows it; `sluice
-    /// mode --cache-mode` switches offline and the next server keeps it; pmem mode refuses them.
+    /// mode --cache-mode` switches offline and the next server keeps it; pmem mode takes them too.
     func testWritethroughLosesNothingWithTheCacheDeviceAndModesSwitchOnlineAndOffline() throws {
         let backing = try makeFile("backing.img", sizeBytes: 8 << 20)
         let cache = try makeFile("cache.img", sizeBytes: 4 << 20)
@@ -310,13 +310,25 @@ final class CacheCommandLineTests: XCTestCase {
         XCTAssertEqual(Array(onDisk[(2 << 20)..<((2 << 20) + 8192)]), [UInt8](repeating: 0xEE, count: 8192))
         XCTAssertEqual(Array(onDisk[(3 << 20)..<((3 << 20) + 4096)]), [UInt8](repeating: 0xDD, count: 4096))
 
-        // Pmem mode refuses the modes it does not offer yet, naming the way out.
+        // Pmem mode takes the modes too, and the status says so.
         let pmemCache = try makeFile("pmem-cache.img", sizeBytes: 4 << 20)
+        let pmemBacking = try makeFile("b2.img", sizeBytes: 8 << 20)
         let pmem = directory + "/buffer.pmem"
-        result = try run(["format", "--cache", pmemCache, "--backing", try makeFile("b2.img", sizeBytes: 8 << 20),
-                          "--pmem", pmem, "--cache-mode", "writethrough"])
-        XCTAssertEqual(result.status, 1)
-        XCTAssertTrue(result.errors.contains("not available in pmem mode"), result.errors)
+        result = try run(["format", "--cache", pmemCache, "--backing", pmemBacking, "--segment-size", "64K",
+                          "--pmem", pmem, "--cache-mode", "writearound"])
+        XCTAssertEqual(result.status, 0, result.errors)
+        let pmemSocket = directory + "/p.sock"
+        server = try SluiceBinary.startServer(["serve", "--cache", pmemCache, "--backing", pmemBacking, "--pmem", pmem, "--socket", pmemSocket,
+                                               "--log-level", "warning"], socket: pmemSocket)
+        defer { stop(server) }
+        let pmemClient = try NBDClient(uri: "nbd+unix:///?socket=\(pmemSocket)")
+        try pmemClient.write([UInt8](repeating: 0x5A, count: 4096), offset: 0, flags: 1)
+        let pmemStatus = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try run(["status", "--json", "--socket", pmemSocket]).output.utf8)) as? [String: Any])
+        XCTAssertEqual(pmemStatus["cache_mode"] as? String, "writearound")
+        XCTAssertEqual(pmemStatus["mode"] as? String, "pmem")
+        XCTAssertEqual(pmemStatus["bypass_writes"] as? Int, 1)
+        let written = try XCTUnwrap(FileManager.default.contents(atPath: pmemBacking))
+        XCTAssertEqual(Array(written[0..<4096]), [UInt8](repeating: 0x5A, count: 4096), "a FUA writearound write is on the backing store")
     }
 
     /// BLOCK_STATUS on a cache over a sparse backing file: blocks the cache holds dirty are data

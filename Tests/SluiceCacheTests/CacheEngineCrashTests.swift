@@ -227,6 +227,18 @@ final class CacheEngineCrashTests: XCTestCase {
         XCTAssertGreaterThan(outcome.cuts.counters.writeThroughCopies, 0, "no writethrough write was cached")
     }
 
+    func testPmemPowerFailuresAcrossCacheModeSwitchesKeepEveryDurableWrite() throws {
+        var outcome = Outcome()
+        for seed in (Self.firstSeed + 4000)..<(Self.firstSeed + 4000 + Self.modeSeedCount) {
+            if try !runCrashSeed(seed, shuffled: seed % 2 == 0, rounds: 3, pmemMode: true, switchModes: true, outcome: &outcome) {
+                outcome.failedSeeds.append(seed)
+            }
+        }
+        print("crash test (pmem, cache modes): \(outcome.crashes) crashes, failed seeds: \(outcome.failedSeeds); bypass writes \(outcome.cuts.counters.bypassWrites)")
+        XCTAssertEqual(outcome.failedSeeds, [])
+        XCTAssertGreaterThan(outcome.cuts.counters.bypassWrites, 0, "no write went straight to the backing store")
+    }
+
     // MARK: Pmem mode
     //
     // The same power failures with the write buffers in simulated persistent memory, which at a

@@ -14,6 +14,10 @@ struct BypassWrites {
     /// A bypass write without FUA completed since the backing store's last sync: a FLUSH must sync
     /// the backing store too.
     var backingUnsynced = false
+    /// Backing syncs started for FLUSHes after bypass writes and not finished: a FLUSH arriving
+    /// meanwhile needs one too (the flag was cleared when the first started, but its writes are
+    /// not durable until it finishes), so it starts its own.
+    var flushSyncsInFlight = 0
     /// The newest segment holding a discard marker (a bypass write's or a trim's). Until the cache
     /// device has it synced (or pmem drained), an older copy of the marked block could be replayed
     /// by recovery: a FUA bypass write waits for it to be durable, whichever write placed it.
@@ -63,10 +67,9 @@ extension CacheEngine {
     public func setCacheMode(_ mode: CacheMode, completion: @escaping (Result<Void, Error>) -> Void) {
         eventLoop.preconditionInEventLoop()
         if let failure { return completion(.failure(failure)) }
-        if let refusal = CacheMode.refusal(of: mode, bufferMode: superblock.mode) { return completion(.failure(refusal)) }
         let previous = cacheMode
         cacheMode = mode
-        logger.notice("cache mode \(previous.rawValue) -> \(mode.rawValue); \(index.dirtyCount) dirty blocks to write back")
+        logger.info("cache mode \(previous.rawValue) -> \(mode.rawValue); \(index.dirtyCount) dirty blocks to write back")
         writeRecord(.cacheMode(mode)) { result in
             completion(result.mapError { $0 })
         }
@@ -186,10 +189,12 @@ extension CacheEngine {
 
     /// A FLUSH after bypass writes without FUA syncs the backing store as well as the log.
     func flushBypassWrites(_ completion: @escaping (VolumeReply) -> Void) -> ((VolumeReply) -> Void) {
-        guard bypass.backingUnsynced else { return completion }
+        guard bypass.backingUnsynced || bypass.flushSyncsInFlight > 0 else { return completion }
         bypass.backingUnsynced = false
+        bypass.flushSyncsInFlight += 1
         let join = CompletionJoin(outstanding: 2, completion: completion)
         backingStore.synchronize { synced in
+            self.bypass.flushSyncsInFlight -= 1
             self.counters.backingSyncs += 1
             switch synced {
             case .success: join.partCompleted(.done)
@@ -200,19 +205,4 @@ extension CacheEngine {
         }
         return join.partCompleted
     }
-}
-
-extension CacheMode {
-    /// Why `mode` cannot serve with a write buffer in `bufferMode`, if it cannot. Modes other than
-    /// writeback are not yet offered in pmem mode: the seeded power-failure test of mode switches
-    /// with a pmem buffer still finds a lost durable write (docs/ENGINE.md, "Cache modes").
-    public static func refusal(of mode: CacheMode, bufferMode: SuperblockHeader.Mode) -> CacheModeUnavailable? {
-        guard mode != .writeback, bufferMode == .pmem else { return nil }
-        return CacheModeUnavailable(description: "cache mode \(mode.rawValue) is not available in pmem mode yet; use writeback, or switch the cache to volatile mode first (`sluice mode --volatile`)")
-    }
-}
-
-/// A cache mode refused for this cache.
-public struct CacheModeUnavailable: Error, CustomStringConvertible {
-    public let description: String
 }
