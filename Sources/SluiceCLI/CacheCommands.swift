@@ -50,6 +50,13 @@ struct TunableOptions: ParsableArguments {
         "Cache a block read from the backing store on its N-th miss (default 1: every miss; 0: no read caching).", valueName: "count"))
     var readPromoteHits: Int?
 
+    @Option(name: .customLong("io-error-limit"), help: ArgumentHelp(
+        "Cache-device errors (decayed) past which the cache stops caching and serves as in passthrough (default 16; 0: never).", valueName: "count"))
+    var ioErrorLimit: Int?
+
+    @Option(name: .customLong("io-error-halflife"), help: ArgumentHelp("Seconds in which the error count halves (default 60).", valueName: "seconds"))
+    var ioErrorHalfLife: Int?
+
     func tunables() throws -> CacheTunables {
         var tunables = CacheTunables()
         do {
@@ -66,6 +73,8 @@ struct TunableOptions: ParsableArguments {
             if let barrierDeadline { try tunables.set("barrier_deadline_ms", to: barrierDeadline) }
             if let sequentialCutoff { try tunables.set("sequential_cutoff", to: sequentialCutoff) }
             if let readPromoteHits { try tunables.set("read_promote_hits", to: readPromoteHits) }
+            if let ioErrorLimit { try tunables.set("io_error_limit", to: ioErrorLimit) }
+            if let ioErrorHalfLife { try tunables.set("io_error_halflife", to: ioErrorHalfLife) }
         } catch let invalid as CacheTunables.Invalid {
             throw ValidationError(invalid.description)
         }
@@ -339,6 +348,10 @@ struct StatusCommand: ParsableCommand {
         }
         lines.append("backing flush       \(status.backingFlush ?? "unknown")")
         if let failure = status.failure { lines.append("FAILED              \(failure)") }
+        if let degraded = status.degraded { lines.append("DEGRADED            \(degraded)") }
+        if status.cacheDeviceErrors > 0 {
+            lines.append("cache device errors \(status.cacheDeviceErrors) (\(String(format: "%.1f", status.cacheDeviceErrorsDecayed)) decayed, limit \(status.tunables["io_error_limit"] ?? 0)); \(status.readsRetriedFromBacking) block reads retried from the backing store")
+        }
         lines.append("counters")
         for (name, value) in status.blockCounts.sorted(by: { $0.key < $1.key }) {
             lines.append("  \(name.padding(toLength: 28, withPad: " ", startingAt: 0)) \(value)")

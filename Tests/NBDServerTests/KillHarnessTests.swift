@@ -6,7 +6,7 @@ import SluiceTesting
 
 /// The crash harness: the built `sluice serve` under a mixed workload from several python3-libnbd
 /// connections (Resources/crash_client.py), killed with SIGKILL at seeded random instants, in
-/// volatile and pmem mode; sometimes killed again while it restarts (before it listens, that is
+/// volatile and pmem mode and with its cache mode switched under load; sometimes killed again while it restarts (before it listens, that is
 /// while it recovers); after each restart the whole volume is read and checked against the log of
 /// what the client issued and what was acknowledged, and how (see crash_client.py for the rules:
 /// durable writes are there, every sector holds a value written to it or explainable zeros, never
@@ -15,7 +15,7 @@ import SluiceTesting
 /// drain`, SIGTERM, and the backing file must equal the volume byte for byte.
 ///
 /// `make test` runs a few dozen cycles; `make soak-kill` runs more. Environment:
-/// SLUICE_KILL_CYCLES (total, split between the modes; default 30), SLUICE_KILL_SEED (default
+/// SLUICE_KILL_CYCLES (total, split between volatile, pmem and cache-mode switching; default 36), SLUICE_KILL_SEED (default
 /// 2026), SLUICE_KILL_VOLUME_MIB and SLUICE_KILL_CACHE_MIB (default 64 and 32: small, so the
 /// ring wraps many times), SLUICE_KILL_MAX_DELAY_MS (the longest workload before a kill; default
 /// 1200), SLUICE_KILL_VERBOSE=1 (a line per cycle).
@@ -70,14 +70,16 @@ final class KillHarnessTests: XCTestCase {
     }
 
     func testKillNineAtRandomInstantsKeepsEveryDurableWriteInBothModes() throws {
-        let cycles = Self.environment("SLUICE_KILL_CYCLES", default: 30)
+        let cycles = Self.environment("SLUICE_KILL_CYCLES", default: 36)
         let seed = Self.environment("SLUICE_KILL_SEED", default: 2026)
         var totals = Totals()
         var generator = SplitMix64(seed: UInt64(seed))
         let started = Date()
-        let pmemCycles = cycles / 2
-        try runMode(pmem: false, cycles: cycles - pmemCycles, seed: seed, generator: &generator, totals: &totals)
+        let pmemCycles = cycles * 2 / 5
+        let modeCycles = cycles / 5
+        try runMode(pmem: false, cycles: cycles - pmemCycles - modeCycles, seed: seed, generator: &generator, totals: &totals)
         try runMode(pmem: true, cycles: pmemCycles, seed: seed, generator: &generator, totals: &totals)
+        try runMode(pmem: false, switchCacheModes: true, cycles: modeCycles, seed: seed, generator: &generator, totals: &totals)
         print("kill harness: seed \(seed), \(totals.requests) requests, \(totals.bytesWritten >> 20) MiB written, "
               + "\(totals.killedAfterListening) restarts killed after they listened, \(Int(Date().timeIntervalSince(started))) s")
         print("kill harness: \(totals.cycles) cycles (\(totals.pmemCycles) in pmem mode, \(totals.killedDuringRecovery) killed during recovery), "
@@ -87,8 +89,13 @@ final class KillHarnessTests: XCTestCase {
 
     // MARK: - One mode
 
-    private func runMode(pmem: Bool, cycles: Int, seed: Int, generator: inout SplitMix64, totals: inout Totals) throws {
-        let mode = pmem ? "pmem" : "volatile"
+    /// `switchCacheModes`: a volatile cache whose cache mode (writeback, writethrough, writearound,
+    /// passthrough) is switched with `sluice set cache_mode` halfway to every kill, under load;
+    /// restarts keep the last mode recorded. Plain writes are checked as in volatile mode: one that
+    /// went straight to the backing store is durable with FUA or a FLUSH.
+    private func runMode(pmem: Bool, switchCacheModes: Bool = false, cycles: Int, seed: Int, generator: inout SplitMix64,
+                         totals: inout Totals) throws {
+        let mode = pmem ? "pmem" : switchCacheModes ? "cache-modes" : "volatile"
         let volumeBytes = Self.environment("SLUICE_KILL_VOLUME_MIB", default: 64) << 20
         let cacheBytes = Self.environment("SLUICE_KILL_CACHE_MIB", default: 32) << 20
         let maxDelayMs = Self.environment("SLUICE_KILL_MAX_DELAY_MS", default: 1200)
@@ -140,7 +147,7 @@ final class KillHarnessTests: XCTestCase {
         }
         let uri = "nbd+unix:///?socket=\(socket)"
         // Request ids (stamped into the data) never repeat, over both modes.
-        var nextID = (pmem ? 2 : 1) * 1_000_000_000
+        var nextID = (pmem ? 2 : switchCacheModes ? 3 : 1) * 1_000_000_000
         // Workload profiles (FUA share of the writes, FLUSH share of the requests): barriers
         // often, FUA only, flushes only, and barriers rare (the buffer fills whole segments and
         // much is in flight or not yet durable at the kill).
@@ -157,7 +164,15 @@ final class KillHarnessTests: XCTestCase {
                                                               "--fua-share", "\(profile.fua)", "--flush-share", "\(profile.flush)"],
                                           output: "\(log).out")
             let delayMs = Int.random(in: 100...max(101, maxDelayMs), using: &generator)
-            usleep(UInt32(delayMs) * 1000)
+            if switchCacheModes {
+                usleep(UInt32(delayMs / 2) * 1000)
+                let target = ["writeback", "writethrough", "writearound", "passthrough"][Int.random(in: 0..<4, using: &generator)]
+                let switched = try SluiceBinary.run(["set", "--socket", socket, "cache_mode", target])
+                totals.report(switched.status == 0 ? 0 : 1, "\(mode) cycle \(cycle): set cache_mode \(target) failed: \(switched.errors)")
+                usleep(UInt32(delayMs - delayMs / 2) * 1000)
+            } else {
+                usleep(UInt32(delayMs) * 1000)
+            }
             killServer(server)
             let summary = try finish(client, "\(mode) cycle \(cycle): the workload")
             totals.requests += summary["issued"] as? Int ?? 0

@@ -310,4 +310,77 @@ final class CacheEngineFaultTests: XCTestCase {
         try harness.crash(seed: 9)
         for blockNumber in 0..<4 { XCTAssertEqual(try tags(harness, block: blockNumber), Array(repeating: UInt32(blockNumber + 1), count: 8)) }
     }
+
+    // MARK: Degrading on cache-device errors
+
+    /// Puts block 1 on the cache device as a clean copy (of a read miss), with later segments
+    /// written after it so no buffer holds it in memory.
+    private func cleanCopyOnTheDevice(_ harness: EngineHarness) throws {
+        try harness.write(block(1, 1), at: 4096)
+        try harness.drain()
+        // A read miss now caches block 1 clean; later writes push its segment to the device.
+        XCTAssertEqual(try tags(harness, block: 1), Array(repeating: 1, count: 8))
+        for index in 0..<40 { try harness.write(block(100 + UInt32(index), 20 + index), at: UInt64((20 + index) * 4096)) }
+        try harness.flush()
+        let entry = try harness.loop.submit { harness.engine.index.lookup(1) }.wait()
+        XCTAssertEqual(entry?.isDirty, false, "block 1 is a clean copy")
+    }
+
+    func testAFailedCacheDeviceReadOfACleanCopyIsRetriedFromTheBackingStore() throws {
+        let harness = try tinyHarness()
+        defer { harness.close() }
+        try cleanCopyOnTheDevice(harness)
+        try harness.onMedia { cache, _ in cache.failNextReads = 1 }
+        XCTAssertEqual(try tags(harness, block: 1), Array(repeating: 1, count: 8), "served from the backing store")
+        let status = try harness.loop.submit { harness.engine.status() }.wait()
+        XCTAssertEqual(status.readsRetriedFromBacking, 1)
+        XCTAssertEqual(status.cacheDeviceErrors, 1)
+        XCTAssertNil(status.degraded, "one error is below the limit")
+        XCTAssertNil(status.failure, "a read error leaves nothing acknowledged only in memory: the engine goes on")
+    }
+
+    func testAFailedCacheDeviceReadOfADirtyCopyFailsTheReadAndNothingElse() throws {
+        let harness = try tinyHarness()
+        defer { harness.close() }
+        try harness.write(block(1, 1), at: 4096)
+        for index in 0..<40 { try harness.write(block(100 + UInt32(index), 20 + index), at: UInt64((20 + index) * 4096)) }
+        try harness.flush()
+        try harness.onMedia { cache, _ in cache.failNextReads = 1 }
+        let failed = try reply(harness) { engine, done in
+            engine.submitRead(offset: 4096, lengthBytes: 4096, buffer: ByteBuffer(), completion: done)
+        }
+        XCTAssertTrue(isEIO(failed), "a dirty copy exists only on the cache device: the read fails, got \(String(describing: failed))")
+        XCTAssertEqual(try tags(harness, block: 1), Array(repeating: 1, count: 8), "the next read succeeds")
+        try harness.write(block(2, 2), at: 8192)
+        XCTAssertEqual(try tags(harness, block: 2), Array(repeating: 2, count: 8), "writes go on")
+    }
+
+    /// Past `io_error_limit` the cache serves as in passthrough: writes go to the backing store,
+    /// reads are not cached, status says why; what is dirty is still served and written back.
+    func testCacheDeviceErrorsPastTheLimitDegradeToPassthrough() throws {
+        var tunables = CacheTunables()
+        tunables.ioErrorLimit = 2
+        tunables.writebackThresholdPercent = 0
+        let harness = try EngineHarness(cacheBytes: 1 << 20, backingBytes: 2 << 20, segmentBytes: 64 * 1024, tunables: tunables)
+        defer { harness.close() }
+        try cleanCopyOnTheDevice(harness)
+        try harness.write(block(7, 3), at: 3 * 4096)
+        for attempt in 0..<3 {
+            try harness.onMedia { cache, _ in cache.failNextReads = 1 }
+            XCTAssertEqual(try tags(harness, block: 1), Array(repeating: 1, count: 8), "read \(attempt) served from the backing store")
+        }
+        let status = try harness.loop.submit { harness.engine.status() }.wait()
+        XCTAssertNotNil(status.degraded, "three errors exceed a limit of 2")
+        XCTAssertTrue(status.degraded?.contains("io_error_limit") ?? false, status.degraded ?? "")
+        XCTAssertEqual(status.cacheMode, "writeback", "the recorded mode is kept; the degradation is not recorded")
+        try harness.write(block(9, 5), at: 5 * 4096)
+        XCTAssertEqual(try backingTags(harness, block: 5), Array(repeating: 9, count: 8), "a new write goes to the backing store")
+        XCTAssertEqual(try tags(harness, block: 3), Array(repeating: 7, count: 8), "dirty data is still served")
+        try harness.drain()
+        XCTAssertEqual(try backingTags(harness, block: 3), Array(repeating: 7, count: 8), "and written back")
+        let after = try harness.loop.submit { harness.engine.status() }.wait()
+        XCTAssertEqual(after.bypassWrites, 1)
+        XCTAssertEqual(after.dirtyBlocks, 0)
+    }
+
 }

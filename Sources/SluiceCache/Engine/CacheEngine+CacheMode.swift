@@ -78,7 +78,7 @@ extension CacheEngine {
 
     /// The tunables writeback decides with: outside writeback mode nothing may stay dirty.
     var writebackTunables: CacheTunables {
-        guard cacheMode != .writeback else { return tunables }
+        guard effectiveCacheMode != .writeback else { return tunables }
         var effective = tunables
         effective.dirtyTargetPercent = 0
         return effective
@@ -87,7 +87,7 @@ extension CacheEngine {
     /// Bypass modes send a write to the backing store unless a block of it is dirty in the cache
     /// (its other sectors live only here: the write joins them in the log) or being discarded.
     func chooseWritePath(offset: UInt64, lengthBytes: Int) -> WritePath {
-        guard cacheMode.writesBypassLog else { return .logged }
+        guard effectiveCacheMode.writesBypassLog else { return .logged }
         let blocks = blockRange(offset: offset, lengthBytes: lengthBytes)
         if bypass.overlaps(blocks) { return .undecided }
         for block in blocks {
@@ -133,7 +133,7 @@ extension CacheEngine {
         if markers > 0 { updates.unsyncedWritesSinceBarrier = true }
         counters.userBytesWritten += UInt64(data.readableBytes)
         counters.bypassWrites += 1
-        let copies = cacheMode == .writethrough ? writeThroughCopies(offset: update.offset, lengthBytes: data.readableBytes) : []
+        let copies = effectiveCacheMode == .writethrough ? writeThroughCopies(offset: update.offset, lengthBytes: data.readableBytes) : []
         sendBypassWrite(id: id, offset: update.offset, data: data, fua: fua, copies: copies,
                         completion: update.completion)
         return .handedOff

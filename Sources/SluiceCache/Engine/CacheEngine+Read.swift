@@ -21,7 +21,7 @@ extension CacheEngine {
         counters.userBytesRead += UInt64(lengthBytes)
 
         var plan = ReadPlan()
-        if tunables.readPromoteHits == 0 || !cacheMode.cachesReads {
+        if tunables.readPromoteHits == 0 || !effectiveCacheMode.cachesReads {
             plan.fillPolicy = .off
         } else if readAdmission.isSequential(offset: offset, lengthBytes: UInt64(lengthBytes), cutoffBytes: UInt64(tunables.sequentialCutoffBytes)) {
             plan.fillPolicy = .sequential
@@ -64,7 +64,7 @@ extension CacheEngine {
                     }
                 }
             } else if covered != 0 {
-                plan.addDeviceBlock(position: entry.position, slot: cacheSlot,
+                plan.addDeviceBlock(piece.blockNumber, isClean: !entry.isDirty, position: entry.position, slot: cacheSlot,
                                     mediumOffset: geometry.offset(ofDataBlock: dataIndex, inSlot: cacheSlot),
                                     sectors: covered, blockRequestOffset: blockRequestOffset)
             }
@@ -109,6 +109,10 @@ extension CacheEngine {
                 } else {
                     self.readerFinished(slot: fetch.slot)
                     self.counters.cacheBytesRead += UInt64(count)
+                    if case .failure(let error) = result {
+                        self.cacheDeviceFailed(error, doing: "reading cached blocks for a client read")
+                        if fetch.allClean, !fetch.blocks.isEmpty, !self.lifecycle.isPoweredOff { return self.retryFromBacking(fetch, assembly: assembly) }
+                    }
                 }
                 assembly.fetched(fetch, result: result)
             }
@@ -138,12 +142,15 @@ struct ReadPlan {
     private var deviceRun: ReadFetch?
     private var deviceRunNextPosition: CacheIndex.Position = 0
 
-    mutating func addDeviceBlock(position: CacheIndex.Position, slot: Int, mediumOffset: UInt64, sectors: UInt8, blockRequestOffset: Int) {
+    mutating func addDeviceBlock(_ blockNumber: UInt64, isClean: Bool, position: CacheIndex.Position, slot: Int, mediumOffset: UInt64,
+                                 sectors: UInt8, blockRequestOffset: Int) {
         if deviceRun == nil || deviceRunNextPosition != position || deviceRun!.slot != slot {
             if let run = deviceRun { fetches.append(run) }
             deviceRun = ReadFetch(fromBacking: false, mediumOffset: mediumOffset, count: 0, slot: slot)
         }
         deviceRun!.addBlock(sectors: sectors, blockRequestOffset: blockRequestOffset)
+        deviceRun!.blocks.append((blockNumber, sectors, blockRequestOffset))
+        if !isClean { deviceRun!.allClean = false }
         deviceRunNextPosition = position + 1
     }
 
@@ -183,6 +190,10 @@ struct ReadFetch {
     var slot: Int
     /// (offset in the fetched bytes, offset in the request, length), merged when contiguous.
     var spans: [(source: Int, target: Int, length: Int)] = []
+    /// A cache-device fetch: its blocks, and whether every one is a clean copy (the backing store
+    /// holds the same data, so a failed read is retried there).
+    var blocks: [(blockNumber: UInt64, sectors: UInt8, blockRequestOffset: Int)] = []
+    var allClean = true
 
     /// Appends one whole block to the fetch; `sectors` of it go into the reply.
     mutating func addBlock(sectors: UInt8, blockRequestOffset: Int) {
@@ -202,6 +213,23 @@ struct ReadFetch {
     }
 }
 
+extension CacheEngine {
+    /// A cache-device read of clean copies failed: the backing store holds the same data, so each
+    /// block is read from there instead (a dirty copy's failure fails the read: its data is only
+    /// on the cache device).
+    fileprivate func retryFromBacking(_ failed: ReadFetch, assembly: ReadAssembly) {
+        var retries: [ReadFetch] = []
+        for block in failed.blocks {
+            var fetch = ReadFetch(fromBacking: true, mediumOffset: block.blockNumber * UInt64(CacheGeometry.blockBytes), count: 0, slot: -1)
+            fetch.addBlock(sectors: block.sectors, blockRequestOffset: block.blockRequestOffset)
+            retries.append(fetch)
+        }
+        counters.readsRetriedFromBacking += UInt64(retries.count)
+        assembly.replace(withFetches: retries.count)
+        submitFetches(retries, assembly: assembly)
+    }
+}
+
 /// Gathers the parts of one client read and completes it when the last arrives.
 final class ReadAssembly {
     private var reply: ByteBuffer
@@ -215,6 +243,11 @@ final class ReadAssembly {
         self.base = base
         self.outstanding = outstanding
         self.completion = completion
+    }
+
+    /// One fetch is replaced by `count` others (a retry from the backing store).
+    func replace(withFetches count: Int) {
+        outstanding += count - 1
     }
 
     func fetched(_ fetch: ReadFetch, result: Result<ByteBuffer, MediumError>) {

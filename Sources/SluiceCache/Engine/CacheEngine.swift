@@ -65,6 +65,9 @@ public final class CacheEngine {
     var readAdmission = ReadAdmission()
     var fills = PendingFills()
     var bypass = BypassWrites()
+    var cacheDeviceErrors = DeviceErrorMeter()
+    /// Set when the cache device exceeded its error limit: the cache serves as in passthrough.
+    public internal(set) var degradedReason: String?
     var lifecycle = Lifecycle.running
     var drivePass = ReentrantPass()
     /// `writeBackAll` callers, answered once nothing is dirty.

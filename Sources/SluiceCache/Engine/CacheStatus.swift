@@ -12,6 +12,14 @@ public struct CacheStatus: Codable, Sendable, Equatable {
     public var bypassBytesWritten: UInt64 = 0
     public var bypassWriteErrors: UInt64 = 0
     public var writeThroughCopies: UInt64 = 0
+    /// Why the cache serves as in passthrough although its mode says otherwise (the cache device
+    /// exceeded `io_error_limit`); nil while healthy.
+    public var degraded: String? = nil
+    /// Cache-device errors the engine survived, in all and as the decayed count the limit is
+    /// compared with; client-read blocks retried from the backing store after one.
+    public var cacheDeviceErrors: UInt64 = 0
+    public var cacheDeviceErrorsDecayed: Double = 0
+    public var readsRetriedFromBacking: UInt64 = 0
     public var cacheSizeBytes: UInt64
     public var backingSizeBytes: UInt64
     public var blockSizeBytes: Int
@@ -159,6 +167,12 @@ extension CacheEngine {
         status.bypassBytesWritten = c.bypassBytesWritten
         status.bypassWriteErrors = c.bypassWriteErrors
         status.writeThroughCopies = c.writeThroughCopies
+        status.degraded = degradedReason
+        var meter = cacheDeviceErrors
+        meter.decay(nowNs: clock.nowNs, halfLifeSeconds: tunables.ioErrorHalfLifeSeconds)
+        status.cacheDeviceErrors = meter.total
+        status.cacheDeviceErrorsDecayed = meter.count
+        status.readsRetriedFromBacking = c.readsRetriedFromBacking
         return status
     }
 

@@ -35,6 +35,11 @@ public struct CacheTunables: Codable, Sendable, Equatable {
     /// A block read from the backing store is cached on its N-th miss (Open CAS's promotion after N
     /// hits): 1 caches every miss, 0 caches no reads.
     public var readPromoteHits = 1
+    /// Cache-device errors (decayed, see `io_error_halflife`) past which the cache stops caching and
+    /// serves as in passthrough (bcache's `io_error_limit`); 0 never degrades.
+    public var ioErrorLimit = 16
+    /// Seconds in which the error count halves.
+    public var ioErrorHalfLifeSeconds = 60
 
     public init() {}
 
@@ -50,12 +55,14 @@ public struct CacheTunables: Codable, Sendable, Equatable {
         case barrierDeadlineMs = "barrier_deadline_ms"
         case sequentialCutoffBytes = "sequential_cutoff"
         case readPromoteHits = "read_promote_hits"
+        case ioErrorLimit = "io_error_limit"
+        case ioErrorHalfLifeSeconds = "io_error_halflife"
     }
 
     /// Every key `set` accepts.
     public static let keys = ["high_watermark", "low_watermark", "dirty_target", "writeback_threshold", "max_age",
                               "nr_max_batched_writeback", "update_sb_record_interval", "sync_data_interval", "barrier_deadline_ms",
-                              "sequential_cutoff", "read_promote_hits"]
+                              "sequential_cutoff", "read_promote_hits", "io_error_limit", "io_error_halflife"]
 
     /// A tunable was given a name or value it does not take.
     public struct Invalid: Error, CustomStringConvertible {
@@ -91,6 +98,8 @@ public struct CacheTunables: Codable, Sendable, Equatable {
         case "barrier_deadline_ms": try check(0...10_000); barrierDeadlineMs = value
         case "sequential_cutoff": try check(0...(1 << 40)); sequentialCutoffBytes = value
         case "read_promote_hits": try check(0...255); readPromoteHits = value
+        case "io_error_limit": try check(0...1_000_000); ioErrorLimit = value
+        case "io_error_halflife": try check(0...86_400); ioErrorHalfLifeSeconds = value
         default:
             throw Invalid(description: "unknown tunable \"\(key)\"; the tunables are \(Self.keys.joined(separator: ", "))")
         }
@@ -109,6 +118,8 @@ public struct CacheTunables: Codable, Sendable, Equatable {
         case "barrier_deadline_ms": return barrierDeadlineMs
         case "sequential_cutoff": return sequentialCutoffBytes
         case "read_promote_hits": return readPromoteHits
+        case "io_error_limit": return ioErrorLimit
+        case "io_error_halflife": return ioErrorHalfLifeSeconds
         default: return nil
         }
     }
