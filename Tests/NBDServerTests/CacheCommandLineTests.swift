@@ -331,6 +331,118 @@ final class CacheCommandLineTests: XCTestCase {
         XCTAssertEqual(Array(written[0..<4096]), [UInt8](repeating: 0x5A, count: 4096), "a FUA writearound write is on the backing store")
     }
 
+    /// A backing store that fails (nbdkit's error filter, switched on by a file): in writeback mode
+    /// writeback keeps the data dirty and retries, reads and writes go on, and once the errors stop
+    /// a drain leaves the export complete; in writethrough mode a write the backing store fails is
+    /// answered EIO and the server keeps serving every other request.
+    func testAFailingBackingStoreLosesNothingAndEveryRequestIsAnswered() throws {
+        let image = try makeFile("remote.img", sizeBytes: 8 << 20)
+        let remoteSocket = directory + "/remote.sock"
+        let inject = directory + "/inject"
+        let nbdkit = Process()
+        nbdkit.executableURL = URL(fileURLWithPath: "/usr/bin/nbdkit")
+        nbdkit.arguments = ["-f", "-U", remoteSocket, "--filter=error", "file", image, "error-pwrite-rate=100%", "error-pwrite-file=\(inject)",
+                            "error=EIO"]
+        nbdkit.standardError = FileHandle.nullDevice
+        try nbdkit.run()
+        defer { stop(nbdkit) }
+        for _ in 0..<500 where !FileManager.default.fileExists(atPath: remoteSocket) { usleep(20_000) }
+        let uri = "nbd+unix:///?socket=\(remoteSocket)"
+        let cache = try makeFile("cache.img", sizeBytes: 4 << 20)
+        let socket = directory + "/s.sock"
+        XCTAssertEqual(try run(["format", "--cache", cache, "--backing", uri, "--segment-size", "64K"]).status, 0)
+        let server = try startServer(cache: cache, backing: uri, socket: socket, extra: ["--writeback-threshold", "100"])
+        defer { stop(server) }
+        let client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
+        func status() throws -> [String: Any] {
+            try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try run(["status", "--json", "--socket", socket]).output.utf8)) as? [String: Any])
+        }
+        XCTAssertTrue(FileManager.default.createFile(atPath: inject, contents: nil))
+        var expected = [UInt8](repeating: 0, count: 1 << 20)
+        for block in stride(from: 0, to: 128, by: 2) {
+            let bytes = [UInt8](repeating: UInt8(block + 1), count: 4096)
+            try client.write(bytes, offset: UInt64(block * 4096))
+            expected.replaceSubrange((block * 4096)..<((block + 1) * 4096), with: bytes)
+        }
+        try client.flush()
+        var failing = try status()
+        for _ in 0..<100 where (failing["writeback_errors"] as? Int ?? 0) == 0 {
+            usleep(50_000)
+            failing = try status()
+        }
+        XCTAssertGreaterThan(failing["writeback_errors"] as? Int ?? 0, 0, "writeback met the errors")
+        XCTAssertEqual(failing["dirty_blocks"] as? Int, 64, "nothing was marked clean")
+        XCTAssertEqual(try client.read(length: 1 << 20, offset: 0), expected, "reads are served while writeback fails")
+
+        // Writethrough: the failed write is answered, the server goes on.
+        XCTAssertEqual(try run(["set", "--socket", socket, "cache_mode", "writethrough"]).status, 0)
+        XCTAssertThrowsError(try client.write([UInt8](repeating: 0xAA, count: 4096), offset: UInt64(201 * 4096)),
+                             "a writethrough write the backing store fails is not acknowledged")
+        XCTAssertEqual(try client.read(length: 8192, offset: 0), Array(expected[0..<8192]), "the connection still serves")
+        XCTAssertEqual(try run(["set", "--socket", socket, "cache_mode", "writeback"]).status, 0)
+
+        try FileManager.default.removeItem(atPath: inject)
+        let drained = try run(["drain", "--socket", socket])
+        XCTAssertEqual(drained.status, 0, drained.errors)
+        XCTAssertEqual(try status()["dirty_blocks"] as? Int, 0)
+        let remote = try Data(contentsOf: URL(fileURLWithPath: image))
+        XCTAssertEqual(Array(remote[0..<(1 << 20)]), expected, "every write reached the export once it stopped failing")
+    }
+
+    /// A failing cache device: the cache device is an nbdkit export with its error filter (switched
+    /// on by a file), mounted as a file with nbdfuse. Reads of clean copies are served from the
+    /// backing store; past `--io-error-limit` the cache degrades to passthrough (status says why,
+    /// new writes go to the backing store), and every request is answered.
+    func testCacheDeviceErrorsPastTheLimitDegradeTheRunningServerToPassthrough() throws {
+        let image = try makeFile("cache-image.img", sizeBytes: 4 << 20)
+        let backing = try makeFile("backing.img", sizeBytes: 8 << 20)
+        try Data(repeating: 7, count: 1 << 20).write(to: URL(fileURLWithPath: backing))
+        try FileHandle(forWritingAtPath: backing).map { handle in handle.truncateFile(atOffset: 8 << 20); handle.closeFile() }
+        let mountPoint = directory + "/mnt"
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        let inject = directory + "/inject"
+        let fuse = Process()
+        fuse.executableURL = URL(fileURLWithPath: "/usr/bin/nbdfuse")
+        fuse.arguments = [mountPoint + "/dev", "--command", "nbdkit", "-s", "--filter=error", "file", image,
+                          "error-pread-rate=100%", "error-pread-file=\(inject)", "error=EIO"]
+        fuse.standardError = FileHandle.nullDevice
+        try fuse.run()
+        defer {
+            _ = try? SluiceBinary.runProgram("/usr/bin/umount", [mountPoint])
+            fuse.waitUntilExit()
+        }
+        let cache = mountPoint + "/dev"
+        for _ in 0..<250 where (try? FileManager.default.attributesOfItem(atPath: cache)[.size] as? Int) != 4 << 20 { usleep(20_000) }
+        XCTAssertEqual(try run(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K"]).status, 0)
+        let socket = directory + "/s.sock"
+        let server = try startServer(cache: cache, backing: backing, socket: socket, extra: ["--io-error-limit", "2"])
+        defer { stop(server) }
+        let client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
+        func status() throws -> [String: Any] {
+            try XCTUnwrap(JSONSerialization.jsonObject(with: Data(try run(["status", "--json", "--socket", socket]).output.utf8)) as? [String: Any])
+        }
+        _ = try client.read(length: 32 * 4096, offset: 0)
+        for block in 100..<220 { try client.write([UInt8](repeating: UInt8(block % 250 + 1), count: 4096), offset: UInt64(block * 4096)) }
+        try client.flush()
+        XCTAssertEqual(try status()["read_fills"] as? Int, 32, "the first read cached its misses")
+        XCTAssertTrue(FileManager.default.createFile(atPath: inject, contents: nil))
+        XCTAssertEqual(try client.read(length: 32 * 4096, offset: 0), [UInt8](repeating: 7, count: 32 * 4096),
+                       "clean copies the cache device cannot read come from the backing store")
+        let degraded = try status()
+        XCTAssertGreaterThan(degraded["reads_retried_from_backing"] as? Int ?? 0, 0)
+        XCTAssertGreaterThan(degraded["cache_device_errors"] as? Int ?? 0, 2)
+        XCTAssertTrue((degraded["degraded"] as? String ?? "").contains("io_error_limit"), "\(degraded["degraded"] ?? "not degraded")")
+        try client.write([UInt8](repeating: 0x55, count: 4096), offset: UInt64(600 * 4096))
+        XCTAssertEqual(try status()["bypass_writes"] as? Int, 1, "degraded: a new write goes to the backing store")
+        let text = try run(["status", "--socket", socket]).output
+        XCTAssertTrue(text.contains("DEGRADED"), text)
+        try FileManager.default.removeItem(atPath: inject)
+        XCTAssertEqual(try run(["drain", "--socket", socket]).status, 0, "once reads work again, what is dirty is written back")
+        let onBacking = try Data(contentsOf: URL(fileURLWithPath: backing))
+        XCTAssertEqual(Array(onBacking[(600 * 4096)..<(601 * 4096)]), [UInt8](repeating: 0x55, count: 4096))
+        XCTAssertEqual(Array(onBacking[(219 * 4096)..<(220 * 4096)]), [UInt8](repeating: UInt8(219 % 250 + 1), count: 4096))
+    }
+
     /// BLOCK_STATUS on a cache over a sparse backing file: blocks the cache holds dirty are data
     /// although the backing file has holes there; after a drain the backing file has the data.
     func testBlockStatusReportsDirtyBlocksAsData() throws {

@@ -337,6 +337,7 @@ extension CacheEngine {
             case .success:
                 self.counters.cacheBytesRead += UInt64(count)
             case .failure(let error):
+                self.cacheDeviceFailed(error, doing: "reading dirty blocks for writeback")
                 if batch.failure == nil { batch.failure = (error, "reading dirty blocks from the cache device for writeback") }
             }
             self.issueWritebackReads(batch)
