@@ -13,7 +13,12 @@ final class CacheCommandLineTests: XCTestCase {
         directory = try TestServer.makeTemporaryDirectory(base: "/tmp")
     }
 
+    /// Processes a test started beside the server (nbdkit), stopped after it.
+    private var helpers: [Process] = []
+
     override func tearDown() {
+        for process in helpers { stop(process) }
+        helpers.removeAll()
         try? FileManager.default.removeItem(atPath: directory)
     }
 
@@ -33,6 +38,18 @@ final class CacheCommandLineTests: XCTestCase {
 
     private func stop(_ process: Process, signal: Int32 = SIGTERM) {
         SluiceBinary.stop(process, signal: signal)
+    }
+
+    /// Starts nbdkit serving `arguments` on a Unix socket (stopped in tearDown); returns its URI.
+    private func startNBDKit(_ arguments: [String], socket: String) throws -> String {
+        let nbdkit = Process()
+        nbdkit.executableURL = URL(fileURLWithPath: "/usr/bin/nbdkit")
+        nbdkit.arguments = ["-f", "-U", socket] + arguments
+        nbdkit.standardError = FileHandle.nullDevice
+        try nbdkit.run()
+        helpers.append(nbdkit)
+        for _ in 0..<500 where !FileManager.default.fileExists(atPath: socket) { usleep(20_000) }
+        return "nbd+unix:///?socket=\(socket)"
     }
 
     func testEveryWrongCacheIsRefusedWithItsReasonAndNothingIsFormattedImplicitly() throws {
@@ -339,15 +356,8 @@ final class CacheCommandLineTests: XCTestCase {
         let image = try makeFile("remote.img", sizeBytes: 8 << 20)
         let remoteSocket = directory + "/remote.sock"
         let inject = directory + "/inject"
-        let nbdkit = Process()
-        nbdkit.executableURL = URL(fileURLWithPath: "/usr/bin/nbdkit")
-        nbdkit.arguments = ["-f", "-U", remoteSocket, "--filter=error", "file", image, "error-pwrite-rate=100%", "error-pwrite-file=\(inject)",
-                            "error=EIO"]
-        nbdkit.standardError = FileHandle.nullDevice
-        try nbdkit.run()
-        defer { stop(nbdkit) }
-        for _ in 0..<500 where !FileManager.default.fileExists(atPath: remoteSocket) { usleep(20_000) }
-        let uri = "nbd+unix:///?socket=\(remoteSocket)"
+        let uri = try startNBDKit(["--filter=error", "file", image, "error-pwrite-rate=100%", "error-pwrite-file=\(inject)", "error=EIO"],
+                                  socket: remoteSocket)
         let cache = try makeFile("cache.img", sizeBytes: 4 << 20)
         let socket = directory + "/s.sock"
         XCTAssertEqual(try run(["format", "--cache", cache, "--backing", uri, "--segment-size", "64K"]).status, 0)
@@ -465,14 +475,7 @@ final class CacheCommandLineTests: XCTestCase {
     func testARemoteExportCanBeTheBackingStore() throws {
         let image = try makeFile("remote.img", sizeBytes: 8 << 20)
         let remoteSocket = directory + "/remote.sock"
-        let nbdkit = Process()
-        nbdkit.executableURL = URL(fileURLWithPath: "/usr/bin/nbdkit")
-        nbdkit.arguments = ["-f", "-U", remoteSocket, "file", image]
-        nbdkit.standardError = FileHandle.nullDevice
-        try nbdkit.run()
-        defer { stop(nbdkit) }
-        for _ in 0..<500 where !FileManager.default.fileExists(atPath: remoteSocket) { usleep(20_000) }
-        let uri = "nbd+unix:///?socket=\(remoteSocket)"
+        let uri = try startNBDKit(["file", image], socket: remoteSocket)
         let cache = try makeFile("cache.img", sizeBytes: 4 << 20)
         let socket = directory + "/s.sock"
         let formatted = try run(["format", "--cache", cache, "--backing", uri, "--segment-size", "64K"])
@@ -501,17 +504,10 @@ final class CacheCommandLineTests: XCTestCase {
     func testARemoteExportWithoutFlushIsRefusedUnlessDeclaredDurableOnAcknowledgement() throws {
         let image = try makeFile("noflush.img", sizeBytes: 8 << 20)
         let remoteSocket = directory + "/noflush.sock"
-        let nbdkit = Process()
-        nbdkit.executableURL = URL(fileURLWithPath: "/usr/bin/nbdkit")
-        nbdkit.arguments = ["-f", "-U", remoteSocket, "eval", "get_size=echo \(8 << 20)",
-                            "pread=dd if='\(image)' skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
-                            "pwrite=dd of='\(image)' seek=$4 conv=notrunc oflag=seek_bytes status=none",
-                            "can_write=exit 0", "can_flush=exit 3"]
-        nbdkit.standardError = FileHandle.nullDevice
-        try nbdkit.run()
-        defer { stop(nbdkit) }
-        for _ in 0..<500 where !FileManager.default.fileExists(atPath: remoteSocket) { usleep(20_000) }
-        let uri = "nbd+unix:///?socket=\(remoteSocket)"
+        let uri = try startNBDKit(["eval", "get_size=echo \(8 << 20)",
+                                   "pread=dd if='\(image)' skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
+                                   "pwrite=dd of='\(image)' seek=$4 conv=notrunc oflag=seek_bytes status=none",
+                                   "can_write=exit 0", "can_flush=exit 3"], socket: remoteSocket)
         XCTAssertEqual(try SluiceBinary.runProgram("/usr/bin/nbdinfo", ["--can", "flush", uri]).status, 2,
                        "the export must not advertise flush (nbdinfo --can flush exits 2)")
         let cache = try makeFile("cache.img", sizeBytes: 4 << 20)
