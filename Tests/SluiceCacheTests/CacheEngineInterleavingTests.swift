@@ -242,4 +242,125 @@ final class CacheEngineInterleavingTests: XCTestCase {
             XCTAssertEqual(sector, [2], "the write was acknowledged, so it must survive the clean shutdown; read \(describe(sector[0]))")
         }
     }
+
+    // MARK: Cache modes
+
+    private func tags(_ harness: EngineHarness, block blockNumber: Int) throws -> [UInt32?] {
+        SectorCodec.decodeAll(try harness.read(at: UInt64(blockNumber * 4096), count: 4096), firstLBA: blockNumber * 8)
+    }
+
+    private func setMode(_ harness: EngineHarness, _ mode: CacheMode) throws {
+        try harness.loop.flatSubmit {
+            let promise = harness.loop.makePromise(of: Void.self)
+            harness.engine.setCacheMode(mode) { promise.completeWith($0) }
+            return promise.futureResult
+        }.wait()
+    }
+
+    private func settle(_ harness: EngineHarness, until done: @escaping () -> Bool) throws {
+        for _ in 0..<50 where try !harness.loop.submit(done).wait() { try harness.loop.submit {}.wait() }
+    }
+
+    /// BUG (found by the pmem power-failure test of mode switches): a FLUSH after a bypass write
+    /// cleared the "backing store unsynced" flag and started a backing sync; a second FLUSH saw the
+    /// flag clear and completed with the log's durability alone, before that sync finished. The
+    /// bypass write, acknowledged before the second FLUSH, was then lost in a power failure.
+    ///
+    /// 1. passthrough; a bypass write of block 9 completes
+    /// 2. hold backing syncs; FLUSH 1 (its backing sync is held); FLUSH 2
+    /// Expected: FLUSH 2 is not answered while the sync is held; after a power failure then, block
+    /// 9 may read old data, and once released both FLUSHes complete and the write survives.
+    func testASecondFlushWaitsForTheFirstFlushsBackingSync() throws {
+        let (harness, _, backingMedium) = try controlledHarness()
+        defer { harness.close() }
+        try setMode(harness, .passthrough)
+        try harness.write(block(3, 9), at: 9 * 4096)
+        var first: VolumeReply?
+        var second: VolumeReply?
+        try harness.loop.submit {
+            backingMedium.hold = { kind, _, _ in kind == .sync }
+            harness.engine.submitFlush { first = $0 }
+            harness.engine.submitFlush { second = $0 }
+        }.wait()
+        try settle(harness) { second != nil }
+        XCTAssertNil(try harness.loop.submit { second }.wait(), "the second FLUSH waits for a backing sync too")
+        XCTAssertNil(try harness.loop.submit { first }.wait())
+        try harness.loop.submit {
+            backingMedium.hold = nil
+            backingMedium.releaseAll()
+        }.wait()
+        try settle(harness) { first != nil && second != nil }
+        XCTAssertTrue(try harness.loop.submit { if case .done = second { true } else { false } }.wait())
+        try harness.crash(seed: 3)
+        XCTAssertEqual(try tags(harness, block: 9), Array(repeating: 3, count: 8), "the flushed bypass write survives")
+    }
+
+    /// BUG (found by the power-failure test of mode switches): a FUA bypass write waited for its
+    /// own markers only. An earlier write without FUA had voided the block's cached copy with a
+    /// marker not yet durable; the FUA write (no marker of its own: the block was no longer cached)
+    /// was acknowledged, and after a power failure recovery replayed the old copy over it.
+    ///
+    /// 1. block 4 written back (a clean copy whose dirty log entry is still replayable)
+    /// 2. writearound: a write of block 4 without FUA places a marker in the open buffer
+    /// 3. hold cache-device syncs; a FUA write of block 4 (no marker: block 4 is not cached)
+    /// Expected: the FUA write is not answered until the marker is durable.
+    func testAFUABypassWriteWaitsForAnEarlierWritesMarker() throws {
+        let (harness, cacheMedium, _) = try controlledHarness(threshold: 100)
+        defer { harness.close() }
+        try harness.write(block(1, 4), at: 4 * 4096)
+        try harness.flush()
+        // Opportunistic writeback (the backing store is idle) cleans it; its segment stays in the log.
+        try settle(harness) { harness.engine.index.lookup(4)?.isDirty == false }
+        try setMode(harness, .writearound)
+        XCTAssertEqual(try harness.loop.submit { harness.engine.index.lookup(4)?.isDirty }.wait(), false, "block 4 is cached clean")
+        try harness.write(block(2, 4), at: 4 * 4096)
+        var reply: VolumeReply?
+        try harness.loop.submit {
+            cacheMedium.hold = { kind, _, _ in kind == .sync }
+            harness.engine.submitWrite(offset: 4 * 4096, data: ByteBuffer(bytes: self.block(3, 4)), fua: true) { reply = $0 }
+        }.wait()
+        try settle(harness) { reply != nil }
+        XCTAssertNil(try harness.loop.submit { reply }.wait(), "the FUA write waits for the earlier marker to be durable")
+        try harness.loop.submit {
+            cacheMedium.hold = nil
+            cacheMedium.releaseAll()
+        }.wait()
+        try settle(harness) { reply != nil }
+        XCTAssertTrue(try harness.loop.submit { if case .done = reply { true } else { false } }.wait())
+        try harness.crash(seed: 4)
+        XCTAssertEqual(try tags(harness, block: 4), Array(repeating: 3, count: 8), "the FUA write survives; the old copy is not replayed")
+    }
+
+    /// A read miss racing a bypass write of the same block (writearound): the read's backing data
+    /// may be older than the write, so it is never cached; a later read returns the new data.
+    ///
+    /// 1. writearound; hold backing reads; read block 6 (never written: a miss, its backing read held)
+    /// 2. write block 6 (bypass: it goes to the backing store and completes)
+    /// 3. release the read: it returns the old or the new data, and caches neither
+    /// Expected: the next read returns the write's data, from the backing store.
+    func testAReadMissRacingABypassWriteIsNotCached() throws {
+        let (harness, _, backingMedium) = try controlledHarness()
+        defer { harness.close() }
+        try setMode(harness, .writearound)
+        var readReply: VolumeReply?
+        try harness.loop.submit {
+            backingMedium.hold = { kind, _, _ in kind == .read }
+            harness.engine.submitRead(offset: 6 * 4096, lengthBytes: 4096, buffer: ByteBuffer()) { readReply = $0 }
+        }.wait()
+        XCTAssertEqual(try harness.loop.submit { backingMedium.held.count }.wait(), 1, "the miss is being read")
+        var writeReply: VolumeReply?
+        try harness.loop.submit {
+            harness.engine.submitWrite(offset: 6 * 4096, data: ByteBuffer(bytes: self.block(2, 6)), fua: false) { writeReply = $0 }
+        }.wait()
+        try settle(harness) { writeReply != nil }
+        XCTAssertTrue(try harness.loop.submit { if case .done = writeReply { true } else { false } }.wait(), "the bypass write completes")
+        try harness.loop.submit {
+            backingMedium.hold = nil
+            backingMedium.releaseAll()
+        }.wait()
+        try settle(harness) { readReply != nil }
+        XCTAssertNil(try harness.loop.submit { harness.engine.index.lookup(6) }.wait(), "the racing read cached nothing")
+        XCTAssertEqual(try tags(harness, block: 6), Array(repeating: 2, count: 8), "the next read returns the write's data")
+    }
+
 }
