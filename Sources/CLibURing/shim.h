@@ -23,6 +23,13 @@ static inline int sluice_fallocate(int fd, int mode, off_t offset, off_t length)
     return (int)syscall(SYS_fallocate, fd, mode, offset, length);
 }
 
+/// preadv2(2) with RWF_NOWAIT: reads only what the page cache holds, never waiting for a device.
+/// Returns the bytes read, or -1 with errno EAGAIN when the data is not cached.
+static inline long sluice_pread_nowait(int fd, void *buffer, size_t count, uint64_t offset) {
+    struct iovec vector = { buffer, count };
+    return syscall(SYS_preadv2, fd, &vector, 1, (unsigned long)offset, 0UL, RWF_NOWAIT);
+}
+
 /// O_DIRECT without _GNU_SOURCE: glibc defines the architecture's value as __O_DIRECT.
 static inline int sluice_o_direct(void) {
     return __O_DIRECT;

@@ -49,4 +49,47 @@ final class UringFileMediumTests: XCTestCase {
         }.wait().wait()
         XCTAssertEqual(result, [])
     }
+
+    /// `readIfCached` reads what the page cache holds at once and is coherent with O_DIRECT writes
+    /// (as the engine's segment writes are): right after one it returns the written data or
+    /// refuses; once a read has brought the pages in it returns them.
+    func testReadIfCachedReadsOnlyWhatThePageCacheHolds() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer {
+            try? IOUringDrivers.shared.stopAll(in: group)
+            try? group.syncShutdownGracefully()
+        }
+        let loop = group.next()
+        // On the local disk: on tmpfs the page cache is the file, and everything is cached.
+        let path = "/var/tmp/uring-cached-\(getpid()).img"
+        // Sparse, so no page of it was ever cached.
+        FileManager.default.createFile(atPath: path, contents: nil)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        XCTAssertEqual(truncate(path, 1 << 20), 0)
+        let file = try BlockFile(path: path, readOnly: false)
+        defer { file.close() }
+        let aligned = UnsafeMutableRawBufferPointer.allocate(byteCount: 8192, alignment: 4096)
+        defer { aligned.deallocate() }
+        for index in 0..<8192 { aligned[index] = UInt8(truncatingIfNeeded: index * 13 + index / 4096) }
+        let expected = Array(aligned)
+        let outcome = try loop.submit { () -> EventLoopFuture<(Bool, [UInt8], Bool, [UInt8])> in
+            let medium = UringFileMedium(file: file, driver: try IOUringDrivers.shared.driver(for: loop), direct: true)
+            let promise = loop.makePromise(of: (Bool, [UInt8], Bool, [UInt8]).self)
+            medium.write(offset: 512 << 10, unownedBytes: UnsafeRawBufferPointer(aligned)) { _ in
+                var first = [UInt8](repeating: 0, count: 8192)
+                let firstDone = first.withUnsafeMutableBytes { medium.readIfCached(offset: 512 << 10, into: $0) }
+                medium.read(offset: 512 << 10, count: 8192) { _ in
+                    var second = [UInt8](repeating: 0, count: 8192)
+                    let secondDone = second.withUnsafeMutableBytes { medium.readIfCached(offset: 512 << 10, into: $0) }
+                    promise.succeed((firstDone, first, secondDone, second))
+                }
+            }
+            return promise.futureResult
+        }.flatMap { $0 }.wait()
+        // Right after the direct write the kernel may refuse (no cached pages) or, having started
+        // readahead without waiting for long, answer: either way never with other data.
+        if outcome.0 { XCTAssertEqual(outcome.1, expected, "an inline read right after a direct write returns the written data") }
+        XCTAssertTrue(outcome.2, "pages a read brought in are read inline")
+        XCTAssertEqual(outcome.3, expected)
+    }
 }

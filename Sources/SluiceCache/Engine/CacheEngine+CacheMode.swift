@@ -69,7 +69,7 @@ extension CacheEngine {
         if let failure { return completion(.failure(failure)) }
         let previous = cacheMode
         cacheMode = mode
-        logger.info("cache mode \(previous.rawValue) -> \(mode.rawValue); \(index.dirtyCount) dirty blocks to write back")
+        logger.debug("cache mode \(previous.rawValue) -> \(mode.rawValue); \(index.dirtyCount) dirty blocks to write back")
         writeRecord(.cacheMode(mode)) { result in
             completion(result.mapError { $0 })
         }

@@ -99,6 +99,11 @@ extension CacheEngine {
             if fetch.fromBacking {
                 backingLoad.begin(nowNs: clock.nowNs)
             } else {
+                if assembly.readInline(fetch, from: cacheDevice) {
+                    counters.cacheBytesRead += UInt64(count)
+                    counters.cacheReadsInline += 1
+                    continue
+                }
                 ring.readerStarted(slot: fetch.slot)
             }
             let medium = fetch.fromBacking ? backingStore : cacheDevice
@@ -245,6 +250,20 @@ final class ReadAssembly {
         self.completion = completion
     }
 
+    /// Reads a cache-device fetch that is one contiguous span of the reply straight into the reply,
+    /// if the medium has it in memory; true when done (the fetch then counts as arrived).
+    func readInline(_ fetch: ReadFetch, from medium: any BlockMedium) -> Bool {
+        guard fetch.spans.count == 1, fetch.spans[0].source == 0, fetch.spans[0].length == fetch.count else { return false }
+        let start = base + fetch.spans[0].target - reply.readerIndex
+        let done = reply.withUnsafeMutableReadableBytes { raw in
+            medium.readIfCached(offset: fetch.mediumOffset, into: UnsafeMutableRawBufferPointer(rebasing: raw[start..<(start + fetch.count)]))
+        }
+        guard done else { return false }
+        outstanding -= 1
+        if outstanding == 0 { finish() }
+        return true
+    }
+
     /// One fetch is replaced by `count` others (a retry from the backing store).
     func replace(withFetches count: Int) {
         outstanding += count - 1
@@ -263,7 +282,10 @@ final class ReadAssembly {
             if failure == nil { failure = error }
         }
         outstanding -= 1
-        guard outstanding == 0 else { return }
+        if outstanding == 0 { finish() }
+    }
+
+    private func finish() {
         if let failure {
             completion(.failed(.io(errno: failure.errnoValue)))
         } else {

@@ -20,6 +20,8 @@ public struct CacheStatus: Codable, Sendable, Equatable {
     public var cacheDeviceErrors: UInt64 = 0
     public var cacheDeviceErrorsDecayed: Double = 0
     public var readsRetriedFromBacking: UInt64 = 0
+    /// Cache-device reads of client reads served at once from the page cache.
+    public var cacheReadsInline: UInt64 = 0
     public var cacheSizeBytes: UInt64
     public var backingSizeBytes: UInt64
     public var blockSizeBytes: Int
@@ -173,6 +175,7 @@ extension CacheEngine {
         status.cacheDeviceErrors = meter.total
         status.cacheDeviceErrorsDecayed = meter.count
         status.readsRetriedFromBacking = c.readsRetriedFromBacking
+        status.cacheReadsInline = c.cacheReadsInline
         return status
     }
 

@@ -28,6 +28,11 @@ public protocol BlockMedium: AnyObject {
     /// 4 KiB-aligned memory) do; the others read and copy (the default).
     func read(offset: UInt64, into bytes: UnsafeMutableRawBufferPointer, completion: @escaping (Result<Void, MediumError>) -> Void)
 
+    /// Reads `bytes.count` bytes at `offset` into `bytes` at once if the medium holds them in memory
+    /// (the page cache) and can do so without waiting for a device; returns false, having read
+    /// nothing usable, otherwise. The default never can.
+    func readIfCached(offset: UInt64, into bytes: UnsafeMutableRawBufferPointer) -> Bool
+
     /// Makes the range read as zeros (`zeroes`) or tells the medium it is no longer needed (reads
     /// then return the old bytes or zeros). Durable only after a later sync.
     func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void)
@@ -48,6 +53,8 @@ public protocol BlockMedium: AnyObject {
 
 extension BlockMedium {
     public func submittingTogether(_ body: () -> Void) { body() }
+
+    public func readIfCached(offset: UInt64, into bytes: UnsafeMutableRawBufferPointer) -> Bool { false }
 
     public func allocation(offset: UInt64, lengthBytes: UInt32, maximumExtents: Int, completion: @escaping ([BlockStatusExtent]) -> Void) {
         completion([BlockStatusExtent(lengthBytes: lengthBytes, flags: [])])

@@ -81,6 +81,13 @@ public final class UringFileMedium: BlockMedium, IOCompletionHandler {
               .read(completion))
     }
 
+    /// A page-cache hit read with one system call on the loop (RWF_NOWAIT), as a cached block is a
+    /// memory copy: no io_uring round trip, no buffer of its own. A miss reads nothing and says so.
+    public func readIfCached(offset: UInt64, into bytes: UnsafeMutableRawBufferPointer) -> Bool {
+        guard contains(offset: offset, count: bytes.count), let base = bytes.baseAddress else { return false }
+        return sluice_pread_nowait(file.fileDescriptor, base, bytes.count, offset) == bytes.count
+    }
+
     public func read(offset: UInt64, into bytes: UnsafeMutableRawBufferPointer, completion: @escaping (Result<Void, MediumError>) -> Void) {
         guard contains(offset: offset, count: bytes.count) else { return completion(.failure(.outOfRange)) }
         let alignment = UInt(CacheGeometryAlignment.bytes)
