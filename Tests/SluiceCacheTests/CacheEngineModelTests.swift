@@ -44,14 +44,15 @@ final class CacheEngineModelTests: XCTestCase {
     }
 
     /// One op at a time with reads, drains and clean restarts in between.
-    private func runSequential(seed: UInt64, threshold: Int, operations: Int) throws {
+    private func runSequential(seed: UInt64, threshold: Int, operations: Int, switchModes: Bool = false) throws {
         let harness = try makeHarness(threshold: threshold)
         defer { harness.close() }
         let workload = Workload(harness: harness, sectorCount: Self.sectorCount)
         var rng = SplitMix64(seed: seed)
         let shape = WorkloadShape(sectorCount: Self.sectorCount)
-        let tag = "seed \(seed), writeback_threshold \(threshold)"
+        let tag = "seed \(seed), writeback_threshold \(threshold)\(switchModes ? ", cache modes switched" : "")"
         for step in 0..<operations {
+            if switchModes && rng.chance(5) { try workload.run(.setMode(CacheMode.allCases[rng.below(4)])) }
             let op = shape.next(&rng)
             try workload.run(op)
             let failures = try workload.failures()
@@ -93,16 +94,17 @@ final class CacheEngineModelTests: XCTestCase {
     }
 
     /// Bursts of concurrent requests on media that complete in a seeded random order.
-    private func runBursts(seed: UInt64, threshold: Int, bursts: Int) throws {
+    private func runBursts(seed: UInt64, threshold: Int, bursts: Int, switchModes: Bool = false) throws {
         let harness = try makeHarness(threshold: threshold, async: seed)
         defer { harness.close() }
         let workload = Workload(harness: harness, sectorCount: Self.sectorCount)
         var rng = SplitMix64(seed: seed ^ 0xB0B)
         var shape = WorkloadShape(sectorCount: Self.sectorCount)
         shape.drainPercent = 1
-        let tag = "seed \(seed) (shuffled completions), writeback_threshold \(threshold)"
+        let tag = "seed \(seed) (shuffled completions), writeback_threshold \(threshold)\(switchModes ? ", cache modes switched" : "")"
         for burst in 0..<bursts {
-            let ops = (0..<rng.range(1...40)).map { _ in shape.next(&rng) }
+            var ops = (0..<rng.range(1...40)).map { _ in shape.next(&rng) }
+            if switchModes { ops.insert(.setMode(CacheMode.allCases[rng.below(4)]), at: rng.below(ops.count + 1)) }
             try workload.burst(ops)
             do { try workload.waitIdle() } catch { return XCTFail("\(tag), burst \(burst): \(error)") }
             let failures = try workload.failures()
@@ -129,6 +131,16 @@ final class CacheEngineModelTests: XCTestCase {
         for seed: UInt64 in [31, 32] {
             try runBursts(seed: seed, threshold: 0, bursts: 40)
         }
+    }
+
+    /// Every cache mode, switched at random between requests (with reads of random ranges between
+    /// them, which cache clean copies in the modes that cache reads) and inside bursts on
+    /// reordering media: every read matches the model, and after a drain so does the backing store.
+    func testWorkloadsAcrossCacheModeSwitchesMatchModel() throws {
+        for seed: UInt64 in [51, 52] { try runSequential(seed: seed, threshold: 70, operations: 700, switchModes: true) }
+        try runSequential(seed: 53, threshold: 0, operations: 700, switchModes: true)
+        for seed: UInt64 in [61, 62] { try runBursts(seed: seed, threshold: 70, bursts: 40, switchModes: true) }
+        try runBursts(seed: 63, threshold: 0, bursts: 40, switchModes: true)
     }
 
     /// After a drain the backing store equals the model's image byte for byte (writes and
