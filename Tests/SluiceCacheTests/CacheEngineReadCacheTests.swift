@@ -149,6 +149,35 @@ final class CacheEngineReadCacheTests: XCTestCase {
         }
         XCTAssertTrue(try harness.read(at: 450 * 4096, count: 4096).allSatisfy { $0 == 0 })
     }
+    /// A hot read set outlives the ring's laps: clean copies read since they were cached are moved
+    /// to the head by the cleaner (as clean copies) instead of dropped, while writes lap the ring
+    /// again and again; the hot set keeps hitting.
+    func testHotCleanCopiesSurviveTheCleanerWhileWritesLapTheRing() throws {
+        let harness = try harness()
+        defer { harness.close() }
+        try seedBacking(harness, 300..<330, tag: 7)
+        func readHotSet() throws {
+            for blockNumber in 300..<330 {
+                XCTAssertTrue(try harness.read(at: UInt64(blockNumber * 4096), count: 4096) == block(7, blockNumber), "block \(blockNumber)")
+            }
+        }
+        try readHotSet()
+        let filled = try harness.inspect { $0.counters.backingBytesRead }
+        for pass in 0..<8 {
+            try readHotSet()
+            for blockNumber in 0..<60 { try harness.write(block(UInt32(1000 + pass), blockNumber), at: UInt64(blockNumber * 4096)) }
+            try harness.flush()
+        }
+        try readHotSet()
+        let counters = try harness.inspect { $0.counters }
+        XCTAssertGreaterThan(counters.segmentsReclaimed, 15, "the writes lapped the ring (15 slots)")
+        XCTAssertGreaterThan(counters.relocatedCleanBlocks, 0, "hot clean copies were moved, not dropped")
+        // On this tiny ring space is often short (then the cleaner drops them to free it fast):
+        // most re-reads still hit. Without the moves every lap drops the whole hot set.
+        let reread = Int(counters.backingBytesRead - filled) / 4096
+        XCTAssertLessThan(reread, 60, "\(reread) of the hot set's 270 re-reads went to the backing store")
+    }
+
     /// Clean copies in the log and in the pmem buffer, dirty copies over some of them, a trimmed
     /// block read (and cached) again, then a power failure at seeded points: every block reads its
     /// last durable value, and recovery indexes no clean copy (FORMAT.md, R3).

@@ -37,6 +37,8 @@ public struct CacheCounters: Codable, Sendable, Equatable {
     public var bypassWriteErrors: UInt64 = 0
     /// Whole blocks of writethrough writes cached as clean copies.
     public var writeThroughCopies: UInt64 = 0
+    /// Hot clean copies (read since cached) the cleaner moved to the head instead of dropping.
+    public var relocatedCleanBlocks: UInt64 = 0
     /// Cache-device fetches of client reads served at once from the page cache (no io_uring).
     public var cacheReadsInline: UInt64 = 0
     /// Blocks of client reads whose cache-device read failed and that were read from the backing

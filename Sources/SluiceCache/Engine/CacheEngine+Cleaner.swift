@@ -8,6 +8,9 @@ final class RelocationJob {
         var blockNumber: UInt64
         var position: CacheIndex.Position
         var sectorMask: UInt8
+        /// A clean copy read since it was cached (whole, mask 0xFF): moved to the head as a clean
+        /// copy, so a hot read set outlives the ring's laps.
+        var isClean = false
         /// Where the block's 4 KiB are in ``data``.
         var offset = 0
     }
@@ -80,7 +83,11 @@ extension CacheEngine {
     }
 
     private func cleanerSituation() -> Cleaner.Situation {
-        let tail = ring.reclaimableTailID.map { Cleaner.Tail(id: $0, dirtyBlocks: index.dirtyBlocks(inSlot: ring.slot(of: $0))) }
+        // The blocks a relocation would move: the dirty ones and the hot clean ones it keeps.
+        let tail = ring.reclaimableTailID.map { id -> Cleaner.Tail in
+            let slot = ring.slot(of: id)
+            return Cleaner.Tail(id: id, dirtyBlocks: index.dirtyBlocks(inSlot: slot) + hotCleanBlocksToKeep(inSlot: slot))
+        }
         var reclaimClean = !lifecycle.acceptsRequests
         if !writeBackAllWaiters.isEmpty { reclaimClean = true }
         return Cleaner.Situation(
@@ -88,6 +95,23 @@ extension CacheEngine {
             freeSegments: ring.freeSegments, reserveSegments: reserveSegments,
             writersWaitForSpace: updates.headWait.isForSlot, reclaimCleanSegments: reclaimClean,
             tail: tail, blocksPerSegment: geometry.dataBlocksPerSegment)
+    }
+
+    /// How many of the slot's hot clean copies (read since cached, whole) a relocation keeps: as
+    /// many as leave the relocation its yield (``Cleaner/relocationYieldPercentMin``), so keeping
+    /// them never stops the ring from freeing space. None while space is short, reads are not
+    /// cached, or everything is being written back or the engine closes (no relocation then).
+    func hotCleanBlocksToKeep(inSlot slot: Int) -> Int {
+        guard lifecycle.acceptsRequests, writeBackAllWaiters.isEmpty, effectiveCacheMode.cachesReads, tunables.readPromoteHits > 0, !spaceIsShort, index.liveBlocks(inSlot: slot) > index.dirtyBlocks(inSlot: slot) else { return 0 }
+        let budget = geometry.dataBlocksPerSegment * (100 - Cleaner.relocationYieldPercentMin) / 100 - index.dirtyBlocks(inSlot: slot)
+        guard budget > 0 else { return 0 }
+        var hot = 0
+        for position in index.positions(ofSlot: slot) where index.wasHit(at: position) {
+            guard let resident = index.resident(at: position), !resident.isDirty, resident.sectorMask == 0xFF else { continue }
+            hot += 1
+            if hot == budget { break }
+        }
+        return hot
     }
 
     /// Segment `id` holds no dirty block any more: record it with its fence, the newest segment
@@ -106,8 +130,16 @@ extension CacheEngine {
     private func startRelocation(_ id: UInt64) {
         let slot = ring.slot(of: id)
         var items: [RelocationJob.Item] = []
+        var hotToKeep = hotCleanBlocksToKeep(inSlot: slot)
         for position in index.positions(ofSlot: slot) {
-            guard let resident = index.resident(at: position), resident.isDirty else { continue }
+            guard let resident = index.resident(at: position) else { continue }
+            if !resident.isDirty {
+                if hotToKeep > 0, resident.sectorMask == 0xFF, index.wasHit(at: position) {
+                    hotToKeep -= 1
+                    items.append(RelocationJob.Item(blockNumber: resident.blockNumber, position: position, sectorMask: 0xFF, isClean: true))
+                }
+                continue
+            }
             if discards.isDiscardedOnBacking(resident.blockNumber) {
                 // The backing store has the discard at the head of the queue, synced: this copy
                 // needs nothing more, and its marker follows.
@@ -194,8 +226,12 @@ extension CacheEngine {
         }
         while job.next < job.items.count {
             let item = job.items[job.next]
-            guard let entry = index.lookup(item.blockNumber), entry.position == item.position, entry.isDirty else {
+            guard let entry = index.lookup(item.blockNumber), entry.position == item.position, entry.isDirty != item.isClean else {
                 job.next += 1
+                continue
+            }
+            if item.isClean {
+                relocateCleanCopy(item, job: job)
                 continue
             }
             if discards.isDiscardedOnBacking(item.blockNumber) {
@@ -219,6 +255,28 @@ extension CacheEngine {
         }
         relocation = nil
         reclaim(job.segmentID, withoutIO: job.relocatedCount == 0 && job.readsIssued == 0)
+    }
+
+    /// Moves a hot clean copy to the head as a clean copy, if that takes no waiting and none of the
+    /// cleaner's reserve (as a read's clean copy): otherwise it is dropped with its segment, as it
+    /// would have been without the move. Nothing else could free a slot it waited for: writeback
+    /// has nothing to do for a clean block, and the slot would come from reclaiming this segment.
+    private func relocateCleanCopy(_ item: RelocationJob.Item, job: RelocationJob) {
+        let itemIndex = job.next
+        job.next += 1
+        // About to be voided anyway: dropped.
+        guard !discards.isBeingDiscarded(item.blockNumber), !bypass.covers(item.blockNumber) else { return }
+        guard let buffer = openBufferAccepting(item.blockNumber, for: .reader) else { return }
+        precondition(buffer.dataIndex(of: item.blockNumber) == nil, "block \(item.blockNumber) is newer in the open buffer than its indexed copy")
+        let dataIndex = job.withData(itemIndex) { buffer.writeClean(blockNumber: item.blockNumber, block: $0) }
+        let position = CacheIndex.Position(firstPosition(ofSlot: ring.slot(of: buffer.segmentID)) + dataIndex)
+        let replaced = index.insert(item.blockNumber, sectorMask: 0xFF, at: position)
+        precondition(replaced == item.position, "a relocated clean copy replaced another copy than the one relocated")
+        index.markClean(at: position)
+        batch?.relocated(item.blockNumber, from: item.position, to: position, segmentID: buffer.segmentID)
+        counters.relocatedCleanBlocks += 1
+        job.relocatedCount += 1
+        if buffer.isFull { sealOpenBuffer(isPartial: false) }
     }
 
     /// Writers wait for ring space, or the free slots are down to twice the cleaner's reserve: the

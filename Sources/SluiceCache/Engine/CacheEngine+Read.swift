@@ -56,6 +56,7 @@ extension CacheEngine {
             let dataIndex = self.dataIndex(of: entry.position)
             let memory = ring.segmentID(inSlot: cacheSlot).flatMap { buffers.inMemory(slot: cacheSlot, segmentID: $0) }
             counters.count(write: false, hit: true, inBuffer: memory != nil, fullBlock: piece.sectorMask == 0xFF)
+            if !entry.isDirty { index.noteHit(at: entry.position) }
             if covered != 0, let memory {
                 memory.withBlock(at: dataIndex) { block in
                     forEachSectorRun(covered) { sector, count in

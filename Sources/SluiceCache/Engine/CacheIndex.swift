@@ -46,6 +46,9 @@ public struct CacheIndex {
     private var table: [Position]
     /// One bit per cache block: set when the entry there is clean.
     private var cleanBits: [UInt64]
+    /// Per position: read since it was cached or last moved (the cleaner keeps such clean copies:
+    /// CLOCK's reference bit).
+    private var hitBits: [UInt64]
     /// Per ring slot: entries pointing into it, and how many of them are dirty.
     private var liveBySlot: [UInt16]
     private var dirtyBySlot: [UInt16]
@@ -63,12 +66,13 @@ public struct CacheIndex {
         residents = [UInt64](repeating: Self.emptyResident, count: capacity)
         table = [Position](repeating: Self.emptySlot, count: capacity + capacity / 2 + 1)
         cleanBits = [UInt64](repeating: 0, count: (capacity + 63) / 64)
+        hitBits = cleanBits
         liveBySlot = [UInt16](repeating: 0, count: (capacity + perSlot - 1) / perSlot)
         dirtyBySlot = liveBySlot
     }
 
     /// Bytes of memory the index uses.
-    public var memoryBytes: Int { residents.count * 8 + table.count * 4 + cleanBits.count * 8 + liveBySlot.count * 4 }
+    public var memoryBytes: Int { residents.count * 8 + table.count * 4 + cleanBits.count * 16 + liveBySlot.count * 4 }
 
     /// What a cache block holds, if anything.
     public func resident(at position: Position) -> Resident? {
@@ -106,6 +110,7 @@ public struct CacheIndex {
             let current = table[slot]
             if current == Self.emptySlot {
                 table[slot] = position
+                setHitBit(position, false)
                 residents[Int(position)] = blockNumber << 8 | UInt64(sectorMask)
                 count += 1
                 precondition(count <= capacity, "more entries than cache blocks")
@@ -115,6 +120,8 @@ public struct CacheIndex {
             if residents[Int(current)] >> 8 == blockNumber {
                 counted(current, live: -1, dirty: isCleanBit(current) ? 0 : -1)
                 setCleanBit(current, false)
+                setHitBit(current, false)
+                setHitBit(position, false)
                 residents[Int(current)] = Self.emptyResident
                 residents[Int(position)] = blockNumber << 8 | UInt64(sectorMask)
                 table[slot] = position
@@ -164,6 +171,7 @@ public struct CacheIndex {
             if current == position {
                 counted(position, live: -1, dirty: isCleanBit(position) ? 0 : -1)
                 setCleanBit(position, false)
+                setHitBit(position, false)
                 residents[Int(position)] = Self.emptyResident
                 deleteSlot(slot)
                 count -= 1
@@ -222,6 +230,24 @@ public struct CacheIndex {
     }
 
     // MARK: - Clean bits and counts
+
+    /// A read was served from the copy at `position`.
+    @inline(__always)
+    public mutating func noteHit(at position: Position) {
+        setHitBit(position, true)
+    }
+
+    /// Whether the copy at `position` was read since it was cached or moved there.
+    @inline(__always)
+    public func wasHit(at position: Position) -> Bool {
+        hitBits[Int(position) >> 6] & (1 << (UInt64(position) & 63)) != 0
+    }
+
+    @inline(__always)
+    private mutating func setHitBit(_ position: Position, _ hit: Bool) {
+        let bit: UInt64 = 1 << (UInt64(position) & 63)
+        if hit { hitBits[Int(position) >> 6] |= bit } else { hitBits[Int(position) >> 6] &= ~bit }
+    }
 
     @inline(__always)
     private func isCleanBit(_ position: Position) -> Bool {

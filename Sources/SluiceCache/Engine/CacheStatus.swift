@@ -22,6 +22,8 @@ public struct CacheStatus: Codable, Sendable, Equatable {
     public var readsRetriedFromBacking: UInt64 = 0
     /// Cache-device reads of client reads served at once from the page cache.
     public var cacheReadsInline: UInt64 = 0
+    /// Hot clean copies the cleaner moved to the head of the log instead of dropping them.
+    public var relocatedCleanBlocks: UInt64 = 0
     public var cacheSizeBytes: UInt64
     public var backingSizeBytes: UInt64
     public var blockSizeBytes: Int
@@ -176,6 +178,7 @@ extension CacheEngine {
         status.cacheDeviceErrorsDecayed = meter.count
         status.readsRetriedFromBacking = c.readsRetriedFromBacking
         status.cacheReadsInline = c.cacheReadsInline
+        status.relocatedCleanBlocks = c.relocatedCleanBlocks
         return status
     }
 
