@@ -239,25 +239,27 @@ public struct CacheIndex {
 
     /// Whether the copy at `position` was read since it was cached or moved there.
     @inline(__always)
-    public func wasHit(at position: Position) -> Bool {
-        hitBits[Int(position) >> 6] & (1 << (UInt64(position) & 63)) != 0
+    public func wasHit(at position: Position) -> Bool { Self.bit(position, in: hitBits) }
+
+    @inline(__always)
+    private mutating func setHitBit(_ position: Position, _ hit: Bool) { Self.setBit(position, hit, in: &hitBits) }
+
+    @inline(__always)
+    private func isCleanBit(_ position: Position) -> Bool { Self.bit(position, in: cleanBits) }
+
+    @inline(__always)
+    private mutating func setCleanBit(_ position: Position, _ clean: Bool) { Self.setBit(position, clean, in: &cleanBits) }
+
+    /// One bit per position in a bitset of 64-bit words.
+    @inline(__always)
+    private static func bit(_ position: Position, in words: [UInt64]) -> Bool {
+        words[Int(position) >> 6] & (1 << (UInt64(position) & 63)) != 0
     }
 
     @inline(__always)
-    private mutating func setHitBit(_ position: Position, _ hit: Bool) {
+    private static func setBit(_ position: Position, _ value: Bool, in words: inout [UInt64]) {
         let bit: UInt64 = 1 << (UInt64(position) & 63)
-        if hit { hitBits[Int(position) >> 6] |= bit } else { hitBits[Int(position) >> 6] &= ~bit }
-    }
-
-    @inline(__always)
-    private func isCleanBit(_ position: Position) -> Bool {
-        cleanBits[Int(position) >> 6] & (1 << (UInt64(position) & 63)) != 0
-    }
-
-    @inline(__always)
-    private mutating func setCleanBit(_ position: Position, _ clean: Bool) {
-        let bit: UInt64 = 1 << (UInt64(position) & 63)
-        if clean { cleanBits[Int(position) >> 6] |= bit } else { cleanBits[Int(position) >> 6] &= ~bit }
+        if value { words[Int(position) >> 6] |= bit } else { words[Int(position) >> 6] &= ~bit }
     }
 
     @inline(__always)
