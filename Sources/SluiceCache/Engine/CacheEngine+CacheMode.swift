@@ -55,7 +55,7 @@ enum WritePath {
     case logged
     /// Straight to the backing store: `id` in ``BypassWrites``, and the next block whose cached
     /// (clean) copy needs a discard marker before the write goes out.
-    case bypassing(id: UInt64, nextMarkerBlock: UInt64, markers: Int)
+    case bypassing(id: UInt64, nextMarkerBlock: UInt64)
 }
 
 extension CacheEngine {
@@ -97,7 +97,7 @@ extension CacheEngine {
         let id = bypass.begin(blocks)
         // Reads of these blocks in flight must not cache what they read.
         fills.poison(blocks)
-        return .bypassing(id: id, nextMarkerBlock: blocks.lowerBound, markers: 0)
+        return .bypassing(id: id, nextMarkerBlock: blocks.lowerBound)
     }
 
     func blockRange(offset: UInt64, lengthBytes: Int) -> Range<UInt64> {
@@ -110,27 +110,17 @@ extension CacheEngine {
     /// store has its data, synced, so voiding it first loses nothing, and recovery can never
     /// replay it over the new data), then leaves the queue and goes to the backing store.
     func applyBypassWrite(_ update: inout PendingUpdate, data: ByteBuffer) -> ApplyOutcome {
-        guard case .bypassing(let id, var next, var markers) = update.writePath, case .write(_, let fua) = update.kind else {
+        guard case .bypassing(let id, var next) = update.writePath, case .write(_, let fua) = update.kind else {
             preconditionFailure("a bypass write without its path")
         }
         let blocks = blockRange(offset: update.offset, lengthBytes: data.readableBytes)
         if let batch, batch.discardStarting(blocks) { return .blocked }
-        while next < blocks.upperBound {
-            if let entry = index.lookup(next) {
-                precondition(!entry.isDirty, "block \(next) became dirty under a bypass write")
-                guard let buffer = openBufferAccepting(next, for: .writer) else {
-                    update.writePath = .bypassing(id: id, nextMarkerBlock: next, markers: markers)
-                    return .blocked
-                }
-                buffer.markDiscarded(blockNumber: next)
-                bypass.newestMarkerSegmentID = max(bypass.newestMarkerSegmentID, buffer.segmentID)
-                index.remove(blockNumber: next)
-                markers += 1
-                if buffer.isFull { sealOpenBuffer(isPartial: false) }
-            }
-            next += 1
+        for block in next..<blocks.upperBound {
+            precondition(index.lookup(block)?.isDirty != true, "block \(block) became dirty under a bypass write")
         }
-        if markers > 0 { updates.unsyncedWritesSinceBarrier = true }
+        let placed = placeDiscardMarkers(through: blocks.upperBound, from: &next)
+        update.writePath = .bypassing(id: id, nextMarkerBlock: next)
+        guard placed else { return .blocked }
         counters.userBytesWritten += UInt64(data.readableBytes)
         counters.bypassWrites += 1
         let copies = effectiveCacheMode == .writethrough ? writeThroughCopies(offset: update.offset, lengthBytes: data.readableBytes) : []

@@ -268,15 +268,11 @@ extension CacheEngine {
         guard !discards.isBeingDiscarded(item.blockNumber), !bypass.covers(item.blockNumber) else { return }
         guard let buffer = openBufferAccepting(item.blockNumber, for: .reader) else { return }
         precondition(buffer.dataIndex(of: item.blockNumber) == nil, "block \(item.blockNumber) is newer in the open buffer than its indexed copy")
-        let dataIndex = job.withData(itemIndex) { buffer.writeClean(blockNumber: item.blockNumber, block: $0) }
-        let position = CacheIndex.Position(firstPosition(ofSlot: ring.slot(of: buffer.segmentID)) + dataIndex)
-        let replaced = index.insert(item.blockNumber, sectorMask: 0xFF, at: position)
+        let (position, replaced) = job.withData(itemIndex) { appendCleanCopy(item.blockNumber, $0, to: buffer) }
         precondition(replaced == item.position, "a relocated clean copy replaced another copy than the one relocated")
-        index.markClean(at: position)
         batch?.relocated(item.blockNumber, from: item.position, to: position, segmentID: buffer.segmentID)
         counters.relocatedCleanBlocks += 1
         job.relocatedCount += 1
-        if buffer.isFull { sealOpenBuffer(isPartial: false) }
     }
 
     /// Writers wait for ring space, or the free slots are down to twice the cleaner's reserve: the

@@ -77,23 +77,31 @@ extension CacheEngine {
             return .handedOff
         case .passedDown:
             var block = blocks.lowerBound + UInt64(update.appliedBytes)
-            while block < blocks.upperBound {
-                if index.lookup(block) != nil {
-                    guard let buffer = openBufferAccepting(block, for: .writer) else {
-                        update.appliedBytes = Int(block - blocks.lowerBound)
-                        return .blocked
-                    }
-                    buffer.markDiscarded(blockNumber: block)
-                    bypass.newestMarkerSegmentID = max(bypass.newestMarkerSegmentID, buffer.segmentID)
-                    index.remove(blockNumber: block)
-                    batch?.discarded(block)
-                    if buffer.isFull { sealOpenBuffer(isPartial: false) }
-                }
-                block += 1
-            }
+            let placed = placeDiscardMarkers(through: blocks.upperBound, from: &block)
+            update.appliedBytes = Int(block - blocks.lowerBound)
+            guard placed else { return .blocked }
             discards.markersPlaced(update.discardID)
             return .applied
         }
+    }
+
+    /// Places a discard marker for every block from `block` up to `end` that the cache holds, and
+    /// forgets the block: the one way a trim and a bypass write void cached copies. Returns false
+    /// when the open buffer must wait for a slot, with `block` where to go on.
+    func placeDiscardMarkers(through end: UInt64, from block: inout UInt64) -> Bool {
+        while block < end {
+            if index.lookup(block) != nil {
+                guard let buffer = openBufferAccepting(block, for: .writer) else { return false }
+                buffer.markDiscarded(blockNumber: block)
+                bypass.newestMarkerSegmentID = max(bypass.newestMarkerSegmentID, buffer.segmentID)
+                updates.unsyncedWritesSinceBarrier = true
+                index.remove(blockNumber: block)
+                batch?.discarded(block)
+                if buffer.isFull { sealOpenBuffer(isPartial: false) }
+            }
+            block += 1
+        }
+        return true
     }
 
     /// Passes discard `id` down to the backing store and syncs it there.

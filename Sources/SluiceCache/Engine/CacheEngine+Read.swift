@@ -320,9 +320,6 @@ extension CacheEngine {
         plan.addFill(blockNumber, replyOffset: replyOffset)
     }
 
-    /// The read's backing data has arrived (or failed): each block not written, discarded or
-    /// cached meanwhile is appended to the open buffer as a clean copy, if there is room without
-    /// waiting and without taking space writers need.
     /// What a clean copy is a copy of.
     enum FillSource {
         /// A read miss.
@@ -331,6 +328,9 @@ extension CacheEngine {
         case writeThrough
     }
 
+    /// The read's (or writethrough write's) data has arrived, or failed: each block not written,
+    /// discarded or cached meanwhile is appended to the open buffer as a clean copy, if there is
+    /// room without waiting and without taking space writers need.
     func completeFills(_ candidates: [(blockNumber: UInt64, replyOffset: Int)], reply: VolumeReply, base: Int, source: FillSource) {
         eventLoop.preconditionInEventLoop()
         for candidate in candidates {
@@ -344,21 +344,30 @@ extension CacheEngine {
                 if source == .read { counters.readFillsSkippedNoRoom += 1 }
                 continue
             }
-            let dataIndex = data.withUnsafeReadableBytes { raw in
+            let (_, replaced) = data.withUnsafeReadableBytes { raw in
                 let start = base - data.readerIndex + candidate.replyOffset
-                return buffer.writeClean(blockNumber: candidate.blockNumber,
-                                         block: UnsafeRawBufferPointer(rebasing: raw[start..<(start + CacheGeometry.blockBytes)]))
+                return appendCleanCopy(candidate.blockNumber, UnsafeRawBufferPointer(rebasing: raw[start..<(start + CacheGeometry.blockBytes)]),
+                                       to: buffer)
             }
-            let position = CacheIndex.Position(firstPosition(ofSlot: ring.slot(of: buffer.segmentID)) + dataIndex)
-            let replaced = index.insert(candidate.blockNumber, sectorMask: 0xFF, at: position)
             precondition(replaced == nil, "a clean copy of block \(candidate.blockNumber) replaced a copy in the cache")
-            index.markClean(at: position)
             switch source {
             case .read: counters.readFills += 1
             case .writeThrough: counters.writeThroughCopies += 1
             }
-            if buffer.isFull { sealOpenBuffer(isPartial: false) }
         }
+    }
+
+    /// Appends a whole clean copy of `blockNumber` to `buffer` and indexes it clean (a read's, a
+    /// writethrough write's, or one the cleaner moves). Returns its position and the position of
+    /// the copy it replaced, if any.
+    func appendCleanCopy(_ blockNumber: UInt64, _ block: UnsafeRawBufferPointer, to buffer: any WriteBuffer)
+        -> (position: CacheIndex.Position, replaced: CacheIndex.Position?) {
+        let dataIndex = buffer.writeClean(blockNumber: blockNumber, block: block)
+        let position = CacheIndex.Position(firstPosition(ofSlot: ring.slot(of: buffer.segmentID)) + dataIndex)
+        let replaced = index.insert(blockNumber, sectorMask: 0xFF, at: position)
+        index.markClean(at: position)
+        if buffer.isFull { sealOpenBuffer(isPartial: false) }
+        return (position, replaced)
     }
 
     /// The open buffer, or a new one, for a clean copy: never while writes wait for space (their
