@@ -191,6 +191,7 @@ let package = Package(
             name: "NBDServerTests",
             dependencies: [
                 "NBDServer", "NBDProtocol", "SluiceVolume", "SluicePassthrough", "SluiceIO", "NBDClient", "SluiceCache", "SluiceFormat", "SluiceTesting",
+                "SluiceControl",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

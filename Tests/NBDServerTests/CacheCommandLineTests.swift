@@ -1,6 +1,7 @@
 import Foundation
 import NBDClient
 import SluiceCache
+import SluiceControl
 import XCTest
 import SluiceTesting
 
@@ -187,6 +188,37 @@ final class CacheCommandLineTests: XCTestCase {
         XCTAssertEqual(try run(["format", "--cache", cache, "--backing", backing, "--segment-size", "64K"]).status, 0)
         let server = try startServer(cache: cache, backing: backing, socket: socket, extra: ["--writeback-threshold", "0", "--dirty-target", "100"])
         return (socket, server)
+    }
+
+    /// Malformed control requests, sent as a script would (past the CLI's own checks): each is
+    /// answered with its status and the fix, nothing changes, and the server keeps serving.
+    func testMalformedControlRequestsAreRefusedAndChangeNothing() throws {
+        let (socket, server) = try startIdleWritebackServer()
+        defer { stop(server) }
+        let control = ControlClient(socketPath: socket + ".control")
+        func refusal(_ method: String, _ path: String) -> (Int, String)? {
+            do {
+                _ = try control.request(method: method, path: path)
+                return nil
+            } catch ControlError.failed(let status, let message) {
+                return (status, message)
+            } catch {
+                return (-1, "\(error)")
+            }
+        }
+        let badMode = refusal("POST", "/set?key=cache_mode&value=sideways")
+        XCTAssertEqual(badMode?.0, 400)
+        XCTAssertTrue(badMode?.1.contains("writeback, writethrough, writearound, passthrough") ?? false, "\(String(describing: badMode))")
+        XCTAssertEqual(refusal("POST", "/set?key=cache_mode")?.0, 400, "no value")
+        XCTAssertEqual(refusal("POST", "/set?key=high_watermark&value=high")?.0, 400, "not an integer")
+        XCTAssertEqual(refusal("POST", "/set?key=no_such_tunable&value=1")?.0, 400)
+        XCTAssertEqual(refusal("GET", "/nowhere")?.0, 404)
+        let status = try XCTUnwrap(JSONSerialization.jsonObject(with: try control.request(method: "GET", path: "/status")) as? [String: Any])
+        XCTAssertEqual(status["cache_mode"] as? String, "writeback", "the refused requests changed nothing")
+        XCTAssertEqual((status["tunables"] as? [String: Int])?["high_watermark"], 50)
+        let client = try NBDClient(uri: "nbd+unix:///?socket=\(socket)")
+        try client.write([UInt8](repeating: 3, count: 4096), offset: 0)
+        XCTAssertEqual(try client.read(length: 4096, offset: 0), [UInt8](repeating: 3, count: 4096), "the server still serves")
     }
 
     func testStatusSetAndDrainTalkToTheRunningServer() throws {
