@@ -14,8 +14,11 @@ Workloads (fio's nbd engine over Unix sockets):
   zipf randread       4k random reads at QD32, zipf:1.2, over a set four times the cache
   70/30 mix           4k random reads and writes, 70% reads, QD32, over the hot set
 
-Sluice's block read hit ratio for each workload comes from `sluice status` (block_counts, before
-and after). This is a benchmark, not a test: nothing here asserts timings.
+Each timed workload runs `--rounds` rounds with the systems in turn (A B C A B C ...), and the
+median round of each system is shown, so a machine whose speed drifts during the run (these are
+shared VMs) touches every system alike. Sluice's block read hit ratio for each workload comes from
+`sluice status` (block_counts, before the first round and after the last). This is a benchmark, not
+a test: nothing here asserts timings.
 """
 import argparse
 import json
@@ -59,7 +62,8 @@ def main():
     parser.add_argument("--cache-mib", type=int, default=1024)
     parser.add_argument("--hot-mib", type=int, default=256)
     parser.add_argument("--sequential-mib", type=int, default=1024)
-    parser.add_argument("--runtime", type=int, default=20, help="seconds per timed workload (default 20)")
+    parser.add_argument("--runtime", type=int, default=10, help="seconds per timed round (default 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each timed workload, systems in turn (default 3)")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--sluice", default=os.path.join(ROOT, ".build", "release", "sluice"))
     args = parser.parse_args()
@@ -74,6 +78,7 @@ def main():
     processes = []
     uris = {}
     results = {}
+    rounds = {}
     hits = {}
     try:
         if "sluice-cache" in wanted:
@@ -85,8 +90,7 @@ def main():
             uris["sluice-passthrough"] = start_sluice_passthrough(processes, d, volume, args.sluice)
         socket = os.path.join(d, "sluice-cache.sock")
 
-        def measure(system, workload, arguments, size):
-            before = sluice_status(args.sluice, socket) if system == "sluice-cache" else None
+        def measure_once(system, workload, arguments, size):
             if any(a.startswith("--rwmixread") for a in arguments):
                 # A mix: reads and writes together (run_fio reports one side).
                 job = run_fio_job(uris[system], arguments, args.runtime, size)
@@ -94,30 +98,39 @@ def main():
                           "p99_us": max(job[side]["clat_ns"].get("percentile", {}).get("99.000000", 0) for side in ("read", "write")) / 1000.0}
             else:
                 result = run_fio(uris[system], arguments, args.runtime, size)
-            results[(workload, system)] = result
+            rounds.setdefault((workload, system), []).append(result)
+            log(f"{workload} {system}: {result['iops']:,.0f} IOPS")
+
+        def measure(workload, arguments, size):
+            """`--rounds` rounds of every system in turn, so that a drift of the machine's speed
+            during the run touches each system alike; the median round counts."""
+            before = sluice_status(args.sluice, socket) if "sluice-cache" in wanted else None
+            for _ in range(args.rounds):
+                for system in wanted:
+                    measure_once(system, workload, arguments, size)
+            for system in wanted:
+                ordered = sorted(rounds[(workload, system)], key=lambda r: r["iops"])
+                results[(workload, system)] = ordered[len(ordered) // 2]
             if before is not None:
                 h0, a0 = read_counts(before)
                 h1, a1 = read_counts(sluice_status(args.sluice, socket))
-                hits[(workload, system)] = (h1 - h0) / (a1 - a0) if a1 > a0 else 0.0
-            log(f"{workload} {system}: {result['iops']:,.0f} IOPS")
+                hits[(workload, "sluice-cache")] = (h1 - h0) / (a1 - a0) if a1 > a0 else 0.0
 
         for system in wanted:
             if system != "sluice-passthrough":
                 mib_s, seconds = fio_pass(uris[system], ["--rw=randread", "--bs=64k", "--iodepth=8", f"--size={hot}"])
                 log(f"warm-up {system}: {args.hot_mib} MiB in {seconds:.1f} s")
-            measure(system, "hot-set 4k randread QD32", ["--rw=randread", "--bs=4k", "--iodepth=32"], hot)
+        measure("hot-set 4k randread QD32", ["--rw=randread", "--bs=4k", "--iodepth=32"], hot)
         for system in wanted:
             if system != "sluice-passthrough":
                 offset = volume - (args.sequential_mib << 20)
                 mib_s, seconds = fio_pass(uris[system], ["--rw=read", "--bs=1M", "--iodepth=4", f"--offset={offset}",
                                                          f"--size={args.sequential_mib << 20}"])
                 log(f"sequential {system}: {args.sequential_mib} MiB at {mib_s:.0f} MiB/s")
-            measure(system, "hot-set randread after a sequential read", ["--rw=randread", "--bs=4k", "--iodepth=32"], hot)
-        for system in wanted:
-            measure(system, "4k randread zipf:1.2 QD32 over 4× the cache",
-                    ["--rw=randread", "--bs=4k", "--iodepth=32", "--random_distribution=zipf:1.2"], 4 * (args.cache_mib << 20))
-        for system in wanted:
-            measure(system, "4k 70/30 read/write QD32 over the hot set", ["--rw=randrw", "--rwmixread=70", "--bs=4k", "--iodepth=32"], hot)
+        measure("hot-set randread after a sequential read", ["--rw=randread", "--bs=4k", "--iodepth=32"], hot)
+        measure("4k randread zipf:1.2 QD32 over 4× the cache",
+                ["--rw=randread", "--bs=4k", "--iodepth=32", "--random_distribution=zipf:1.2"], 4 * (args.cache_mib << 20))
+        measure("4k 70/30 read/write QD32 over the hot set", ["--rw=randrw", "--rwmixread=70", "--bs=4k", "--iodepth=32"], hot)
         if "sluice-cache" in wanted:
             final = sluice_status(args.sluice, socket)
             fills = {k: final[k] for k in final if k.startswith("read_fills")}
@@ -140,7 +153,8 @@ def main():
             hit = f"{hits[(workload, system)] * 100:.1f}%" if (workload, system) in hits else ""
             rows.append([workload, system, f"{result['iops']:,.0f}", f"{result['p99_us']:,.0f}", ratio, hit])
     print(f"\nRead cache: {args.volume_mib} MiB volumes on slow disks (nbdkit noparallel+delay 8 ms), Sluice cache "
-          f"{args.cache_mib} MiB on {d}, hot set {args.hot_mib} MiB, {args.runtime} s per timed workload.\n")
+          f"{args.cache_mib} MiB on {d}, hot set {args.hot_mib} MiB; each timed workload {args.rounds} rounds of "
+          f"{args.runtime} s per system, systems in turn, median round shown.\n")
     print(markdown_table(header, rows))
     if "sluice-cache" in wanted:
         print(f"\nsluice-cache read fills: {json.dumps(fills)}")
@@ -148,6 +162,7 @@ def main():
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     with open(os.path.join(ROOT, "bench", "results", f"read-{stamp}.json"), "w") as f:
         json.dump({"results": {f"{w}|{s}": r for (w, s), r in results.items()},
+                   "rounds": {f"{w}|{s}": r for (w, s), r in rounds.items()},
                    "hit_ratios": {f"{w}|{s}": h for (w, s), h in hits.items()}, "args": vars(args)}, f, indent=2)
 
 

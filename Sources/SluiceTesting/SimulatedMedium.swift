@@ -60,6 +60,23 @@ public final class SimulatedMedium: BlockMedium {
         completion(.success(visible.withUnsafeBytes { ByteBuffer(bytes: UnsafeRawBufferPointer(rebasing: $0[range])) }))
     }
 
+    /// How often ``readIfCached(offset:into:)`` finds its data "in memory": every `n`-th call
+    /// (1: always, 0: never, as a medium without a page cache). A hit reads what a read would.
+    public var readsCachedEvery = 0
+    private var readIfCachedCalls = 0
+    public private(set) var cachedReadCount = 0
+
+    /// A page-cache hit, as on a file: succeeds on every ``readsCachedEvery``-th call, so engine
+    /// tests run both the inline path and the asynchronous one it falls back to.
+    public func readIfCached(offset: UInt64, into bytes: UnsafeMutableRawBufferPointer) -> Bool {
+        guard readsCachedEvery > 0, !isPoweredOff, failNextReads == 0, let range = range(offset: offset, count: bytes.count) else { return false }
+        readIfCachedCalls += 1
+        guard readIfCachedCalls % readsCachedEvery == 0 else { return false }
+        cachedReadCount += 1
+        visible.withUnsafeBytes { bytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[range])) }
+        return true
+    }
+
     /// Recovery's read straight into its buffer, from several threads at once (while nothing
     /// writes): the counters and injected failures are taken under a lock, the copy is not.
     public func readBytes(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {

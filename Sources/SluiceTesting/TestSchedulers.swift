@@ -38,6 +38,12 @@ open class InterposedMedium: BlockMedium {
         interpose(.sync, offset: 0, count: 0) { self.inner.synchronize(completion: completion) }
     }
 
+    /// An inline page-cache read happens now or not at all: nothing to defer. A wrapper that must
+    /// see or hold every read declines it (the engine then reads through ``read(offset:count:completion:)``).
+    open func readIfCached(offset: UInt64, into bytes: UnsafeMutableRawBufferPointer) -> Bool {
+        inner.readIfCached(offset: offset, into: bytes)
+    }
+
     public func allocation(offset: UInt64, lengthBytes: UInt32, maximumExtents: Int, completion: @escaping ([BlockStatusExtent]) -> Void) {
         inner.allocation(offset: offset, lengthBytes: lengthBytes, maximumExtents: maximumExtents, completion: completion)
     }
@@ -143,6 +149,16 @@ public final class ControlledMedium: InterposedMedium {
         }
     }
 
+    /// A read a hold matches is declined, so that it arrives as an operation the test holds;
+    /// any other is journalled and logged like every read.
+    override public func readIfCached(offset: UInt64, into bytes: UnsafeMutableRawBufferPointer) -> Bool {
+        if let hold, hold(.read, offset, bytes.count) { return false }
+        guard inner.readIfCached(offset: offset, into: bytes) else { return false }
+        log.append((.read, offset, bytes.count))
+        journal.entries.append((isCache, .read, offset, bytes.count))
+        return true
+    }
+
     /// Performs the held operation at `index` (its completion runs now).
     public func release(_ index: Int) {
         let operation = held.remove(at: index)
@@ -211,5 +227,11 @@ public final class CuttingMedium: InterposedMedium {
     override public func interpose(_ kind: Kind, offset: UInt64, count: Int, _ perform: @escaping () -> Void) {
         guard cut.count() else { return }
         perform()
+    }
+
+    /// After the cut the machine is dead: nothing is read, inline or not.
+    override public func readIfCached(offset: UInt64, into bytes: UnsafeMutableRawBufferPointer) -> Bool {
+        guard !cut.isCut else { return false }
+        return super.readIfCached(offset: offset, into: bytes)
     }
 }

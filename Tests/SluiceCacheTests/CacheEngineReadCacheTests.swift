@@ -50,6 +50,13 @@ final class CacheEngineReadCacheTests: XCTestCase {
         XCTAssertTrue(try harness.read(at: 4 * 4096, count: 4096) == block(7, 4))
         XCTAssertEqual(try harness.inspect { $0.counters.backingBytesRead } - before, 8192)
         XCTAssertEqual(try harness.inspect { $0.counters.cacheBytesRead } - deviceBefore, 4096, "from the cache device")
+        // The simulated page cache holds every second read the engine tries inline: one of two
+        // reads of both blocks is one inline call, the other goes through the medium's read.
+        let inlineBefore = try harness.inspect { $0.counters.cacheReadsInline }
+        let mediumReadsBefore = harness.cache.readCount
+        for _ in 0..<2 { XCTAssertTrue(try harness.read(at: 3 * 4096, count: 8192) == block(7, 3) + block(7, 4)) }
+        XCTAssertEqual(try harness.inspect { $0.counters.cacheReadsInline } - inlineBefore, 1)
+        XCTAssertEqual(harness.cache.readCount - mediumReadsBefore, 1, "a read the page cache lacked is asked for once, then read")
         try harness.drain()
         XCTAssertEqual(try harness.inspect { $0.counters.backingBytesWritten }, 0)
         // A partial write over a clean copy: the other sectors keep the backing store's data.

@@ -28,6 +28,8 @@ extension CacheEngine {
         } else {
             plan.fillPolicy = .admitted
         }
+        let inline = readWholeBlocksInline(offset: offset, lengthBytes: lengthBytes, into: &reply, base: base)
+        if inline == .done { return completion(.data(reply)) }
         for piece in BlockSplit(offset: offset, lengthBytes: UInt64(lengthBytes)) {
             planBlock(piece, into: &plan, reply: &reply, base: base)
         }
@@ -38,7 +40,49 @@ extension CacheEngine {
             self.completeFills(fills, reply: reply, base: base, source: .read)
             completion(reply)
         }
-        submitFetches(fetches, assembly: ReadAssembly(reply: reply, base: base, outstanding: fetches.count, completion: finish))
+        // The page cache lacked the blocks a moment ago: asking again would only cost a call.
+        submitFetches(fetches, assembly: ReadAssembly(reply: reply, base: base, outstanding: fetches.count, completion: finish),
+                      tryInline: inline != .notInMemory)
+    }
+
+    /// What ``readWholeBlocksInline(offset:lengthBytes:into:base:)`` did.
+    private enum InlineRead {
+        case done
+        /// Not every block is cached whole on the cache device in one run of positions.
+        case notEligible
+        /// They are, but the medium did not have them in memory.
+        case notInMemory
+    }
+
+    /// The common hit, without a plan: every block of the read is cached whole on the cache device
+    /// at consecutive positions of one ring slot, and the medium has them in memory, so one
+    /// system call copies them into the reply. Otherwise it changes nothing but the reply's bytes,
+    /// which the plan then fills.
+    private func readWholeBlocksInline(offset: UInt64, lengthBytes: Int, into reply: inout ByteBuffer, base: Int) -> InlineRead {
+        guard lengthBytes > 0, offset % UInt64(CacheGeometry.blockBytes) == 0, lengthBytes % CacheGeometry.blockBytes == 0 else { return .notEligible }
+        let firstBlock = offset / UInt64(CacheGeometry.blockBytes)
+        let blockCount = lengthBytes / CacheGeometry.blockBytes
+        guard let first = index.lookup(firstBlock), first.sectorMask == 0xFF else { return .notEligible }
+        let cacheSlot = slot(of: first.position)
+        guard let segmentID = ring.segmentID(inSlot: cacheSlot), buffers.inMemory(slot: cacheSlot, segmentID: segmentID) == nil,
+              dataIndex(of: first.position) + blockCount <= geometry.dataBlocksPerSegment else { return .notEligible }
+        for block in 1..<max(blockCount, 1) {
+            guard let entry = index.lookup(firstBlock + UInt64(block)), entry.sectorMask == 0xFF,
+                  entry.position == first.position + CacheIndex.Position(block) else { return .notEligible }
+        }
+        let mediumOffset = geometry.offset(ofDataBlock: dataIndex(of: first.position), inSlot: cacheSlot)
+        let start = base - reply.readerIndex
+        let done = reply.withUnsafeMutableReadableBytes { raw in
+            cacheDevice.readIfCached(offset: mediumOffset, into: UnsafeMutableRawBufferPointer(rebasing: raw[start..<(start + lengthBytes)]))
+        }
+        guard done else { return .notInMemory }
+        for block in 0..<blockCount {
+            counters.count(write: false, hit: true, inBuffer: false, fullBlock: true)
+            index.noteHit(at: first.position + CacheIndex.Position(block))
+        }
+        counters.cacheBytesRead += UInt64(lengthBytes)
+        counters.cacheReadsInline += 1
+        return .done
     }
 
     /// Serves one block of a read: sectors cached in memory are copied into the reply now, sectors
@@ -56,7 +100,7 @@ extension CacheEngine {
             let dataIndex = self.dataIndex(of: entry.position)
             let memory = ring.segmentID(inSlot: cacheSlot).flatMap { buffers.inMemory(slot: cacheSlot, segmentID: $0) }
             counters.count(write: false, hit: true, inBuffer: memory != nil, fullBlock: piece.sectorMask == 0xFF)
-            if !entry.isDirty { index.noteHit(at: entry.position) }
+            index.noteHit(at: entry.position)
             if covered != 0, let memory {
                 memory.withBlock(at: dataIndex) { block in
                     forEachSectorRun(covered) { sector, count in
@@ -92,7 +136,7 @@ extension CacheEngine {
     }
 
     /// Submits a read's fetches; the assembly replies once the last has arrived.
-    private func submitFetches(_ fetches: [ReadFetch], assembly: ReadAssembly) {
+    private func submitFetches(_ fetches: [ReadFetch], assembly: ReadAssembly, tryInline: Bool = true) {
         for fetch in fetches {
             // Backing reads cover whole blocks; the last one may pass the end of a volume whose size
             // is not a multiple of 4 KiB.
@@ -100,7 +144,7 @@ extension CacheEngine {
             if fetch.fromBacking {
                 backingLoad.begin(nowNs: clock.nowNs)
             } else {
-                if assembly.readInline(fetch, from: cacheDevice) {
+                if tryInline, assembly.readInline(fetch, from: cacheDevice) {
                     counters.cacheBytesRead += UInt64(count)
                     counters.cacheReadsInline += 1
                     continue

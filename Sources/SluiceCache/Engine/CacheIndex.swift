@@ -231,10 +231,11 @@ public struct CacheIndex {
 
     // MARK: - Clean bits and counts
 
-    /// A read was served from the copy at `position`.
+    /// A read was served from the copy at `position`; marked only where the copy is clean (the
+    /// bit tells the cleaner which clean copies to keep, and dirty ones are kept anyway).
     @inline(__always)
     public mutating func noteHit(at position: Position) {
-        setHitBit(position, true)
+        if isCleanBit(position) { setHitBit(position, true) }
     }
 
     /// Whether the copy at `position` was read since it was cached or moved there.

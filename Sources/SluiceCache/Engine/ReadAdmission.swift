@@ -4,7 +4,9 @@
 /// - A read that continues one of the last ``streamCount`` streams (it starts where one ended) adds
 ///   to that stream's length; once a stream is longer than the cutoff its reads are not cached, so a
 ///   backup or a scan streams through without flushing the hot set out. A read that continues no
-///   stream starts one, replacing the least recently used.
+///   stream starts one, replacing one not used since the clock hand last passed it (CLOCK, as
+///   least recently used but O(1): a random read, which starts a stream every time, must cost
+///   little).
 /// - With `promoteHits` above 1, a block is cached only on its `promoteHits`-th miss; misses are
 ///   counted in a table of at most ``missTableCapacity`` blocks, emptied when it fills (a block
 ///   whose count is lost starts again: it is cached later, never wrongly).
@@ -12,33 +14,41 @@ struct ReadAdmission {
     static let streamCount = 128
     static let missTableCapacity = 1 << 16
 
-    private struct Stream {
-        var nextOffset: UInt64
-        var lengthBytes: UInt64
-        var lastUse: UInt64
-    }
-
-    private var streams: [Stream] = []
-    private var uses: UInt64 = 0
+    /// Where each stream's next read would start (kept apart so the search is one pass over
+    /// contiguous words), its length so far, and whether it was used since the hand last passed.
+    private var nextOffsets: [UInt64] = []
+    private var lengthsBytes: [UInt64] = []
+    private var referenced: [Bool] = []
+    private var hand = 0
     private var misses: [UInt64: UInt8] = [:]
 
     /// Records a read of `lengthBytes` at `offset`; returns whether it belongs to a stream longer
     /// than `cutoffBytes` (0: no cutoff).
     mutating func isSequential(offset: UInt64, lengthBytes: UInt64, cutoffBytes: UInt64) -> Bool {
-        uses += 1
-        if let index = streams.firstIndex(where: { $0.nextOffset == offset }) {
-            streams[index].nextOffset = offset + lengthBytes
-            streams[index].lengthBytes += lengthBytes
-            streams[index].lastUse = uses
-            return cutoffBytes > 0 && streams[index].lengthBytes > cutoffBytes
+        if let index = nextOffsets.firstIndex(of: offset) {
+            nextOffsets[index] = offset + lengthBytes
+            lengthsBytes[index] += lengthBytes
+            referenced[index] = true
+            return cutoffBytes > 0 && lengthsBytes[index] > cutoffBytes
         }
-        let stream = Stream(nextOffset: offset + lengthBytes, lengthBytes: lengthBytes, lastUse: uses)
-        if streams.count < Self.streamCount {
-            streams.append(stream)
+        let index: Int
+        if nextOffsets.count < Self.streamCount {
+            index = nextOffsets.count
+            nextOffsets.append(0)
+            lengthsBytes.append(0)
+            referenced.append(false)
         } else {
-            let oldest = streams.indices.min { streams[$0].lastUse < streams[$1].lastUse }!
-            streams[oldest] = stream
+            // Bounded: one lap clears every bit, so the second finds an unreferenced stream.
+            while referenced[hand] {
+                referenced[hand] = false
+                hand = (hand + 1) % Self.streamCount
+            }
+            index = hand
+            hand = (hand + 1) % Self.streamCount
         }
+        nextOffsets[index] = offset + lengthBytes
+        lengthsBytes[index] = lengthBytes
+        referenced[index] = false
         return cutoffBytes > 0 && lengthBytes > cutoffBytes
     }
 
