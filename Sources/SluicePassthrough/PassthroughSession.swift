@@ -28,11 +28,9 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
     /// Where a multi-step request stands.
     private enum Step: UInt8 {
         case single
-        case trimPunch
-        case zeroPunch
-        case zeroRange
-        case zeroPunchBeforeAllocate
-        case zeroAllocate
+        /// A `fallocate` of the request's ``ZeroingLadder``.
+        case ladder
+        /// The ladder's zero-filling writes, a chunk at a time.
         case zeroWrite
         case syncAfter
     }
@@ -46,6 +44,7 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
         /// Bytes already zeroed by a zero-filling write.
         var doneBytes: UInt32 = 0
         var zeroFlags: WriteZeroesFlags = []
+        var ladder = ZeroingLadder(.trim)
         var syncAfter = false
     }
 
@@ -121,11 +120,10 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
                 return
             }
             let index = beginRequest(tag: tag, sink: sink)
-            pending[Int(index)].step = .trimPunch
             pending[Int(index)].offset = offset
             pending[Int(index)].lengthBytes = length
             pending[Int(index)].syncAfter = fua
-            enqueueFallocate(index: index, mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
+            startLadder(.trim, index: index)
         case .writeZeroes(let offset, let length, let flags):
             if length == 0 {
                 sink.volumeRequestCompleted(tag: tag, reply: .done)
@@ -136,13 +134,7 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
             pending[Int(index)].lengthBytes = length
             pending[Int(index)].zeroFlags = flags
             pending[Int(index)].syncAfter = flags.contains(.fua)
-            if flags.contains(.noHole) {
-                pending[Int(index)].step = .zeroRange
-                enqueueFallocate(index: index, mode: FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
-            } else {
-                pending[Int(index)].step = .zeroPunch
-                enqueueFallocate(index: index, mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
-            }
+            startLadder(flags.contains(.noHole) ? .zeroesKeepingAllocation : .zeroes, index: index)
         case .cache(let offset, let length):
             if length == 0 {
                 sink.volumeRequestCompleted(tag: tag, reply: .done)
@@ -189,63 +181,16 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
             } else {
                 finish(index: index, reply: .done)
             }
-        case .trimPunch:
-            // Trim is advisory: a medium that cannot punch holes simply keeps the data.
-            if result < 0 && result != -EOPNOTSUPP && result != -ENOTTY {
-                finish(index: index, reply: .failed(VolumeError(errno: -result)))
-            } else {
-                finishOrSync(index: index)
-            }
-        case .zeroPunch:
-            if result >= 0 {
-                finishOrSync(index: index)
-            } else if isUnsupported(result) {
-                pending[Int(index)].step = .zeroRange
-                enqueueFallocate(index: index, mode: FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
-            } else {
-                finish(index: index, reply: .failed(VolumeError(errno: -result)))
-            }
-        case .zeroRange:
-            if result >= 0 {
-                finishOrSync(index: index)
-            } else if isUnsupported(result) {
-                // tmpfs and some others zero a range only by punching a hole; allocating the hole
-                // again keeps the range provisioned, as NO_HOLE demands.
-                pending[Int(index)].step = .zeroPunchBeforeAllocate
-                enqueueFallocate(index: index, mode: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
-            } else {
-                finish(index: index, reply: .failed(VolumeError(errno: -result)))
-            }
-        case .zeroPunchBeforeAllocate:
-            if result >= 0 {
-                pending[Int(index)].step = .zeroAllocate
-                enqueueFallocate(index: index, mode: 0)
-            } else if isUnsupported(result) {
-                startZeroWrite(index: index)
-            } else {
-                finish(index: index, reply: .failed(VolumeError(errno: -result)))
-            }
-        case .zeroAllocate:
-            if result >= 0 {
-                finishOrSync(index: index)
-            } else if isUnsupported(result) {
-                // The range is a hole and reads as zeros; it just could not be provisioned again.
-                // Writing zeros provisions it.
-                startZeroWrite(index: index)
-            } else {
-                finish(index: index, reply: .failed(VolumeError(errno: -result)))
-            }
+        case .ladder:
+            let next = pending[Int(index)].ladder.fallocateCompleted(result: result)
+            climb(next, index: index, fromCompletion: true)
         case .zeroWrite:
-            if result < 0 {
-                finish(index: index, reply: .failed(VolumeError(errno: -result)))
-                return
+            if result >= 0 {
+                pending[Int(index)].doneBytes += operation.lengthBytes
+                if pending[Int(index)].doneBytes < request.lengthBytes { return enqueueZeroWriteChunk(index: index) }
             }
-            pending[Int(index)].doneBytes += operation.lengthBytes
-            if pending[Int(index)].doneBytes < request.lengthBytes {
-                enqueueZeroWriteChunk(index: index)
-            } else {
-                finishOrSync(index: index)
-            }
+            let next = pending[Int(index)].ladder.zerosWritten(result: result)
+            climb(next, index: index, fromCompletion: true)
         case .syncAfter:
             if result < 0 {
                 finish(index: index, reply: .failed(VolumeError(errno: -result)))
@@ -266,8 +211,25 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
 
     // MARK: - Steps
 
-    private func isUnsupported(_ result: Int32) -> Bool {
-        result == -EOPNOTSUPP || result == -ENOTTY || result == -ENOSYS || result == -EINVAL
+    private func startLadder(_ purpose: ZeroingLadder.Purpose, index: UInt32) {
+        pending[Int(index)].ladder = ZeroingLadder(purpose)
+        climb(pending[Int(index)].ladder.firstAction(), index: index, fromCompletion: false)
+    }
+
+    /// Takes the ladder's next step. The first fallocate goes to the kernel with the rest of the
+    /// batch; a later one, from a completion, at once.
+    private func climb(_ action: ZeroingLadder.Action, index: UInt32, fromCompletion: Bool) {
+        switch action {
+        case .fallocate(let mode):
+            pending[Int(index)].step = .ladder
+            let request = pending[Int(index)]
+            enqueue(IOOperation(kind: .fallocate, fileDescriptor: fileDescriptor, offset: request.offset,
+                                lengthBytes: request.lengthBytes, mode: mode, context: UInt64(index)))
+            if fromCompletion { submitBatch() }
+        case .writeZeros: startZeroWrite(index: index)
+        case .succeeded: finishOrSync(index: index)
+        case .failed(let code): finish(index: index, reply: .failed(VolumeError(errno: code)))
+        }
     }
 
     private func startZeroWrite(index: UInt32) {
@@ -286,15 +248,6 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
         enqueue(IOOperation(kind: .write, fileDescriptor: fileDescriptor, offset: request.offset + UInt64(request.doneBytes),
                             lengthBytes: chunk, buffer: Self.zeroBuffer, context: UInt64(index)))
         submitBatch()
-    }
-
-    private func enqueueFallocate(index: UInt32, mode: Int32) {
-        let request = pending[Int(index)]
-        enqueue(IOOperation(kind: .fallocate, fileDescriptor: fileDescriptor, offset: request.offset,
-                            lengthBytes: request.lengthBytes, mode: mode, context: UInt64(index)))
-        if request.step != .trimPunch && request.step != .zeroPunch && request.step != .zeroRange {
-            submitBatch()
-        }
     }
 
     private func finishOrSync(index: UInt32) {

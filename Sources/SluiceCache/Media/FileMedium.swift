@@ -100,13 +100,19 @@ public final class FileMedium: BlockMedium {
 
     public func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
         guard contains(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
-        // Punching a hole reads back as zeros on every filesystem that supports it; where it is not
-        // supported, zeros are written (a trim may simply do nothing).
-        if sluice_fallocate(fileDescriptor, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off_t(offset), off_t(count)) == 0 {
-            return completion(.success(()))
+        var ladder = ZeroingLadder(zeroes ? .zeroes : .trim)
+        var action = ladder.firstAction()
+        while case .fallocate(let mode) = action {
+            let status = sluice_fallocate(fileDescriptor, mode, off_t(offset), off_t(count)) == 0 ? 0 : -errno
+            action = ladder.fallocateCompleted(result: status)
         }
-        guard zeroes else { return completion(.success(())) }
-        writeZeros(offset: offset, count: count, completion: completion)
+        switch action {
+        case .fallocate: preconditionFailure("handled by the loop")
+        // The last rung: its result is the request's.
+        case .writeZeros: writeZeros(offset: offset, count: count, completion: completion)
+        case .succeeded: completion(.success(()))
+        case .failed(let code): completion(.failure(.inputOutput(errno: code)))
+        }
     }
 
     public func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {

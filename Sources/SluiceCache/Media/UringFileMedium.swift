@@ -32,7 +32,7 @@ public final class UringFileMedium: BlockMedium, IOCompletionHandler {
     private enum Pending {
         case read((Result<ByteBuffer, MediumError>) -> Void)
         case done((Result<Void, MediumError>) -> Void)
-        case discard(offset: UInt64, count: Int, zeroes: Bool, step: Int, (Result<Void, MediumError>) -> Void)
+        case discard(offset: UInt64, count: Int, ladder: ZeroingLadder, (Result<Void, MediumError>) -> Void)
     }
 
     /// Wraps an open file for use on `driver`'s event loop.
@@ -118,22 +118,23 @@ public final class UringFileMedium: BlockMedium, IOCompletionHandler {
 
     public func discard(offset: UInt64, count: Int, zeroes: Bool, completion: @escaping (Result<Void, MediumError>) -> Void) {
         guard contains(offset: offset, count: count) else { return completion(.failure(.outOfRange)) }
-        discardStep(offset: offset, count: count, zeroes: zeroes, step: 0, completion: completion)
+        let ladder = ZeroingLadder(zeroes ? .zeroes : .trim)
+        perform(ladder.firstAction(), ladder, offset: offset, count: count, completion: completion)
     }
 
-    /// Zeroing tries `FALLOC_FL_ZERO_RANGE` (keeps the blocks allocated), then punching a hole,
-    /// then writing zeros; a trim only punches a hole, and a medium that cannot is left as it is.
-    private func discardStep(offset: UInt64, count: Int, zeroes: Bool, step: Int, completion: @escaping (Result<Void, MediumError>) -> Void) {
-        let mode: Int32
-        switch (zeroes, step) {
-        case (true, 0): mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
-        case (_, 0), (true, 1): mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-        case (false, _): return completion(.success(()))
-        default:
-            return writeZeros(offset: offset, count: count, completion: completion)
+    /// One step of the ``ZeroingLadder``.
+    private func perform(_ action: ZeroingLadder.Action, _ ladder: ZeroingLadder, offset: UInt64, count: Int,
+                         completion: @escaping (Result<Void, MediumError>) -> Void) {
+        switch action {
+        case .fallocate(let mode):
+            start(IOOperation(kind: .fallocate, fileDescriptor: file.fileDescriptor, offset: offset, lengthBytes: UInt32(count), mode: mode),
+                  .discard(offset: offset, count: count, ladder: ladder, completion))
+        case .writeZeros:
+            // The last rung: its result is the request's.
+            writeZeros(offset: offset, count: count, completion: completion)
+        case .succeeded: completion(.success(()))
+        case .failed(let code): completion(.failure(.inputOutput(errno: code)))
         }
-        start(IOOperation(kind: .fallocate, fileDescriptor: file.fileDescriptor, offset: offset, lengthBytes: UInt32(count), mode: mode),
-              .discard(offset: offset, count: count, zeroes: zeroes, step: step, completion))
     }
 
     public func synchronize(completion: @escaping (Result<Void, MediumError>) -> Void) {
@@ -160,10 +161,9 @@ public final class UringFileMedium: BlockMedium, IOCompletionHandler {
             completion(.success(operation.buffer!))
         case .done(let completion):
             completion(result < 0 ? .failure(.inputOutput(errno: -result)) : .success(()))
-        case .discard(let offset, let count, let zeroes, let step, let completion):
-            if result >= 0 { return completion(.success(())) }
-            // Not supported by this filesystem or device: fall back to the next way.
-            discardStep(offset: offset, count: count, zeroes: zeroes, step: step + 1, completion: completion)
+        case .discard(let offset, let count, var ladder, let completion):
+            let next = ladder.fallocateCompleted(result: result)
+            perform(next, ladder, offset: offset, count: count, completion: completion)
         }
     }
 
