@@ -185,6 +185,38 @@ final class CacheEngineReadCacheTests: XCTestCase {
         XCTAssertLessThan(reread, 60, "\(reread) of the hot set's 270 re-reads went to the backing store")
     }
 
+    /// Blocks read while dirty stay hot once written back: writeback makes them clean in place,
+    /// and when the cleaner reaches their segment it moves them (the reads count) instead of
+    /// dropping them as cold, so the next reads of a read/write mix's hot set hit rather than go
+    /// to the slow disk. (A copy moved and then not read for another lap is dropped: CLOCK.)
+    func testBlocksReadWhileDirtyAreKeptOnceWrittenBack() throws {
+        let harness = try harness()
+        defer { harness.close() }
+        for blockNumber in 300..<330 { try harness.write(block(9, blockNumber), at: UInt64(blockNumber * 4096)) }
+        try harness.flush()
+        for blockNumber in 300..<330 {
+            XCTAssertTrue(try harness.read(at: UInt64(blockNumber * 4096), count: 4096) == block(9, blockNumber), "block \(blockNumber)")
+        }
+        // Writeback (not a drain, which drops every clean copy) makes them clean in place.
+        try harness.inspect { try? $0.setTunable("dirty_target", to: 0) }
+        for _ in 0..<1000 where try harness.inspect({ $0.dirtyBlocks }) > 0 { usleep(1000) }
+        XCTAssertEqual(try harness.inspect { $0.dirtyBlocks }, 0, "written back")
+        let readBefore = try harness.inspect { $0.counters.backingBytesRead }
+        // Writes elsewhere until the cleaner has reached the hot set's segments.
+        var written = 0
+        while try written < 400 && harness.inspect({ e in (300..<330).contains { e.index.lookup(UInt64($0)).map { $0.position < 30 } ?? false } }) {
+            try harness.write(block(1000, written % 60), at: UInt64(written % 60 * 4096))
+            written += 1
+        }
+        for blockNumber in 300..<330 {
+            XCTAssertTrue(try harness.read(at: UInt64(blockNumber * 4096), count: 4096) == block(9, blockNumber), "block \(blockNumber)")
+        }
+        let counters = try harness.inspect { $0.counters }
+        XCTAssertGreaterThanOrEqual(counters.relocatedCleanBlocks, 20, "moved, not dropped, after \(written) writes")
+        let reread = Int(counters.backingBytesRead - readBefore) / 4096
+        XCTAssertLessThan(reread, 10, "\(reread) of the 30 blocks read while dirty were dropped once clean")
+    }
+
     /// Clean copies in the log and in the pmem buffer, dirty copies over some of them, a trimmed
     /// block read (and cached) again, then a power failure at seeded points: every block reads its
     /// last durable value, and recovery indexes no clean copy (FORMAT.md, R3).

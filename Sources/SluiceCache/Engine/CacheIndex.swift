@@ -231,11 +231,13 @@ public struct CacheIndex {
 
     // MARK: - Clean bits and counts
 
-    /// A read was served from the copy at `position`; marked only where the copy is clean (the
-    /// bit tells the cleaner which clean copies to keep, and dirty ones are kept anyway).
+    /// A read was served from the copy at `position`. Dirty copies are marked too: the cleaner
+    /// keeps only clean copies whose bit is set, and writeback makes a dirty copy clean in place,
+    /// so a block read while dirty must not look cold the moment it is written back (the hot set
+    /// of a read/write mix would be dropped by the cleaner and miss, at 8 ms each on a slow disk).
     @inline(__always)
     public mutating func noteHit(at position: Position) {
-        if isCleanBit(position) { setHitBit(position, true) }
+        setHitBit(position, true)
     }
 
     /// Whether the copy at `position` was read since it was cached or moved there.
