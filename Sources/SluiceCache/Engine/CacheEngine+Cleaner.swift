@@ -244,7 +244,7 @@ extension CacheEngine {
             let dataIndex = job.withData(job.next) {
                 buffer.write(blockNumber: item.blockNumber, sectorMask: entry.sectorMask, block: $0)
             }
-            let position = CacheIndex.Position(firstPosition(ofSlot: ring.slot(of: buffer.segmentID)) + dataIndex)
+            let position = CacheIndex.Position(firstPosition(ofSlot: ringSlot(of: buffer)) + dataIndex)
             let replaced = index.insert(item.blockNumber, sectorMask: entry.sectorMask, at: position)
             precondition(replaced == item.position, "a relocated copy replaced another copy than the one relocated")
             batch?.relocated(item.blockNumber, from: item.position, to: position, segmentID: buffer.segmentID)

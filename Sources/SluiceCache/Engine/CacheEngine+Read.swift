@@ -407,7 +407,7 @@ extension CacheEngine {
     func appendCleanCopy(_ blockNumber: UInt64, _ block: UnsafeRawBufferPointer, to buffer: any WriteBuffer)
         -> (position: CacheIndex.Position, replaced: CacheIndex.Position?) {
         let dataIndex = buffer.writeClean(blockNumber: blockNumber, block: block)
-        let position = CacheIndex.Position(firstPosition(ofSlot: ring.slot(of: buffer.segmentID)) + dataIndex)
+        let position = CacheIndex.Position(firstPosition(ofSlot: ringSlot(of: buffer)) + dataIndex)
         let replaced = index.insert(blockNumber, sectorMask: 0xFF, at: position)
         index.markClean(at: position)
         if buffer.isFull { sealOpenBuffer(isPartial: false) }

@@ -127,7 +127,7 @@ extension CacheEngine {
     /// The block is in the open buffer: the DRAM buffer updates it in place (its mask grows); the
     /// pmem buffer appends a merged copy, so the persisted one is never overwritten.
     private func rewriteInOpenBuffer(_ buffer: any WriteBuffer, _ piece: WritePiece, _ sectors: UnsafeRawBufferPointer) {
-        let openSlot = ring.slot(of: buffer.segmentID)
+        let openSlot = ringSlot(of: buffer)
         let previousIndex = buffer.dataIndex(of: piece.blockNumber)!
         let previousPosition = CacheIndex.Position(firstPosition(ofSlot: openSlot) + previousIndex)
         let previousIsLive = index.resident(at: previousPosition) != nil
@@ -154,7 +154,7 @@ extension CacheEngine {
     private func mergeWithOlderCopy(_ buffer: any WriteBuffer, _ piece: WritePiece, _ sectors: UnsafeRawBufferPointer,
                                     old: CacheIndex.Entry, fetched: (position: CacheIndex.Position, block: ByteBuffer)?) -> Bool {
         let oldSlot = slot(of: old.position)
-        precondition(oldSlot != ring.slot(of: buffer.segmentID), "a copy in the open buffer was not found there")
+        precondition(oldSlot != ringSlot(of: buffer), "a copy in the open buffer was not found there")
         var merged = [UInt8](repeating: 0, count: CacheGeometry.blockBytes)
         if let segmentID = ring.segmentID(inSlot: oldSlot), let memory = buffers.inMemory(slot: oldSlot, segmentID: segmentID) {
             memory.withBlock(at: dataIndex(of: old.position)) { source in merged.withUnsafeMutableBytes { $0.copyMemory(from: source) } }
@@ -172,7 +172,7 @@ extension CacheEngine {
         let newMask = old.sectorMask | piece.sectorMask
         let dataIndex = merged.withUnsafeBytes { buffer.write(blockNumber: piece.blockNumber, sectorMask: newMask, block: $0) }
         let replaced = index.insert(piece.blockNumber, sectorMask: newMask,
-                                    at: CacheIndex.Position(firstPosition(ofSlot: ring.slot(of: buffer.segmentID)) + dataIndex))
+                                    at: CacheIndex.Position(firstPosition(ofSlot: ringSlot(of: buffer)) + dataIndex))
         precondition(replaced == old.position, "the merged copy replaced another copy than the one merged")
         counters.count(write: true, hit: true, inBuffer: false, fullBlock: piece.isFullBlock)
         return true
@@ -182,7 +182,7 @@ extension CacheEngine {
     private func writeNewCopy(_ buffer: any WriteBuffer, _ piece: WritePiece, _ sectors: UnsafeRawBufferPointer) {
         let dataIndex = buffer.write(blockNumber: piece.blockNumber, sectorMask: piece.sectorMask, sectors: sectors)
         let replaced = index.insert(piece.blockNumber, sectorMask: piece.sectorMask,
-                                    at: CacheIndex.Position(firstPosition(ofSlot: ring.slot(of: buffer.segmentID)) + dataIndex))
+                                    at: CacheIndex.Position(firstPosition(ofSlot: ringSlot(of: buffer)) + dataIndex))
         counters.count(write: true, hit: replaced != nil, inBuffer: false, fullBlock: piece.isFullBlock)
     }
 
@@ -243,7 +243,7 @@ extension CacheEngine {
     func sealOpenBuffer(isPartial: Bool) {
         guard let buffer = buffers.open, !buffer.isEmpty else { return }
         buffers.open = nil
-        let slot = ring.slot(of: buffer.segmentID)
+        let slot = ringSlot(of: buffer)
         let bytes = buffer.seal(cacheUUID: superblock.uuid, isPartial: isPartial)
         if isPartial { counters.partialSegments += 1 }
         buffers.sealed(buffer, slot: slot, bytes: bytes)

@@ -186,6 +186,15 @@ public final class CacheEngine {
 
     func slot(of position: CacheIndex.Position) -> Int { Int(position) / geometry.dataBlocksPerSegment }
 
+    /// The ring slot of `buffer`'s segment. The segment ID is read before `ring` is touched:
+    /// `ring.slot(of: buffer.segmentID)` makes the compiler keep a copy of the ring (three
+    /// retains and releases) around the protocol call, on every write.
+    @inline(__always)
+    func ringSlot(of buffer: any WriteBuffer) -> Int {
+        let segmentID = buffer.segmentID
+        return ring.slot(of: segmentID)
+    }
+
     func dataIndex(of position: CacheIndex.Position) -> Int { Int(position) % geometry.dataBlocksPerSegment }
 
     /// Marks the engine failed after a medium error that leaves acknowledged data unsafe.
