@@ -3,26 +3,26 @@ import Logging
 import NIOCore
 import NIOHTTP1
 import NIOPosix
-import SluiceCache
-import SluiceFormat
+import SluiceVolume
 
-/// The local control endpoint of a cache: HTTP/1.1 with JSON on a Unix socket beside the NBD
+/// The local control endpoint of a volume: HTTP/1.1 with JSON on a Unix socket beside the NBD
 /// socket. It is where `sluice status`, `sluice set` and `sluice drain` talk to a running server,
-/// and where the management API grows from.
+/// and where the management API grows from. It talks to the volume only through
+/// ``ManagedVolume``, never to a volume kind's internals.
 ///
 /// Routes:
-/// - `GET /status` — ``CacheStatus`` as JSON.
-/// - `POST /set?key=K&value=V` — changes a tunable; answers with the new status.
+/// - `GET /status` — the volume's status as JSON.
+/// - `POST /set?key=K&value=V` — changes a setting; answers with the new status.
 /// - `POST /drain` — writes every dirty block back, syncs the backing store, and answers when
 ///   nothing is dirty.
 public final class ControlServer {
-    private let volume: CacheVolume
+    private let volume: any ManagedVolume
     private let group: any EventLoopGroup
     private let logger: Logger
     public let socketPath: String
     private var channel: (any Channel)?
 
-    public init(volume: CacheVolume, socketPath: String, group: any EventLoopGroup, logger: Logger) {
+    public init(volume: any ManagedVolume, socketPath: String, group: any EventLoopGroup, logger: Logger) {
         self.volume = volume
         self.socketPath = socketPath
         self.group = group
@@ -75,11 +75,11 @@ private final class ControlHandler: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
 
-    private let volume: CacheVolume
+    private let volume: any ManagedVolume
     private let logger: Logger
     private var head: HTTPRequestHead?
 
-    init(volume: CacheVolume, logger: Logger) {
+    init(volume: any ManagedVolume, logger: Logger) {
         self.volume = volume
         self.logger = logger
     }
@@ -103,61 +103,31 @@ private final class ControlHandler: ChannelInboundHandler {
         let loop = context.eventLoop
         switch (head.method, path) {
         case (.GET, "/status"):
-            volume.withEngine { $0.status() }.hop(to: loop).whenComplete { result in
-                self.respond(result.map { self.encode($0) }, head: head, context: context)
-            }
-        case (.POST, "/set") where query["key"] == "cache_mode":
-            guard let text = query["value"], let mode = CacheMode(rawValue: text) else {
-                return respond(.failure(ControlError.failed(400, "cache_mode is one of \(CacheMode.names), not \"\(query["value"] ?? "")\"")),
-                               status: .badRequest, head: head, context: context)
-            }
-            let engine = volume.engine
-            engine.eventLoop.flatSubmit { () -> EventLoopFuture<CacheStatus> in
-                let promise = engine.eventLoop.makePromise(of: CacheStatus.self)
-                engine.setCacheMode(mode) { result in promise.completeWith(result.map { engine.status() }) }
-                return promise.futureResult
-            }.hop(to: loop).whenComplete { result in
-                if case .success = result { self.logger.notice("cache mode changed", metadata: ["cache_mode": "\(mode.rawValue)"]) }
-                self.respond(result.map { self.encode($0) }, head: head, context: context)
-            }
+            answer(volume.statusJSON(), head: head, context: context, loop: loop)
         case (.POST, "/set"):
-            guard let key = query["key"], let text = query["value"], let value = Int(text) else {
-                return respond(.failure(ControlError.failed(400, "give key and an integer value: /set?key=K&value=V")),
+            guard let key = query["key"], let value = query["value"] else {
+                return respond(.failure(ControlError.failed(400, "give a key and a value: /set?key=K&value=V")),
                                status: .badRequest, head: head, context: context)
             }
-            volume.withEngine { engine -> Result<CacheStatus, Error> in
-                Result { try engine.setTunable(key, to: value); return engine.status() }
-            }.hop(to: loop).whenComplete { result in
-                switch result {
-                case .success(.success(let status)):
-                    self.logger.notice("tunable changed", metadata: ["key": "\(key)", "value": "\(value)"])
-                    self.respond(.success(self.encode(status)), head: head, context: context)
-                case .success(.failure(let error)):
-                    self.respond(.failure(error), status: .badRequest, head: head, context: context)
-                case .failure(let error):
-                    self.respond(.failure(error), head: head, context: context)
-                }
-            }
+            let changed = volume.set(key, to: value)
+            changed.whenSuccess { _ in self.logger.notice("setting changed", metadata: ["key": "\(key)", "value": "\(value)"]) }
+            answer(changed, head: head, context: context, loop: loop)
         case (.POST, "/drain"):
-            let engine = volume.engine
-            engine.eventLoop.flatSubmit { () -> EventLoopFuture<CacheStatus> in
-                let promise = engine.eventLoop.makePromise(of: CacheStatus.self)
-                engine.writeBackAll { result in promise.completeWith(result.map { engine.status() }) }
-                return promise.futureResult
-            }.hop(to: loop).whenComplete { result in
-                self.respond(result.map { self.encode($0) }, head: head, context: context)
-            }
+            answer(volume.writeBackAll(), head: head, context: context, loop: loop)
         default:
             respond(.failure(ControlError.failed(404, "unknown request \(head.method) \(path); try GET /status, POST /set, POST /drain")),
                     status: .notFound, head: head, context: context)
         }
     }
 
-    /// The status as JSON, with what only the volume knows: how its backing store is synced.
-    func encode(_ status: CacheStatus) -> Data {
-        var status = status
-        status.backingFlush = volume.backingFlush
-        return (try? CacheStatus.jsonEncoder().encode(status)) ?? Data("{}".utf8)
+    /// Responds with what the volume answered: its JSON, 400 for a request it refused, 500 else.
+    private func answer(_ future: EventLoopFuture<Data>, head: HTTPRequestHead, context: ChannelHandlerContext, loop: any EventLoop) {
+        future.hop(to: loop).whenComplete { result in
+            if case .failure(let error as ManagementError) = result {
+                return self.respond(.failure(ControlError.failed(400, error.description)), status: .badRequest, head: head, context: context)
+            }
+            self.respond(result, head: head, context: context)
+        }
     }
 
     private func respond(_ result: Result<Data, Error>, status: HTTPResponseStatus = .internalServerError,
