@@ -323,7 +323,7 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
 
     // MARK: - Completions
 
-    func volumeRequestCompleted(tag: UInt32, reply: VolumeReply) {
+    func volumeRequestCompleted(tag: UInt32, reply: consuming VolumeReply) {
         precondition(Int(tag) < inFlight.count && inFlight[Int(tag)].isActive, "completion for an unknown request \(tag)")
         let request = inFlight[Int(tag)]
         inFlight[Int(tag)] = InFlightRequest()
@@ -331,7 +331,8 @@ final class NBDConnectionHandler: ChannelInboundHandler, VolumeCompletionSink {
         inFlightCount -= 1
         inFlightBytes -= request.accountedBytes
         guard let context, phase != .closed else { return }
-        switch reply {
+        // Consumed, so a read's buffer arrives uniquely owned and its prefix is set in place.
+        switch consume reply {
         case .done:
             replyBuffer.writeNBDSimpleReply(error: .none, cookie: request.cookie)
             hasUnflushedReplies = true

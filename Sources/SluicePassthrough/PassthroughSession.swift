@@ -57,7 +57,7 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
         freePending.reserveCapacity(64)
     }
 
-    func submit(_ request: VolumeRequest, tag: UInt32, sink: any VolumeCompletionSink) {
+    func submit(_ request: consuming VolumeRequest, tag: UInt32, sink: any VolumeCompletionSink) {
         driver.eventLoop.preconditionInEventLoop()
         if let range = request.range {
             let (end, overflow) = range.offset.addingReportingOverflow(range.lengthBytes)
@@ -70,7 +70,8 @@ final class PassthroughSession: VolumeSession, IOCompletionHandler {
             sink.volumeRequestCompleted(tag: tag, reply: .failed(.readOnly))
             return
         }
-        switch request {
+        // Consumed: a read's buffer is uniquely owned here, so it is filled in place.
+        switch consume request {
         case .read(let offset, let length, var buffer):
             if length == 0 {
                 sink.volumeRequestCompleted(tag: tag, reply: .data(buffer))

@@ -38,7 +38,7 @@ public protocol VolumeSession: AnyObject {
     ///
     /// The request may not start until ``submitBatch()`` is called: sessions batch submissions so
     /// that a burst of requests costs one system call.
-    func submit(_ request: VolumeRequest, tag: UInt32, sink: any VolumeCompletionSink)
+    func submit(_ request: consuming VolumeRequest, tag: UInt32, sink: any VolumeCompletionSink)
 
     /// Starts every queued request.
     func submitBatch()
@@ -53,7 +53,7 @@ public protocol VolumeSession: AnyObject {
 /// Receives the results of a session's requests on the session's event loop.
 public protocol VolumeCompletionSink: AnyObject {
     /// One request finished.
-    func volumeRequestCompleted(tag: UInt32, reply: VolumeReply)
+    func volumeRequestCompleted(tag: UInt32, reply: consuming VolumeReply)
 
     /// A burst of completions has been delivered; a network server flushes its replies here.
     func volumeCompletionBurstEnded()

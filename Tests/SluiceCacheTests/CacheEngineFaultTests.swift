@@ -38,7 +38,7 @@ final class CacheEngineFaultTests: XCTestCase {
     /// few turns of the loop (barriers run on the next turn); a request still unanswered after 50
     /// turns never will be, and fails the test instead of hanging it.
     private func reply(_ harness: EngineHarness, file: StaticString = #filePath, line: UInt = #line,
-                       _ body: @escaping (CacheEngine, @escaping (VolumeReply) -> Void) -> Void) throws -> VolumeReply {
+                       _ body: @escaping (CacheEngine, @escaping (consuming VolumeReply) -> Void) -> Void) throws -> VolumeReply {
         var result: VolumeReply?
         try harness.loop.submit { body(harness.engine) { result = $0 } }.wait()
         for _ in 0..<50 {

@@ -215,7 +215,7 @@ final class EngineHarness {
         }.wait()
     }
 
-    func perform(_ body: @escaping (CacheEngine, @escaping (VolumeReply) -> Void) -> Void) throws -> VolumeReply {
+    func perform(_ body: @escaping (CacheEngine, @escaping (consuming VolumeReply) -> Void) -> Void) throws -> VolumeReply {
         let engine = self.engine!
         return try loop.flatSubmit {
             let promise = self.loop.makePromise(of: VolumeReply.self)
@@ -225,7 +225,7 @@ final class EngineHarness {
     }
 
     /// Starts a request without waiting; the reply goes to `completion` on the loop.
-    func start(_ body: @escaping (CacheEngine, @escaping (VolumeReply) -> Void) -> Void, completion: @escaping (VolumeReply) -> Void) {
+    func start(_ body: @escaping (CacheEngine, @escaping (consuming VolumeReply) -> Void) -> Void, completion: @escaping (consuming VolumeReply) -> Void) {
         let engine = self.engine!
         loop.execute { body(engine, completion) }
     }

@@ -11,7 +11,7 @@ import XCTest
 final class PassthroughVolumeTests: XCTestCase {
     private final class Sink: VolumeCompletionSink {
         var replies: [UInt32: VolumeReply] = [:]
-        func volumeRequestCompleted(tag: UInt32, reply: VolumeReply) { replies[tag] = reply }
+        func volumeRequestCompleted(tag: UInt32, reply: consuming VolumeReply) { replies[tag] = reply }
         func volumeCompletionBurstEnded() {}
     }
 

@@ -8,7 +8,7 @@ extension CacheEngine {
 
     /// NBD `base:allocation` of the cache volume: the backing store's allocation, with every block
     /// the cache holds reported as data (its newest copy may not have reached the backing store).
-    func submitBlockStatus(offset: UInt64, lengthBytes: UInt32, maximumExtents: Int, completion: @escaping (VolumeReply) -> Void) {
+    func submitBlockStatus(offset: UInt64, lengthBytes: UInt32, maximumExtents: Int, completion: @escaping (consuming VolumeReply) -> Void) {
         eventLoop.preconditionInEventLoop()
         guard lengthBytes > 0 else { return completion(.failed(.invalid)) }
         guard offset + UInt64(lengthBytes) <= volumeSizeBytes else { return completion(.failed(.outOfRange)) }

@@ -141,7 +141,7 @@ extension CacheEngine {
     }
 
     private func sendBypassWrite(id: UInt64, offset: UInt64, data: ByteBuffer, fua: Bool,
-                                 copies: [(blockNumber: UInt64, replyOffset: Int)], completion: @escaping (VolumeReply) -> Void) {
+                                 copies: [(blockNumber: UInt64, replyOffset: Int)], completion: @escaping (consuming VolumeReply) -> Void) {
         backingLoad.begin(nowNs: clock.nowNs)
         let lengthBytes = data.readableBytes
         backingStore.write(offset: offset, bytes: data) { written in
@@ -178,7 +178,7 @@ extension CacheEngine {
     }
 
     /// A FLUSH after bypass writes without FUA syncs the backing store as well as the log.
-    func flushBypassWrites(_ completion: @escaping (VolumeReply) -> Void) -> ((VolumeReply) -> Void) {
+    func flushBypassWrites(_ completion: @escaping (consuming VolumeReply) -> Void) -> ((consuming VolumeReply) -> Void) {
         guard bypass.backingUnsynced || bypass.flushSyncsInFlight > 0 else { return completion }
         bypass.backingUnsynced = false
         bypass.flushSyncsInFlight += 1

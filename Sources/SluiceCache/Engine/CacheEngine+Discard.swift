@@ -7,7 +7,7 @@ extension CacheEngine {
     /// holds, so a large request writes no zeros into the log) and the request is passed down to
     /// the backing store; for write-zeroes, the sectors of partly covered blocks at either end are
     /// written as zeros through the write path. A trim leaves partly covered blocks alone.
-    func submitDiscard(offset: UInt64, lengthBytes: UInt64, zeroes: Bool, fua: Bool, completion: @escaping (VolumeReply) -> Void) {
+    func submitDiscard(offset: UInt64, lengthBytes: UInt64, zeroes: Bool, fua: Bool, completion: @escaping (consuming VolumeReply) -> Void) {
         eventLoop.preconditionInEventLoop()
         if let failure { return completion(.failed(.io(errno: failure.errnoValue))) }
         guard lifecycle.acceptsRequests else { return completion(.failed(.shuttingDown)) }
@@ -155,9 +155,9 @@ extension CacheEngine {
 final class CompletionJoin {
     private var outstanding: Int
     private var failure: VolumeReply?
-    private let completion: (VolumeReply) -> Void
+    private let completion: (consuming VolumeReply) -> Void
 
-    init(outstanding: Int, completion: @escaping (VolumeReply) -> Void) {
+    init(outstanding: Int, completion: @escaping (consuming VolumeReply) -> Void) {
         self.outstanding = outstanding
         self.completion = completion
     }

@@ -4,14 +4,14 @@ import SluiceVolume
 
 extension CacheEngine {
     /// Submits a flush: it completes once every write completed before it is durable.
-    func submitFlush(completion: @escaping (VolumeReply) -> Void) {
+    func submitFlush(completion: @escaping (consuming VolumeReply) -> Void) {
         eventLoop.preconditionInEventLoop()
         if let failure { return completion(.failed(.io(errno: failure.errnoValue))) }
         awaitDurability(durability.flushWait(repliesAwaitingPersist: !persists.waiters.isEmpty), flushBypassWrites(completion))
     }
 
     /// Completes `completion` once what `wait` names has happened.
-    func awaitDurability(_ wait: DurabilityWait, _ completion: @escaping (VolumeReply) -> Void) {
+    func awaitDurability(_ wait: DurabilityWait, _ completion: @escaping (consuming VolumeReply) -> Void) {
         switch wait {
         case .none: completion(.done)
         case .barrier: addBarrierWaiter(completion)
@@ -24,7 +24,7 @@ extension CacheEngine {
     /// Pmem mode: completes `completion` after the next drain. Every reply that comes due in one
     /// turn of the event loop shares that drain (group commit), so the cost per write falls as the
     /// load rises.
-    func addPersistWaiter(_ completion: @escaping (VolumeReply) -> Void) {
+    func addPersistWaiter(_ completion: @escaping (consuming VolumeReply) -> Void) {
         persists.add(completion)
         // A connection's burst ends with ``persistPendingReplies()``; only replies due outside
         // one need a drain scheduled at the end of the turn.
@@ -78,7 +78,7 @@ extension CacheEngine {
     /// a partial segment, waits for it and every earlier segment to be written, and syncs the
     /// cache device once for all of them. Requests that arrive within `barrier_deadline_ms` (or in
     /// the same burst, with 0) share one partial segment.
-    func addBarrierWaiter(_ completion: @escaping (VolumeReply) -> Void) {
+    func addBarrierWaiter(_ completion: @escaping (consuming VolumeReply) -> Void) {
         guard barriers.add(completion) else { return }
         if tunables.barrierDeadlineMs == 0 {
             eventLoop.execute { self.runBarrier() }

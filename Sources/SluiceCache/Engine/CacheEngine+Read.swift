@@ -10,11 +10,12 @@ extension CacheEngine {
     /// Cached data in memory is copied before this returns and copies on the cache device cannot be
     /// overwritten while being read, so a read racing a write sees each block either wholly before
     /// or wholly after it.
-    func submitRead(offset: UInt64, lengthBytes: Int, buffer: ByteBuffer, completion: @escaping (VolumeReply) -> Void) {
+    func submitRead(offset: UInt64, lengthBytes: Int, buffer: consuming ByteBuffer, completion: @escaping (consuming VolumeReply) -> Void) {
         eventLoop.preconditionInEventLoop()
         precondition(offset % 512 == 0 && lengthBytes % 512 == 0, "the server passes only sector-aligned reads")
         guard offset + UInt64(lengthBytes) <= volumeSizeBytes else { return completion(.failed(.outOfRange)) }
-        var reply = buffer
+        // Taken over, not shared: the reply is filled in place, without copying the buffer.
+        var reply = consume buffer
         let base = reply.writerIndex
         // Every byte of the range is filled below (from a buffer, the cache device or the backing store).
         reply.writeWithUnsafeMutableBytes(minimumWritableBytes: lengthBytes) { _ in lengthBytes }
@@ -29,16 +30,19 @@ extension CacheEngine {
             plan.fillPolicy = .admitted
         }
         let inline = readWholeBlocksInline(offset: offset, lengthBytes: lengthBytes, into: &reply, base: base)
-        if inline == .done { return completion(.data(reply)) }
+        if inline == .done { return completion(.data(consume reply)) }
         for piece in BlockSplit(offset: offset, lengthBytes: UInt64(lengthBytes)) {
             planBlock(piece, into: &plan, reply: &reply, base: base)
         }
         let fetches = plan.finished()
-        guard !fetches.isEmpty else { return completion(.data(reply)) }
+        guard !fetches.isEmpty else { return completion(.data(consume reply)) }
         let fills = plan.fills
-        let finish: (VolumeReply) -> Void = fills.isEmpty ? completion : { reply in
-            self.completeFills(fills, reply: reply, base: base, source: .read)
-            completion(reply)
+        var finish = completion
+        if !fills.isEmpty {
+            finish = { (reply: consuming VolumeReply) in
+                self.completeFills(fills, reply: reply, base: base, source: .read)
+                completion(consume reply)
+            }
         }
         // The page cache lacked the blocks a moment ago: asking again would only cost a call.
         submitFetches(fetches, assembly: ReadAssembly(reply: reply, base: base, outstanding: fetches.count, completion: finish),
@@ -286,9 +290,9 @@ final class ReadAssembly {
     private let base: Int
     private var outstanding: Int
     private var failure: MediumError?
-    private let completion: (VolumeReply) -> Void
+    private let completion: (consuming VolumeReply) -> Void
 
-    init(reply: ByteBuffer, base: Int, outstanding: Int, completion: @escaping (VolumeReply) -> Void) {
+    init(reply: ByteBuffer, base: Int, outstanding: Int, completion: @escaping (consuming VolumeReply) -> Void) {
         self.reply = reply
         self.base = base
         self.outstanding = outstanding
@@ -334,7 +338,10 @@ final class ReadAssembly {
         if let failure {
             completion(.failed(.io(errno: failure.errnoValue)))
         } else {
-            completion(.data(reply))
+            // Handed over, not shared: the server then sets the reply's header in place.
+            let data = reply
+            reply = ByteBuffer()
+            completion(.data(consume data))
         }
     }
 }

@@ -14,7 +14,7 @@ enum SpaceClaimant {
 extension CacheEngine {
     /// Queues a write. It completes once it is in the buffer, or once it is durable when the
     /// durability policy says it must wait (FUA in volatile mode, every write in pmem mode).
-    func submitWrite(offset: UInt64, data: ByteBuffer, fua: Bool, completion: @escaping (VolumeReply) -> Void) {
+    func submitWrite(offset: UInt64, data: ByteBuffer, fua: Bool, completion: @escaping (consuming VolumeReply) -> Void) {
         eventLoop.preconditionInEventLoop()
         if let failure { return completion(.failed(.io(errno: failure.errnoValue))) }
         guard lifecycle.acceptsRequests else { return completion(.failed(.shuttingDown)) }

@@ -59,7 +59,7 @@ struct PendingUpdate {
     var discardID: UInt64 = 0
     /// For a write: the path it takes (``CacheMode``).
     var writePath = WritePath.undecided
-    var completion: (VolumeReply) -> Void
+    var completion: (consuming VolumeReply) -> Void
 }
 
 /// FUA writes and flushes gathering for the next barrier (volatile mode).
@@ -67,12 +67,12 @@ struct BarrierQueue {
     enum Gathering {
         case idle
         /// A barrier is scheduled (at the end of the turn or after `barrier_deadline_ms`).
-        case gathering([(VolumeReply) -> Void])
+        case gathering([(consuming VolumeReply) -> Void])
     }
     var gathering = Gathering.idle
 
     /// Adds a waiter; returns true when the caller must schedule the barrier.
-    mutating func add(_ completion: @escaping (VolumeReply) -> Void) -> Bool {
+    mutating func add(_ completion: @escaping (consuming VolumeReply) -> Void) -> Bool {
         switch gathering {
         case .idle:
             gathering = .gathering([completion])
@@ -84,7 +84,7 @@ struct BarrierQueue {
         }
     }
 
-    mutating func take() -> [(VolumeReply) -> Void] {
+    mutating func take() -> [(consuming VolumeReply) -> Void] {
         guard case .gathering(let waiters) = gathering else { return [] }
         gathering = .idle
         return waiters
@@ -125,9 +125,9 @@ struct CacheSyncs {
 
 /// Pmem mode's group commit: replies waiting for the next drain.
 struct PersistQueue {
-    private(set) var waiters: [(VolumeReply) -> Void] = []
+    private(set) var waiters: [(consuming VolumeReply) -> Void] = []
     /// An empty array with capacity, so taking the waiters allocates nothing in a steady state.
-    private var spare: [(VolumeReply) -> Void] = []
+    private var spare: [(consuming VolumeReply) -> Void] = []
     enum Schedule {
         case none
         /// A drain runs at the end of this turn of the loop.
@@ -137,17 +137,17 @@ struct PersistQueue {
     /// A session on the engine's loop is submitting a burst; its end drains for it.
     var burstDepth = 0
 
-    mutating func add(_ waiter: @escaping (VolumeReply) -> Void) { waiters.append(waiter) }
+    mutating func add(_ waiter: @escaping (consuming VolumeReply) -> Void) { waiters.append(waiter) }
 
     /// Takes every waiter; give the array back with ``recycle(_:)`` once they are answered.
-    mutating func takeWaiters() -> [(VolumeReply) -> Void] {
+    mutating func takeWaiters() -> [(consuming VolumeReply) -> Void] {
         var taken = spare
         spare = []
         swap(&taken, &waiters)
         return taken
     }
 
-    mutating func recycle(_ array: consuming [(VolumeReply) -> Void]) {
+    mutating func recycle(_ array: consuming [(consuming VolumeReply) -> Void]) {
         var emptied = array
         emptied.removeAll(keepingCapacity: true)
         spare = emptied

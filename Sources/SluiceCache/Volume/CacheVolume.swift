@@ -66,7 +66,7 @@ final class CacheSession: VolumeSession {
         self.isOnEngineLoop = eventLoop === volume.engine.eventLoop
     }
 
-    func submit(_ request: VolumeRequest, tag: UInt32, sink: any VolumeCompletionSink) {
+    func submit(_ request: consuming VolumeRequest, tag: UInt32, sink: any VolumeCompletionSink) {
         eventLoop.preconditionInEventLoop()
         if let range = request.range {
             let (end, overflow) = range.offset.addingReportingOverflow(range.lengthBytes)
@@ -76,31 +76,36 @@ final class CacheSession: VolumeSession {
             }
         }
         requestsInFlight += 1
-        let completion: (VolumeReply) -> Void
+        let completion: (consuming VolumeReply) -> Void
         if isOnEngineLoop {
-            completion = { reply in self.deliver(reply, tag: tag, sink: sink) }
+            completion = { reply in self.deliver(consume reply, tag: tag, sink: sink) }
         } else {
             let loop = eventLoop
-            completion = { reply in loop.execute { self.deliver(reply, tag: tag, sink: sink) } }
+            completion = { reply in
+                let owned = consume reply
+                loop.execute { self.deliver(owned, tag: tag, sink: sink) }
+            }
         }
         if isOnEngineLoop {
             isSubmitting = true
             engine.beginSessionBurst()
-            Self.perform(request, on: engine, completion: completion)
+            // Consumed: a read's buffer reaches the engine uniquely owned and is filled in place.
+            Self.perform(consume request, on: engine, completion: completion)
             engine.endSessionBurst()
             isSubmitting = false
         } else {
             let engine = self.engine
-            engine.eventLoop.execute { Self.perform(request, on: engine, completion: completion) }
+            let owned = consume request
+            engine.eventLoop.execute { Self.perform(owned, on: engine, completion: completion) }
         }
     }
 
     /// Maps one volume request onto the engine. Runs on the engine's loop.
-    private static func perform(_ request: VolumeRequest, on engine: CacheEngine, completion: @escaping (VolumeReply) -> Void) {
-        switch request {
+    private static func perform(_ request: consuming VolumeRequest, on engine: CacheEngine, completion: @escaping (consuming VolumeReply) -> Void) {
+        switch consume request {
         case .read(let offset, let length, let buffer):
             if length == 0 { return completion(.data(buffer)) }
-            engine.submitRead(offset: offset, lengthBytes: Int(length), buffer: buffer, completion: completion)
+            engine.submitRead(offset: offset, lengthBytes: Int(length), buffer: consume buffer, completion: completion)
         case .write(let offset, let data, let fua):
             if data.readableBytes == 0 { return fua ? engine.submitFlush(completion: completion) : completion(.done) }
             engine.submitWrite(offset: offset, data: data, fua: fua, completion: completion)
@@ -120,9 +125,9 @@ final class CacheSession: VolumeSession {
         }
     }
 
-    private func deliver(_ reply: VolumeReply, tag: UInt32, sink: any VolumeCompletionSink) {
+    private func deliver(_ reply: consuming VolumeReply, tag: UInt32, sink: any VolumeCompletionSink) {
         requestsInFlight -= 1
-        sink.volumeRequestCompleted(tag: tag, reply: reply)
+        sink.volumeRequestCompleted(tag: tag, reply: consume reply)
         // Completions during submit are flushed by the server when its read burst ends; later
         // ones are flushed together once the loop has delivered what is ready.
         guard !isSubmitting else { return }
