@@ -68,9 +68,9 @@ extension CacheEngine {
         let blockCount = lengthBytes / CacheGeometry.blockBytes
         guard let first = index.lookup(firstBlock), first.sectorMask == 0xFF else { return .notEligible }
         let cacheSlot = slot(of: first.position)
-        guard let segmentID = ring.segmentID(inSlot: cacheSlot), buffers.inMemory(slot: cacheSlot, segmentID: segmentID) == nil,
+        guard bufferInMemory(ofSlot: cacheSlot) == nil,
               dataIndex(of: first.position) + blockCount <= geometry.dataBlocksPerSegment else { return .notEligible }
-        for block in 1..<max(blockCount, 1) {
+        for block in 1..<blockCount {
             guard let entry = index.lookup(firstBlock + UInt64(block)), entry.sectorMask == 0xFF,
                   entry.position == first.position + CacheIndex.Position(block) else { return .notEligible }
         }
@@ -102,7 +102,7 @@ extension CacheEngine {
             backingMask = piece.sectorMask & ~entry.sectorMask
             let cacheSlot = slot(of: entry.position)
             let dataIndex = self.dataIndex(of: entry.position)
-            let memory = ring.segmentID(inSlot: cacheSlot).flatMap { buffers.inMemory(slot: cacheSlot, segmentID: $0) }
+            let memory = bufferInMemory(ofSlot: cacheSlot)
             counters.count(write: false, hit: true, inBuffer: memory != nil, fullBlock: piece.sectorMask == 0xFF)
             index.noteHit(at: entry.position)
             if covered != 0, let memory {

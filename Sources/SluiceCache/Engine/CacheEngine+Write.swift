@@ -156,7 +156,7 @@ extension CacheEngine {
         let oldSlot = slot(of: old.position)
         precondition(oldSlot != ringSlot(of: buffer), "a copy in the open buffer was not found there")
         var merged = [UInt8](repeating: 0, count: CacheGeometry.blockBytes)
-        if let segmentID = ring.segmentID(inSlot: oldSlot), let memory = buffers.inMemory(slot: oldSlot, segmentID: segmentID) {
+        if let memory = bufferInMemory(ofSlot: oldSlot) {
             memory.withBlock(at: dataIndex(of: old.position)) { source in merged.withUnsafeMutableBytes { $0.copyMemory(from: source) } }
         } else if let fetched, fetched.position == old.position {
             fetched.block.withUnsafeReadableBytes { source in

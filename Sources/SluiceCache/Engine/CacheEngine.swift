@@ -197,6 +197,12 @@ public final class CacheEngine {
 
     func dataIndex(of position: CacheIndex.Position) -> Int { Int(position) % geometry.dataBlocksPerSegment }
 
+    /// The buffer that still holds `slot`'s segment in memory (open, sealed, or waiting for its
+    /// sync), if any: the slot's blocks are read from there, never from a device write in flight.
+    func bufferInMemory(ofSlot slot: Int) -> (any WriteBuffer)? {
+        ring.segmentID(inSlot: slot).flatMap { buffers.inMemory(slot: slot, segmentID: $0) }
+    }
+
     /// Marks the engine failed after a medium error that leaves acknowledged data unsafe.
     func fail(_ error: MediumError, doing what: String) {
         if failure == nil {

@@ -45,14 +45,4 @@ extension CacheVolume: ManagedVolume {
         status.backingFlush = backingFlush
         return (try? CacheStatus.jsonEncoder().encode(status)) ?? Data("{}".utf8)
     }
-
-    /// Runs `body` on the engine's loop with a promise it completes.
-    private func onEngine(_ body: @escaping (CacheEngine, EventLoopPromise<Data>) -> Void) -> EventLoopFuture<Data> {
-        let engine = self.engine
-        return engine.eventLoop.flatSubmit {
-            let promise = engine.eventLoop.makePromise(of: Data.self)
-            body(engine, promise)
-            return promise.futureResult
-        }
-    }
 }

@@ -32,13 +32,19 @@ public final class CacheVolume: Volume, @unchecked Sendable {
     /// engine's event loop.
     public func close() throws {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        let engine = self.engine
         defer { onClose?() }
-        try engine.eventLoop.flatSubmit {
-            let promise = engine.eventLoop.makePromise(of: Void.self)
-            engine.shutdown { promise.completeWith($0) }
+        try onEngine { engine, promise in engine.shutdown { promise.completeWith($0) } }.wait()
+    }
+
+    /// Runs `body` on the engine's loop with a promise it completes: an engine operation that
+    /// answers later, through a completion.
+    func onEngine<Value>(_ body: @escaping (CacheEngine, EventLoopPromise<Value>) -> Void) -> EventLoopFuture<Value> {
+        let engine = self.engine
+        return engine.eventLoop.flatSubmit {
+            let promise = engine.eventLoop.makePromise(of: Value.self)
+            body(engine, promise)
             return promise.futureResult
-        }.wait()
+        }
     }
 
     /// Runs `body` on the engine's loop and returns its result.
