@@ -85,21 +85,32 @@ public struct PmemLayout: Hashable, Sendable {
         return segmentID << 8 | state.rawValue
     }
 
-    /// Word 1 of an entry: the segment it belongs to and the checksum of word 0 and the data.
-    public static func entryWord1(segmentID: UInt64, word0: UInt64, block: UnsafeRawBufferPointer) -> UInt64 {
-        (segmentID & 0xFFFF_FFFF) << 32 | UInt64(entryChecksum(word0: word0, block: block))
+    /// Word 1 of an entry: the segment it belongs to and the checksum of word 0 and the data
+    /// (``entryChecksum(word0:block:)``).
+    public static func entryWord1(segmentID: UInt64, entryChecksum: UInt32) -> UInt64 {
+        (segmentID & 0xFFFF_FFFF) << 32 | UInt64(entryChecksum)
     }
 
     /// CRC-32C of word 0 followed by the sectors its mask selects from the 4 KiB `block`.
     public static func entryChecksum(word0: UInt64, block: UnsafeRawBufferPointer) -> UInt32 {
+        entryChecksums(word0: word0, block: block).entry
+    }
+
+    /// The entry's checksum, and when the entry holds the whole block (mask 0xFF) the CRC-32C of
+    /// the block alone, derived from it at the cost of a few table lookups (the segment's
+    /// checksum is folded from its blocks' ones at seal, so the block is read once, not twice).
+    public static func entryChecksums(word0: UInt64, block: UnsafeRawBufferPointer) -> (entry: UInt32, wholeBlock: UInt32?) {
         precondition(block.count == CacheGeometry.blockBytes)
-        var crc = withUnsafeBytes(of: word0.littleEndian) { CRC32C.checksum($0) }
+        let crcOfWord0 = withUnsafeBytes(of: word0.littleEndian) { CRC32C.checksum($0) }
+        var crc = crcOfWord0
         // One call per run of selected sectors: the checksum of a run is that of its sectors in
         // turn, and a whole block is one call.
         forEachSectorRun(UInt8(truncatingIfNeeded: word0)) { sector, count in
             crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: block[(sector * CacheGeometry.sectorBytes)..<((sector + count) * CacheGeometry.sectorBytes)]), continuing: crc)
         }
-        return crc
+        guard UInt8(truncatingIfNeeded: word0) == 0xFF else { return (crc, nil) }
+        // checksum(word0 + block) = shift(checksum(word0)) ^ checksum(block).
+        return (crc, crc ^ CRC32C.shiftedOneBlock(crcOfWord0))
     }
 
     /// The header as one 4 KiB block.

@@ -78,9 +78,24 @@ public struct SegmentHeader: Hashable, Sendable {
     /// Writes the header into `header` (the segment's header blocks) and seals it with the CRC of the
     /// header and the data blocks that follow it in `data`.
     public func encode(into header: UnsafeMutableRawBufferPointer, data: UnsafeRawBufferPointer, geometry: CacheGeometry) {
+        precondition(data.count >= entries.count * CacheGeometry.blockBytes)
+        encode(into: header, geometry: geometry) { headerCRC in
+            CRC32C.checksum(UnsafeRawBufferPointer(rebasing: data[0..<(entries.count * CacheGeometry.blockBytes)]), continuing: headerCRC)
+        }
+    }
+
+    /// The same, from the CRC-32C of each data block (one per entry, in order) instead of the data:
+    /// the checksum is the one ``encode(into:data:geometry:)`` computes for the same bytes.
+    public func encode(into header: UnsafeMutableRawBufferPointer, blockChecksums: UnsafeBufferPointer<UInt32>, geometry: CacheGeometry) {
+        precondition(blockChecksums.count == entries.count, "one checksum per data block")
+        encode(into: header, geometry: geometry) { headerCRC in
+            blockChecksums.reduce(headerCRC) { CRC32C.combine($0, withBlock: $1) }
+        }
+    }
+
+    private func encode(into header: UnsafeMutableRawBufferPointer, geometry: CacheGeometry, sealing: (_ headerCRC: UInt32) -> UInt32) {
         precondition(header.count == geometry.headerBlocks * CacheGeometry.blockBytes)
         precondition(entries.count <= geometry.dataBlocksPerSegment)
-        precondition(data.count >= entries.count * CacheGeometry.blockBytes)
         var writer = LittleEndianWriter(count: header.count)
         writer.write(bytes: Self.magic)
         writer.write(segmentID)
@@ -92,8 +107,7 @@ public struct SegmentHeader: Hashable, Sendable {
         for entry in entries {
             writer.write(entry.packed)
         }
-        var crc = writer.bytes.withUnsafeBytes { CRC32C.checksum($0) }
-        crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: data[0..<(entries.count * CacheGeometry.blockBytes)]), continuing: crc)
+        let crc = sealing(writer.bytes.withUnsafeBytes { CRC32C.checksum($0) })
         writer.set(crc, at: Self.crcOffset)
         writer.bytes.withUnsafeBytes { header.copyMemory(from: $0) }
     }

@@ -13,6 +13,40 @@ final class SluiceFormatTests: XCTestCase {
         XCTAssertEqual(whole, chained)
     }
 
+    /// Combining with a block's checksum gives the checksum of the concatenation, for random
+    /// prefixes and blocks; the whole-block checksum derived from an entry's is the block's own;
+    /// a segment sealed from its blocks' checksums carries the checksum sealing from the data does.
+    func testCRC32CCombinesWithWholeBlocks() throws {
+        var rng = SystemRandomNumberGenerator()
+        for round in 0..<20 {
+            let prefix = (0..<Int.random(in: 0...64, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            let block = (0..<4096).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            XCTAssertEqual(CRC32C.combine(CRC32C.checksum(prefix), withBlock: CRC32C.checksum(block)), CRC32C.checksum(prefix + block), "round \(round)")
+            let word0 = UInt64.random(in: 0...UInt64.max, using: &rng) | 0xFF
+            block.withUnsafeBytes { raw in
+                let sums = PmemLayout.entryChecksums(word0: word0, block: raw)
+                XCTAssertEqual(sums.wholeBlock, CRC32C.checksum(raw), "round \(round)")
+                XCTAssertEqual(sums.entry, PmemLayout.entryChecksum(word0: word0, block: raw))
+                XCTAssertNil(PmemLayout.entryChecksums(word0: word0 & ~0x01, block: raw).wholeBlock, "a partial entry gives no whole-block checksum")
+            }
+        }
+        let geometry = try CacheGeometry(segmentBytes: 64 * 1024, deviceBytes: 4 << 20)
+        for count in [0, 1, 7, geometry.dataBlocksPerSegment] {
+            let data = (0..<(count * 4096)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            let header = SegmentHeader(segmentID: 9, cacheUUID: uuid, isPartial: count < 7,
+                                       entries: (0..<count).map { SegmentHeader.Entry(blockNumber: UInt64($0 * 3), sectorMask: 0xFF) })
+            let headerBytes = geometry.headerBlocks * 4096
+            var fromData = [UInt8](repeating: 0, count: headerBytes)
+            var fromSums = [UInt8](repeating: 1, count: headerBytes)
+            data.withUnsafeBytes { raw in
+                fromData.withUnsafeMutableBytes { header.encode(into: $0, data: raw, geometry: geometry) }
+                let sums = (0..<count).map { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: raw[($0 * 4096)..<(($0 + 1) * 4096)])) }
+                sums.withUnsafeBufferPointer { sums in fromSums.withUnsafeMutableBytes { header.encode(into: $0, blockChecksums: sums, geometry: geometry) } }
+            }
+            XCTAssertEqual(fromSums, fromData, "\(count) data blocks")
+        }
+    }
+
     func testGeometry() throws {
         let geometry = try CacheGeometry(segmentBytes: 1 << 20, deviceBytes: 64 << 20)
         XCTAssertEqual(geometry.headerBlocks, 1)

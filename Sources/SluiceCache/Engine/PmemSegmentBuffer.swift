@@ -23,6 +23,9 @@ public final class PmemSegmentBuffer: WriteBuffer {
     public let area: Int
     public private(set) var segmentID: UInt64 = 0
     public private(set) var entries: [SegmentHeader.Entry] = []
+    /// The CRC-32C of each data block, where its entry's checksum gave it for free (a whole block);
+    /// nil where the seal must read the block (a partial copy, a discard marker, a clean copy).
+    private var blockChecksums: [UInt32?] = []
     /// The data-block index of the newest copy (or discard marker) of each block.
     private var latest: [UInt64: Int] = [:]
     private let areaOffset: Int
@@ -40,6 +43,7 @@ public final class PmemSegmentBuffer: WriteBuffer {
         imageOffset = layout.imageOffset(area, geometry: geometry)
         precondition(imageOffset % CacheGeometry.blockBytes == 0, "a pmem segment image must be 4 KiB-aligned")
         entries.reserveCapacity(geometry.dataBlocksPerSegment)
+        blockChecksums.reserveCapacity(geometry.dataBlocksPerSegment)
         latest.reserveCapacity(geometry.dataBlocksPerSegment)
     }
 
@@ -139,12 +143,14 @@ public final class PmemSegmentBuffer: WriteBuffer {
         let blockNumber = entry.blockNumber
         let word0 = entry.packed
         let block = UnsafeRawBufferPointer(start: memory.baseAddress + dataOffset(index), count: CacheGeometry.blockBytes)
-        let word1 = PmemLayout.entryWord1(segmentID: segmentID, word0: word0, block: block)
+        let checksums = PmemLayout.entryChecksums(word0: word0, block: block)
+        let word1 = PmemLayout.entryWord1(segmentID: segmentID, entryChecksum: checksums.entry)
         let entryOffset = tableOffset + index * PmemLayout.entryBytes
         memory.storeWord(word0, at: entryOffset)
         memory.storeWord(word1, at: entryOffset + 8)
         memory.flush(offset: entryOffset, count: PmemLayout.entryBytes)
         entries.append(entry)
+        blockChecksums.append(checksums.wholeBlock)
         latest[blockNumber] = index
     }
 
@@ -167,9 +173,15 @@ public final class PmemSegmentBuffer: WriteBuffer {
         let headerBytes = geometry.headerBlocks * CacheGeometry.blockBytes
         let usedBytes = headerBytes + entries.count * CacheGeometry.blockBytes
         let image = memory.baseAddress + imageOffset
-        header.encode(into: UnsafeMutableRawBufferPointer(start: image, count: headerBytes),
-                      data: UnsafeRawBufferPointer(start: image + headerBytes, count: geometry.segmentBytes - headerBytes),
-                      geometry: geometry)
+        // Data blocks are never written again once their entry is committed, so the checksums
+        // taken then still hold; the rest are read now.
+        var checksums = [UInt32](repeating: 0, count: entries.count)
+        for index in entries.indices {
+            checksums[index] = blockChecksums[index] ?? CRC32C.checksum(UnsafeRawBufferPointer(start: memory.baseAddress + dataOffset(index), count: CacheGeometry.blockBytes))
+        }
+        checksums.withUnsafeBufferPointer {
+            header.encode(into: UnsafeMutableRawBufferPointer(start: image, count: headerBytes), blockChecksums: $0, geometry: geometry)
+        }
         memory.flush(offset: imageOffset, count: headerBytes)
         memory.drain()
         memory.storeWord(PmemLayout.controlWord(segmentID: segmentID, state: .sealed), at: areaOffset)
@@ -182,6 +194,7 @@ public final class PmemSegmentBuffer: WriteBuffer {
     /// segment the cache device has synced is found there by recovery too, and never taken.
     public func reset() {
         entries.removeAll(keepingCapacity: true)
+        blockChecksums.removeAll(keepingCapacity: true)
         latest.removeAll(keepingCapacity: true)
         segmentID = 0
     }
