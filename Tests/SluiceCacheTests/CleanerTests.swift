@@ -11,9 +11,10 @@ final class CleanerTests: XCTestCase {
 
     /// A ring at `occupancy` percent with plenty of free slots, nobody waiting, and a tail with
     /// `dirty` dirty blocks (nil: no written tail).
-    private func situation(occupancy: Int, dirty: Int? = 0, free: Int = 40, reserve: Int = 2, writersWait: Bool = false,
+    /// `writersWaitedNs` says how long the writers waited when `writersWait` (a moment by default).
+    private func situation(occupancy: Int, dirty: Int? = 0, free: Int = 40, reserve: Int = 2, writersWait: Bool = false, writersWaitedNs: UInt64 = 1_000_000,
                            reclaimClean: Bool = false, blocksPerSegment: Int? = nil) -> Cleaner.Situation {
-        Cleaner.Situation(occupancyPercent: occupancy, freeSegments: free, reserveSegments: reserve, writersWaitForSpace: writersWait,
+        Cleaner.Situation(occupancyPercent: occupancy, freeSegments: free, reserveSegments: reserve, writersWaitedForSpaceNs: writersWait ? writersWaitedNs : nil,
                           reclaimCleanSegments: reclaimClean, tail: dirty.map { Cleaner.Tail(id: 7, dirtyBlocks: $0) },
                           blocksPerSegment: blocksPerSegment ?? self.blocksPerSegment)
     }
@@ -102,6 +103,24 @@ final class CleanerTests: XCTestCase {
                 }
             }
         }
+    }
+
+    /// Writers that waited past the deadline get a relocation of a tail below the yield, as long as
+    /// it frees at least one block; a tail all dirty still waits for writeback (relocating it would
+    /// free nothing), and so does one writers waited for less long.
+    func testWritersWaitingLongGetARelocationBelowTheYield() {
+        let deadline = Cleaner.stalledWritersRelocateAfterNs
+        for (dirty, waitedNs, expected) in [(99, deadline, Cleaner.Decision.relocateForStalledWriters(7)),
+                                            (95, deadline * 3, .relocateForStalledWriters(7)),
+                                            (100, deadline * 3, .waitForWriteback(7)),
+                                            (99, deadline - 1, .waitForWriteback(7)),
+                                            (88, deadline, .relocate(7))] {
+            var cleaner = cleaner()
+            XCTAssertEqual(cleaner.decide(situation(occupancy: 99, dirty: dirty, free: 2, writersWait: true, writersWaitedNs: waitedNs)), expected,
+                           "\(dirty) of 100 dirty, writers waited \(waitedNs) ns")
+        }
+        var cleaner = cleaner()
+        XCTAssertEqual(cleaner.decide(situation(occupancy: 99, dirty: 99, free: 2)), .waitForWriteback(7), "no writer waits")
     }
 
     /// Urgency alone (resting, below the watermarks) is enough to relocate a tail above the yield.

@@ -69,6 +69,8 @@ public struct CacheCounters: Codable, Sendable, Equatable {
     public var cleaningRounds: UInt64 = 0
     /// Times the cleaner found the tail too dirty to relocate and asked writeback for it.
     public var cleanerWaitsForWriteback: UInt64 = 0
+    /// Relocations of a tail below the yield, because writers had waited for space too long.
+    public var relocationsForStalledWriters: UInt64 = 0
 
     // MARK: Writers waiting for space
     /// Writes and discards that waited for ring space or a buffer, the total and the longest wait.

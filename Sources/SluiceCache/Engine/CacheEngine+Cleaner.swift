@@ -71,9 +71,10 @@ extension CacheEngine {
                 return
             case .reclaimWithoutIO(let id):
                 reclaim(id, withoutIO: true)
-            case .relocate(let id):
+            case .relocate(let id), .relocateForStalledWriters(let id):
                 // Writing everything back, or closing, cleans the blocks anyway: no relocation.
                 guard lifecycle.acceptsRequests, writeBackAllWaiters.isEmpty else { return }
+                if case .relocateForStalledWriters = decision { counters.relocationsForStalledWriters += 1 }
                 return startRelocation(id)
             case .waitForWriteback:
                 counters.cleanerWaitsForWriteback += 1
@@ -93,7 +94,8 @@ extension CacheEngine {
         return Cleaner.Situation(
             occupancyPercent: (ring.liveSegments - ring.reclaimedNotRetired) * 100 / ring.segmentCount,
             freeSegments: ring.freeSegments, reserveSegments: reserveSegments,
-            writersWaitForSpace: updates.headWait.isForSlot, reclaimCleanSegments: reclaimClean,
+            writersWaitedForSpaceNs: updates.headWait.isForSlot ? clock.nowNs &- (updates.headWait.sinceNs ?? clock.nowNs) : nil,
+            reclaimCleanSegments: reclaimClean,
             tail: tail, blocksPerSegment: geometry.dataBlocksPerSegment)
     }
 

@@ -105,6 +105,8 @@ public struct CacheStatus: Codable, Sendable, Equatable {
     public var writerStalls: UInt64
     public var writerStallSeconds: Double
     public var writerStallMaxMs: Double
+    /// Relocations of a tail below the yield because writers had waited for space too long.
+    public var relocationsForStalledWriters: UInt64 = 0
     /// Pmem mode: drains of persistent memory, replies they made durable, and drains per reply
     /// (below 1 when concurrent writes share a drain).
     public var pmemDrains: UInt64
@@ -167,6 +169,7 @@ extension CacheEngine {
                                       c.userBytesWritten),
             blockCounts: counts, tunables: tunableValues)
         status.cacheMode = cacheMode.rawValue
+        status.relocationsForStalledWriters = c.relocationsForStalledWriters
         status.bypassWrites = c.bypassWrites
         status.bypassBytesWritten = c.bypassBytesWritten
         status.bypassWriteErrors = c.bypassWriteErrors

@@ -35,8 +35,8 @@ struct Cleaner {
         var freeSegments: Int
         /// Slots writers may not take, so that relocation always has room to go on.
         var reserveSegments: Int
-        /// A writer waits for a free slot.
-        var writersWaitForSpace: Bool
+        /// How long the head of the write queue has waited for a free slot; nil: it does not wait.
+        var writersWaitedForSpaceNs: UInt64?
         /// Reclaim every segment without dirty blocks, whatever the watermarks (a graceful close,
         /// or writing everything back).
         var reclaimCleanSegments: Bool
@@ -50,6 +50,9 @@ struct Cleaner {
         case reclaimWithoutIO(UInt64)
         /// Relocate the tail's dirty blocks to the head of the log, then reclaim it.
         case relocate(UInt64)
+        /// The same for a tail below the yield, because writers have waited for space past
+        /// ``stalledWritersRelocateAfterNs``.
+        case relocateForStalledWriters(UInt64)
         /// The tail is (nearly) all dirty, so relocating it would free (almost) nothing:
         /// writeback must clean the oldest segments first.
         case waitForWriteback(UInt64)
@@ -64,6 +67,11 @@ struct Cleaner {
     /// The share of a segment that must be dead or clean for relocating it to pay while no writer
     /// waits (percent): below it, relocation would rewrite nearly a segment to free a sliver.
     static let relocationYieldPercentMin = 12
+    /// Writers waiting longer than this for space get any relocation that frees something, however
+    /// little: a writeback batch of the tail takes a second or more on a slow disk, and seconds in
+    /// which nothing completes are worse than a burst of cache-device writes. Bounded to waits, so
+    /// the ring does not turn into relocating itself lap after lap.
+    static let stalledWritersRelocateAfterNs: UInt64 = 200_000_000
 
     var settings: Settings
     private(set) var phase = Phase.resting
@@ -84,7 +92,7 @@ struct Cleaner {
 
     /// Whether writers should be told that space is short (reclaim is urgent).
     static func isUrgent(_ situation: Situation) -> Bool {
-        situation.writersWaitForSpace || situation.freeSegments <= situation.reserveSegments
+        situation.writersWaitedForSpaceNs != nil || situation.freeSegments <= situation.reserveSegments
     }
 
     mutating func decide(_ situation: Situation) -> Decision {
@@ -112,6 +120,9 @@ struct Cleaner {
         let gain = situation.blocksPerSegment - tail.dirtyBlocks
         if gain * 100 >= situation.blocksPerSegment * Self.relocationYieldPercentMin {
             return .relocate(tail.id)
+        }
+        if gain > 0, let waitedNs = situation.writersWaitedForSpaceNs, waitedNs >= Self.stalledWritersRelocateAfterNs {
+            return .relocateForStalledWriters(tail.id)
         }
         return .waitForWriteback(tail.id)
     }
