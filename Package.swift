@@ -61,6 +61,16 @@ let package = Package(
             ],
             swiftSettings: hotPathSettings
         ),
+        // RAM disks: sparse memory volumes, resized and locked at run time. Not durable.
+        .target(
+            name: "SluiceRAMDisk",
+            dependencies: [
+                "SluiceVolume",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: hotPathSettings
+        ),
         // The on-media format of a cache device: superblock, records, segment headers, CRC-32C.
         .target(
             name: "SluiceFormat",
@@ -145,6 +155,7 @@ let package = Package(
                 "SluiceVolume",
                 "SluiceIO",
                 "SluicePassthrough",
+                "SluiceRAMDisk",
                 "SluiceCache",
                 "SluiceControl",
                 "SluiceFormat",
@@ -176,6 +187,10 @@ let package = Package(
             dependencies: ["RecoverCache", "SluiceFormat"]
         ),
         .testTarget(
+            name: "SluiceRAMDiskTests",
+            dependencies: ["SluiceRAMDisk", "SluiceVolume", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")]
+        ),
+        .testTarget(
             name: "SluiceFormatTests",
             dependencies: ["SluiceFormat"]
         ),
@@ -190,7 +205,7 @@ let package = Package(
         .testTarget(
             name: "NBDServerTests",
             dependencies: [
-                "NBDServer", "NBDProtocol", "SluiceVolume", "SluicePassthrough", "SluiceIO", "NBDClient", "SluiceCache", "SluiceFormat", "SluiceTesting",
+                "NBDServer", "NBDProtocol", "SluiceVolume", "SluicePassthrough", "SluiceRAMDisk", "SluiceIO", "NBDClient", "SluiceCache", "SluiceFormat", "SluiceTesting",
                 "SluiceControl",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

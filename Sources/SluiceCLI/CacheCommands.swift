@@ -4,6 +4,7 @@ import SluiceCache
 import SluiceControl
 import SluiceFormat
 import SluiceIO
+import SluiceVolume
 
 /// The tunables as `serve` flags, with dm-writeboost's and dm-writecache's names.
 struct TunableOptions: ParsableArguments {
@@ -315,6 +316,11 @@ struct StatusCommand: ParsableCommand {
             print("")
             return
         }
+        // A volume of another kind (a RAM disk) answers with its own fields: shown as they are.
+        if let object = try? JSONSerialization.jsonObject(with: body) as? [String: Any], let kind = object["kind"] as? String, kind != "cache" {
+            print(object.keys.sorted().map { key in "\(key.padding(toLength: 20, withPad: " ", startingAt: 0))\(object[key]!)" }.joined(separator: "\n"))
+            return
+        }
         let decoder = CacheStatus.jsonDecoder()
         let status = try decoder.decode(CacheStatus.self, from: body)
         print(Self.render(status))
@@ -331,7 +337,7 @@ struct StatusCommand: ParsableCommand {
             "segments            current \(status.currentSegmentID), last flushed \(status.lastFlushedSegmentID), last reclaimed \(status.lastReclaimedSegmentID), last retired \(status.lastRetiredSegmentID)",
             "ring                \(status.liveSegments) live, \(status.freeSegments) free, \(status.occupancyPercent)% occupied",
             "dirty               \(status.dirtyBlocks) blocks (\(mib(UInt64(status.dirtyBlocks) * 4096)), \(String(format: "%.1f", status.dirtyPercent))% of the cache); \(status.cachedBlocks) blocks cached",
-            "cleaner             \(status.cleaner); \(status.segmentsReclaimed) segments reclaimed (\(status.segmentsReclaimedWithoutIO) without I/O), \(status.segmentsRetired) retired, \(status.relocatedBlocks) blocks relocated (\(String(format: "%.1f", status.relocationShareOfCacheWrites * 100))% of cache-device writes)",
+            "cleaner             \(status.cleaner); \(status.segmentsReclaimed) segments reclaimed (\(status.segmentsReclaimedWithoutIO) without I/O), \(status.segmentsRetired) retired, \(status.relocatedBlocks) blocks relocated (\(status.relocationsForStalledWriters) segments below the yield for stalled writers; \(String(format: "%.1f", status.relocationShareOfCacheWrites * 100))% of cache-device writes)",
             "read cache          \(String(format: "%.1f", status.readHitRatio * 100))% of block reads hit; \(status.readFills) misses cached, not cached: \(status.readFillsSkippedSequential) sequential, \(status.readFillsSkippedNotPromoted) not yet promoted, \(status.readFillsSkippedRaced) raced by a write, \(status.readFillsSkippedNoRoom) no room",
             "writers stalled     \(status.writerStalls) times for ring space or a buffer, \(seconds(status.writerStallSeconds)) in all, longest \(String(format: "%.1f", status.writerStallMaxMs)) ms",
             "writeback           \(status.writebackInProgress ? "running" : "idle")\(status.writebackTrigger.map { " (\($0))" } ?? ""), next batch \(status.writebackBatchBlocks) blocks; \(status.writebackBatches) batches, \(status.writtenBackBlocks) blocks (\(String(format: "%.1f", status.writtenBackBlocksPerBatch)) per batch, \(status.lastBatchWrittenBackBlocks) in the last), \(status.writebackSkippedBlocks) skipped as superseded, \(status.backingWriteRequests) backing writes, \(status.writebackErrors) errors",
@@ -367,11 +373,13 @@ struct StatusCommand: ParsableCommand {
 /// `sluice set KEY VALUE`: changes a tunable of a running cache.
 struct SetCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "set", abstract: "Change a tunable or the cache mode of a running cache.",
+        commandName: "set", abstract: "Change a setting of a running volume: a cache's tunable or mode, a RAM disk's size, lock or limit.",
         discussion: """
-            Tunables (integers): \(CacheTunables.keys.joined(separator: ", ")).
+            A cache's tunables (integers): \(CacheTunables.keys.joined(separator: ", ")).
             cache_mode: \(CacheMode.names); recorded in the superblock, so a restart keeps it. \
             Blocks still dirty are served from the cache and written back until none is left.
+            A RAM disk's settings: size (512M, 8G, ...), locked (1 or 0), limit (a size; 0 = its size).
+            The volume checks the value and says what it accepts.
             """)
 
     @OptionGroup var location: ControlLocation
@@ -379,16 +387,8 @@ struct SetCommand: ParsableCommand {
     @Argument(help: "The tunable.")
     var key: String
 
-    @Argument(help: "Its new value (an integer; a mode name for cache_mode).")
+    @Argument(help: "Its new value (an integer for a tunable, a mode name for cache_mode, a size for a RAM disk's size).")
     var value: String
-
-    func validate() throws {
-        if key == "cache_mode" {
-            guard CacheMode(rawValue: value) != nil else { throw ValidationError("cache_mode is one of \(CacheMode.names), not '\(value)'") }
-        } else {
-            guard Int(value) != nil else { throw ValidationError("\(key) takes an integer, not '\(value)'") }
-        }
-    }
 
     func run() throws {
         let query = "key=\(key.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? key)&value=\(value.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? value)"
@@ -412,18 +412,10 @@ struct DrainCommand: ParsableCommand {
     }
 }
 
-/// Parses sizes like 1M, 512K, 1048576.
+/// Parses sizes like 1M, 512K, 1048576 (``ByteCount``).
 func parseSize(_ text: String) throws -> Int {
-    let units: [Character: Int] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30]
-    var digits = text.uppercased()
-    var multiplier = 1
-    if let last = digits.last, let unit = units[last] {
-        multiplier = unit
-        digits.removeLast()
-    }
-    if digits.hasSuffix("I") { digits.removeLast() }
-    guard let value = Int(digits), value > 0 else { throw ValidationError("bad size '\(text)'; use for example 1M or 512K") }
-    return value * multiplier
+    guard let bytes = ByteCount.parse(text), bytes <= UInt64(Int.max) else { throw ValidationError("bad size '\(text)'; use for example 1M or 512K") }
+    return Int(bytes)
 }
 
 import NIOPosix

@@ -8,6 +8,7 @@ import SluiceCache
 import SluiceControl
 import SluiceIO
 import SluicePassthrough
+import SluiceRAMDisk
 import SluiceVolume
 
 /// `sluice serve`: export one or more backing files or block devices over NBD.
@@ -41,6 +42,12 @@ struct ServeCommand: ParsableCommand {
                   then: sluice status --socket /tmp/s.sock
               sluice format --cache ssd.img --backing disk.img --pmem /dev/shm/sluice.pmem
               sluice serve --cache ssd.img --backing disk.img --pmem /dev/shm/sluice.pmem --socket /tmp/s.sock
+              sluice serve --ramdisk 4G --socket /tmp/ram.sock
+                  then: sluice set --socket /tmp/ram.sock size 8G   (or locked 1, limit 2G)
+
+            A RAM disk (--ramdisk SIZE) holds its data in memory only, taken on first write and \
+            given back on trim: FLUSH and FUA are accepted, but a crash, kill or restart loses \
+            everything written. Its export description and status say so.
 
             SIGINT or SIGTERM stops accepting clients, finishes the requests in flight, \
             flushes the backing store and exits 0.
@@ -49,6 +56,14 @@ struct ServeCommand: ParsableCommand {
 
     @Option(name: .long, help: ArgumentHelp("A backing file or block device to serve. Repeat to serve several exports.", valueName: "path"))
     var backing: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Serve a RAM disk of this size (512M, 4G, ...) instead of a backing file: sparse, resizable and lockable at run time with `sluice set`; not durable.",
+        valueName: "size"))
+    var ramdisk: String?
+
+    @Option(name: .customLong("ramdisk-limit"), help: ArgumentHelp("The most memory the RAM disk's data may take (default: its size).", valueName: "size"))
+    var ramdiskLimit: String?
 
     @Option(name: .long, help: ArgumentHelp("Listen on this Unix socket.", valueName: "path"))
     var socket: String?
@@ -96,8 +111,21 @@ struct ServeCommand: ParsableCommand {
     var threads: Int?
 
     func validate() throws {
+        if let ramdisk {
+            guard backing.isEmpty, cache == nil else { throw ValidationError("--ramdisk serves a RAM disk of its own; leave out --backing and --cache") }
+            guard let bytes = ByteCount.parse(ramdisk), bytes % 512 == 0 else {
+                throw ValidationError("--ramdisk takes a size that is a multiple of 512 bytes, such as 512M or 4G, not '\(ramdisk)'")
+            }
+            if let ramdiskLimit, ByteCount.parse(ramdiskLimit) == nil { throw ValidationError("--ramdisk-limit takes a size such as 1G, not '\(ramdiskLimit)'") }
+            guard export.count <= 1 else { throw ValidationError("a RAM disk is one export: give at most one --export NAME") }
+            if volatile || pmem != nil || backingDurableOnAck { throw ValidationError("--volatile, --pmem and --backing-durable-on-ack apply to a cache, not to a RAM disk") }
+            if Logger.Level(rawValue: logLevel) == nil { throw ValidationError("unknown log level '\(logLevel)'") }
+            if let listen { _ = try ListenAddress(listen) }
+            return
+        }
+        if ramdiskLimit != nil { throw ValidationError("--ramdisk-limit applies to a RAM disk; give its size with --ramdisk SIZE") }
         guard !backing.isEmpty else {
-            throw ValidationError("give the file or block device to serve with --backing PATH")
+            throw ValidationError("give the file or block device to serve with --backing PATH, or a RAM disk's size with --ramdisk SIZE")
         }
         if backing.count > 1 && export.count != backing.count {
             throw ValidationError("with several --backing paths, name each one with an --export NAME, in the same order")
@@ -165,20 +193,23 @@ struct ServeCommand: ParsableCommand {
             }
             exports.append(NBDServerExport(name: export.first ?? "", description: description, volume: volume, readOnly: readOnly))
             volumes.append(volume)
-            if let path = control ?? socket.map({ URL(fileURLWithPath: $0).path + ".control" }) {
-                let server = ControlServer(volume: volume, socketPath: path, group: group, logger: logger)
-                do {
-                    try server.start()
-                    controlServer = server
-                } catch {
-                    logger.critical("cannot start the control endpoint at \(path): \(error)")
-                    try? volume.close()
-                    try? group.syncShutdownGracefully()
-                    throw ExitCode(1)
-                }
-            } else {
-                logger.warning("no control endpoint: give --socket or --control to use `sluice status`, `set` and `drain`")
+            controlServer = try startControl(for: volume, group: group, logger: logger)
+        }
+        if let ramdisk {
+            let volume: RAMDiskVolume
+            do {
+                volume = try RAMDiskVolume(sizeBytes: ByteCount.parse(ramdisk)!, limitBytes: ramdiskLimit.flatMap(ByteCount.parse),
+                                           locked: readOnly, managementLoop: group.next())
+            } catch {
+                logger.critical("\(error)")
+                try? group.syncShutdownGracefully()
+                throw ExitCode(1)
             }
+            logger.warning("\(RAMDiskVolume.durabilityNote)")
+            let shown = description.isEmpty ? RAMDiskVolume.durabilityNote : "\(description) (\(RAMDiskVolume.durabilityNote))"
+            exports.append(NBDServerExport(name: export.first ?? "", description: shown, volume: volume, readOnly: false))
+            volumes.append(volume)
+            controlServer = try startControl(for: volume, group: group, logger: logger)
         }
         for (index, path) in backing.enumerated() where cache == nil {
             let volume: PassthroughVolume
@@ -238,6 +269,25 @@ struct ServeCommand: ParsableCommand {
         try? group.syncShutdownGracefully()
         logger.info("stopped")
         if failed { throw ExitCode(1) }
+    }
+
+    /// The control endpoint of a managed volume, beside the NBD socket or at --control; nil (with a
+    /// warning) when there is neither. A failure to listen closes the volume and exits.
+    private func startControl(for volume: any ManagedVolume & Volume, group: MultiThreadedEventLoopGroup, logger: Logger) throws -> ControlServer? {
+        guard let path = control ?? socket.map({ URL(fileURLWithPath: $0).path + ".control" }) else {
+            logger.warning("no control endpoint: give --socket or --control to use `sluice status`, `set` and `drain`")
+            return nil
+        }
+        let server = ControlServer(volume: volume, socketPath: path, group: group, logger: logger)
+        do {
+            try server.start()
+            return server
+        } catch {
+            logger.critical("cannot start the control endpoint at \(path): \(error)")
+            try? volume.close()
+            try? group.syncShutdownGracefully()
+            throw ExitCode(1)
+        }
     }
 
     private func printWelcome(exports: [NBDServerExport], configuration: NBDServerConfiguration, server: NBDServer) {
