@@ -24,7 +24,7 @@ public final class PmemSegmentBuffer: WriteBuffer {
     public private(set) var segmentID: UInt64 = 0
     public private(set) var entries: [SegmentHeader.Entry] = []
     /// The CRC-32C of each data block, where its entry's checksum gave it for free (a whole block);
-    /// nil where the seal must read the block (a partial copy, a discard marker, a clean copy).
+    /// nil where the seal must read the block (a partial copy or a discard marker).
     private var blockChecksums: [UInt32?] = []
     /// The data-block index of the newest copy (or discard marker) of each block.
     private var latest: [UInt64: Int] = [:]
