@@ -71,6 +71,20 @@ let package = Package(
             ],
             swiftSettings: hotPathSettings
         ),
+        // The eventually persistent RAM disk: a RAM image of a backing store, written back on a
+        // commit interval and, with barriers on, for every FLUSH and FUA.
+        .target(
+            name: "SluiceEPRD",
+            dependencies: [
+                "SluiceVolume",
+                "SluiceRAMDisk",
+                "SluiceCache",
+                "SluiceFormat",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: hotPathSettings
+        ),
         // The on-media format of a cache device: superblock, records, segment headers, CRC-32C.
         .target(
             name: "SluiceFormat",
@@ -156,6 +170,7 @@ let package = Package(
                 "SluiceIO",
                 "SluicePassthrough",
                 "SluiceRAMDisk",
+                "SluiceEPRD",
                 "SluiceCache",
                 "SluiceControl",
                 "SluiceFormat",
@@ -189,6 +204,11 @@ let package = Package(
         .testTarget(
             name: "SluiceRAMDiskTests",
             dependencies: ["SluiceRAMDisk", "SluiceVolume", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")]
+        ),
+        .testTarget(
+            name: "SluiceEPRDTests",
+            dependencies: ["SluiceEPRD", "SluiceVolume", "SluiceCache", "SluiceTesting", "SluiceRAMDisk",
+                           .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")]
         ),
         .testTarget(
             name: "SluiceFormatTests",

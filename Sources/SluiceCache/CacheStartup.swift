@@ -1,4 +1,5 @@
 import Foundation
+import NIOCore
 import RecoverCache
 import SluiceFormat
 import SluiceIO
@@ -140,6 +141,13 @@ extension SynchronousBlockMedium {
     public func writeBytes(offset: UInt64, bytes: [UInt8]) throws {
         var result: Result<Void, MediumError>?
         write(offset: offset, bytes: bytes) { result = $0 }
+        try result!.get()
+    }
+
+    /// Writes the readable bytes of `buffer` at `offset`.
+    public func writeBytes(offset: UInt64, buffer: ByteBuffer) throws {
+        var result: Result<Void, MediumError>?
+        write(offset: offset, bytes: buffer) { result = $0 }
         try result!.get()
     }
 
