@@ -8,8 +8,7 @@ import SluiceVolume
 final class EPRDSession: VolumeSession {
     private let volume: EPRDVolume
     private let eventLoop: any EventLoop
-    /// Sinks with inline completions since the last burst ended (usually the one connection's).
-    private var sinksInBurst: [any VolumeCompletionSink] = []
+    private var burst = CompletionBurst()
     private(set) var requestsInFlight = 0
 
     init(volume: EPRDVolume, eventLoop: any EventLoop) {
@@ -54,7 +53,7 @@ final class EPRDSession: VolumeSession {
         requestsInFlight -= 1
         sink.volumeRequestCompleted(tag: tag, reply: reply)
         if isInline {
-            if !sinksInBurst.contains(where: { $0 === sink }) { sinksInBurst.append(sink) }
+            burst.note(sink)
         } else {
             sink.volumeCompletionBurstEnded()
         }
@@ -62,10 +61,7 @@ final class EPRDSession: VolumeSession {
 
     func submitBatch() {
         eventLoop.preconditionInEventLoop()
-        guard !sinksInBurst.isEmpty else { return }
-        let sinks = sinksInBurst
-        sinksInBurst.removeAll(keepingCapacity: true)
-        for sink in sinks { sink.volumeCompletionBurstEnded() }
+        burst.end()
     }
 
     func close() {

@@ -160,8 +160,7 @@ public final class RAMDiskVolume: Volume, @unchecked Sendable {
 final class RAMDiskSession: VolumeSession {
     private let volume: RAMDiskVolume
     private let eventLoop: any EventLoop
-    /// Sinks with completions since the last burst ended (usually the one connection's).
-    private var sinksInBurst: [any VolumeCompletionSink] = []
+    private var burst = CompletionBurst()
 
     init(volume: RAMDiskVolume, eventLoop: any EventLoop) {
         self.volume = volume
@@ -173,16 +172,13 @@ final class RAMDiskSession: VolumeSession {
     func submit(_ request: consuming VolumeRequest, tag: UInt32, sink: any VolumeCompletionSink) {
         eventLoop.preconditionInEventLoop()
         let reply = volume.perform(request)
-        if !sinksInBurst.contains(where: { $0 === sink }) { sinksInBurst.append(sink) }
+        burst.note(sink)
         sink.volumeRequestCompleted(tag: tag, reply: reply)
     }
 
     func submitBatch() {
         eventLoop.preconditionInEventLoop()
-        guard !sinksInBurst.isEmpty else { return }
-        let sinks = sinksInBurst
-        sinksInBurst.removeAll(keepingCapacity: true)
-        for sink in sinks { sink.volumeCompletionBurstEnded() }
+        burst.end()
     }
 
     func close() {
